@@ -1,0 +1,57 @@
+# Containerized LLM inference servers. `make help` lists the targets; variables can be overridden
+# on the command line (PORT=8080 make run).
+
+PYTHON ?= python3
+VENV ?= .venv
+PORT ?= 5000
+# Demo checkpoint: RANDOM weights in Meta's layout, generated on first use (the text is gibberish).
+DEMO_DIR ?= .cache/demo-llama2-random-weights
+DEMO_SHAPE ?= --dim 512 --n_layers 8 --n_heads 8 --vocab_size 32000 --multiple_of 256
+PYTEST_ARGS ?=
+
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: help install run run-chat demo test lint format bench clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+
+install: $(STAMP) ## create .venv/ and install the pinned requirements into it
+
+$(STAMP): requirements.txt requirements-dev.txt constraints.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet -c constraints.txt -r requirements.txt -r requirements-dev.txt
+	$(BIN)/pip install --quiet --no-deps -e .
+	touch $@
+
+demo: $(DEMO_DIR)/params.json ## generate the random-weight demo checkpoint (cached)
+
+$(DEMO_DIR)/params.json: | $(STAMP)
+	$(BIN)/python -m presets.tools.tiny_checkpoint $(DEMO_DIR) $(DEMO_SHAPE)
+	@echo "NOTE: $(DEMO_DIR) holds RANDOM weights; the server's text is meaningless."
+
+run: demo ## start the text-completion server (POST /generate) on the demo checkpoint, port $(PORT)
+	cd presets/inference/llama2-completion && $(abspath $(BIN))/python inference_api.py \
+		--ckpt_dir $(abspath $(DEMO_DIR)) --tokenizer_path $(abspath $(DEMO_DIR))/tokenizer.model --port $(PORT)
+
+run-chat: demo ## start the chat server (POST /chat) on the demo checkpoint, port $(PORT)
+	cd presets/inference/llama2-chat && $(abspath $(BIN))/python inference_api.py \
+		--ckpt_dir $(abspath $(DEMO_DIR)) --tokenizer_path $(abspath $(DEMO_DIR))/tokenizer.model --port $(PORT)
+
+test: lint ## run the whole test suite (CPU, no network)
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/pytest $(PYTEST_ARGS)
+
+lint: $(STAMP) ## ruff lint and format check
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP) ## apply ruff's formatting and safe fixes
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+bench: $(STAMP) ## run the benchmark of DESIGN.md (this server vs transformers baselines) and print its table
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m presets.tools.bench
+
+clean: ## remove .venv/ and cached checkpoints
+	rm -rf $(VENV) .cache

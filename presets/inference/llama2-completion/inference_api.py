@@ -1,0 +1,6 @@
+"""Llama-2 completion server: `python inference_api.py [flags]` or `torchrun ... inference_api.py [flags]`."""
+
+from presets.llama2.server import main
+
+if __name__ == "__main__":
+    main("completion")

@@ -1,0 +1,101 @@
+"""Load Meta's Llama-2 checkpoint layout: params.json, consolidated.NN.pth (one per rank), tokenizer.model."""
+
+import glob
+import json
+import logging
+import os
+
+import torch
+
+from presets.llama2.model import ModelArgs, Transformer
+from presets.llama2.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+# Keys Meta's files carry that the model does not use (it recomputes the rotary table).
+IGNORED_KEYS = {"rope.freqs"}
+
+
+class CheckpointError(Exception):
+    """A checkpoint folder that cannot be served; the message says what is wrong."""
+
+
+def shard_paths(ckpt_dir: str) -> list[str]:
+    return sorted(glob.glob(os.path.join(ckpt_dir, "consolidated.*.pth")))
+
+
+def check_layout(ckpt_dir: str, tokenizer_path: str, mp_size: int) -> None:
+    """Cheap checks before loading: every file is there and the shard count fits the ranks."""
+    if not os.path.isdir(ckpt_dir):
+        raise CheckpointError(f"checkpoint folder not found: {ckpt_dir}")
+    if not os.path.isfile(os.path.join(ckpt_dir, "params.json")):
+        raise CheckpointError(f"params.json not found in {ckpt_dir}")
+    if not os.path.isfile(tokenizer_path):
+        raise CheckpointError(f"tokenizer model not found: {tokenizer_path}")
+    shards = shard_paths(ckpt_dir)
+    if not shards:
+        raise CheckpointError(f"no consolidated.NN.pth shard found in {ckpt_dir}")
+    names = [os.path.basename(p) for p in shards]
+    expected = [f"consolidated.{i:02d}.pth" for i in range(len(shards))]
+    if names != expected:
+        raise CheckpointError(f"shards in {ckpt_dir} are {names}; expected {expected}")
+    if len(shards) != mp_size:
+        raise CheckpointError(
+            f"{ckpt_dir} has {len(shards)} shard(s) but the model-parallel size is {mp_size}; "
+            f"run with {len(shards)} rank(s) (torchrun --nproc_per_node {len(shards)})"
+        )
+
+
+def read_args(ckpt_dir: str, tokenizer: Tokenizer) -> ModelArgs:
+    """ModelArgs from params.json, with vocab_size -1 resolved to the tokenizer's size."""
+    path = os.path.join(ckpt_dir, "params.json")
+    try:
+        with open(path) as f:
+            params = json.load(f)
+        args = ModelArgs.from_params(params)
+    except (OSError, ValueError, TypeError) as e:
+        raise CheckpointError(f"cannot read {path}: {e}") from e
+    if args.vocab_size == -1:
+        args.vocab_size = tokenizer.n_words
+    elif args.vocab_size != tokenizer.n_words:
+        raise CheckpointError(
+            f"vocab mismatch: params.json has vocab_size {args.vocab_size}, "
+            f"the tokenizer has {tokenizer.n_words} tokens"
+        )
+    if args.dim % args.n_heads or args.n_heads % (args.n_kv_heads or args.n_heads):
+        raise CheckpointError(f"{path}: dim must divide by n_heads and n_heads by n_kv_heads")
+    return args
+
+
+def load_model(ckpt_dir, tokenizer, mp_rank, mp_size, device, dtype, progress=log.info) -> Transformer:
+    """Build the model for rank `mp_rank` and fill it from its shard, strictly, without copies to spare."""
+    args = read_args(ckpt_dir, tokenizer)
+    n_kv = args.n_kv_heads or args.n_heads
+    if args.n_heads % mp_size or n_kv % mp_size:
+        raise CheckpointError(f"n_heads {args.n_heads} / n_kv_heads {n_kv} do not split over {mp_size} ranks")
+    model = Transformer(args)  # parameters are uninitialized; every one is replaced below
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    path = shard_paths(ckpt_dir)[mp_rank]
+    progress(f"loading {path}")
+    try:
+        shard = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:  # a truncated or non-torch file: say which
+        raise CheckpointError(f"cannot read {path}: {e}") from e
+    keys = set(shard) - IGNORED_KEYS
+    missing, unexpected = sorted(set(expected) - keys), sorted(keys - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"{path} does not match params.json: missing {missing[:8]}, unexpected {unexpected[:8]}")
+    total = sum(shard[k].numel() * shard[k].element_size() for k in expected)
+    state, done = {}, 0
+    for i, (key, shape) in enumerate(expected.items()):
+        t = shard[key]
+        if t.shape != shape:
+            raise CheckpointError(
+                f"{path}: {key} has shape {tuple(t.shape)}, params.json and {mp_size} rank(s) imply {tuple(shape)}"
+            )
+        state[key] = t.to(device=device, dtype=dtype)
+        done += t.numel() * t.element_size()
+        if i % 16 == 15 or i == len(expected) - 1:
+            progress(f"loaded {done / 1e6:.1f} of {total / 1e6:.1f} MB from {os.path.basename(path)}")
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval()

@@ -1,0 +1,199 @@
+"""Llama-2 model math: ModelArgs (the params.json keys), RMSNorm, rotary embeddings, SwiGLU, KV cache.
+
+Module attribute names are exactly Meta's checkpoint keys, and the parallel layers split their
+weights exactly as Meta's `consolidated.NN.pth` shards do, so one shard loads with one strict
+`load_state_dict`. Loading, sampling and scheduling live elsewhere.
+"""
+
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from fairscale.nn.model_parallel.initialize import get_model_parallel_world_size
+from fairscale.nn.model_parallel.layers import (
+    ColumnParallelLinear,
+    ParallelEmbedding,
+    RowParallelLinear,
+)
+from torch import nn
+
+
+@dataclass
+class ModelArgs:
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int | None = None  # grouped-query attention (70B uses 8)
+    vocab_size: int = -1  # -1: take the tokenizer's size
+    multiple_of: int = 256  # SwiGLU hidden size is rounded up to a multiple of this
+    ffn_dim_multiplier: float | None = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0  # not in Llama-2's params.json; Code Llama sets it
+
+    @classmethod
+    def from_params(cls, params: dict) -> "ModelArgs":
+        """Build from a params.json dict; unknown keys are an error, not silently dropped."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(params) - known)
+        if unknown:
+            raise ValueError(f"params.json has unknown keys {unknown}; known keys are {sorted(known)}")
+        return cls(**params)
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def ffn_hidden_dim(self) -> int:
+        hidden = int(2 * (4 * self.dim) / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+
+def _keep(weight: torch.Tensor) -> torch.Tensor:
+    # init_method for fairscale layers: weights come from the checkpoint, so skip random init.
+    return weight
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.type_as(x) * self.weight
+
+
+def rope_frequencies(head_dim: int, max_seq_len: int, theta: float) -> torch.Tensor:
+    """Complex rotations e^(i * pos * theta^(-2k/hd)), shape (max_seq_len, head_dim // 2)."""
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv)
+    return torch.polar(torch.ones_like(angles), angles).to(torch.complex64)
+
+
+def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x0, x1), (x2, x3)... as Meta does. x: (B, T, h, hd); freqs: (B, T, hd/2)."""
+    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))  # (B, T, h, hd/2)
+    out = torch.view_as_real(xc * freqs.unsqueeze(2)).flatten(3)
+    return out.type_as(x)
+
+
+class KVCache(nn.Module):
+    """Keys and values for `max_batch_size` slots of `max_seq_len` positions each."""
+
+    def __init__(self, slots: int, max_seq_len: int, n_kv_heads: int, head_dim: int, dtype, device):
+        super().__init__()
+        shape = (slots, n_kv_heads, max_seq_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, slots, positions, k, v, length: int):
+        """Write k, v (B, T, kvh, hd) at (slot, position) and return each slot's first `length` positions."""
+        self.k[slots[:, None], :, positions] = k
+        self.v[slots[:, None], :, positions] = v
+        return self.k[slots, :, :length], self.v[slots, :, :length]  # (B, kvh, L, hd)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        mp = get_model_parallel_world_size()
+        n_kv_heads = args.n_kv_heads or args.n_heads
+        self.n_local_heads = args.n_heads // mp
+        self.n_local_kv_heads = n_kv_heads // mp
+        self.head_dim = args.head_dim
+        kv_dim = n_kv_heads * self.head_dim
+        col = dict(bias=False, gather_output=False, init_method=_keep)
+        self.wq = ColumnParallelLinear(args.dim, args.n_heads * self.head_dim, **col)
+        self.wk = ColumnParallelLinear(args.dim, kv_dim, **col)
+        self.wv = ColumnParallelLinear(args.dim, kv_dim, **col)
+        self.wo = RowParallelLinear(
+            args.n_heads * self.head_dim, args.dim, bias=False, input_is_parallel=True, init_method=_keep
+        )
+        self.cache: KVCache | None = None
+
+    def forward(self, x, freqs, slots, positions, mask, length):
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_local_heads, self.head_dim)
+        k = self.wk(x).view(B, T, self.n_local_kv_heads, self.head_dim)
+        v = self.wv(x).view(B, T, self.n_local_kv_heads, self.head_dim)
+        q, k = apply_rope(q, freqs), apply_rope(k, freqs)
+        keys, values = self.cache.update(slots, positions, k, v, length)  # (B, kvh, L, hd)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2),  # (B, h, T, hd)
+            keys,
+            values,
+            attn_mask=mask,  # (B, 1, T, L), True where attention is allowed
+            enable_gqa=self.n_local_heads != self.n_local_kv_heads,
+        )
+        return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        hidden = args.ffn_hidden_dim
+        self.w1 = ColumnParallelLinear(args.dim, hidden, bias=False, gather_output=False, init_method=_keep)
+        self.w2 = RowParallelLinear(hidden, args.dim, bias=False, input_is_parallel=True, init_method=_keep)
+        self.w3 = ColumnParallelLinear(args.dim, hidden, bias=False, gather_output=False, init_method=_keep)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args)
+        self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
+
+    def forward(self, x, freqs, slots, positions, mask, length):
+        h = x + self.attention(self.attention_norm(x), freqs, slots, positions, mask, length)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        if args.vocab_size < 1:
+            raise ValueError("ModelArgs.vocab_size must be resolved from the tokenizer before building the model")
+        self.args = args
+        self.tok_embeddings = ParallelEmbedding(args.vocab_size, args.dim, init_method=_keep)
+        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.output = ColumnParallelLinear(args.dim, args.vocab_size, bias=False, init_method=_keep)
+        self.max_seq_len = 0
+
+    def setup_caches(self, max_batch_size: int, max_seq_len: int):
+        """Attach a KV cache of `max_batch_size` slots x `max_seq_len` positions to every layer."""
+        p = self.output.weight
+        for layer in self.layers:
+            att = layer.attention
+            att.cache = KVCache(max_batch_size, max_seq_len, att.n_local_kv_heads, att.head_dim, p.dtype, p.device)
+        freqs = rope_frequencies(self.args.head_dim, max_seq_len, self.args.rope_theta)
+        self.register_buffer("freqs", freqs.to(p.device), persistent=False)
+        self.max_seq_len = max_seq_len
+
+    def forward(self, tokens, slots, start_pos, last_only: bool = True):
+        """Logits for `tokens` (B, T) placed at positions start_pos[b] + t of cache slots[b].
+
+        Prefill is B=1 with the whole prompt, decode is T=1 over the running slots. Returns
+        (B, vocab) logits of the last position when last_only, else (B, T, vocab).
+        """
+        B, T = tokens.shape
+        positions = start_pos[:, None] + torch.arange(T, device=tokens.device)  # (B, T)
+        length = int(start_pos.max()) + T  # keys needed: the longest row's prefix
+        mask = torch.arange(length, device=tokens.device) <= positions[..., None]  # (B, T, L)
+        mask = mask[:, None]  # (B, 1, T, L)
+        freqs = self.freqs[positions]  # (B, T, hd/2)
+        h = self.tok_embeddings(tokens)  # (B, T, dim)
+        for layer in self.layers:
+            h = layer(h, freqs, slots, positions, mask, length)
+        h = self.norm(h[:, -1] if last_only else h)
+        return self.output(h).float()

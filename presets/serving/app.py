@@ -1,0 +1,95 @@
+"""Flask app factory with the routes every server has: GET /, GET /healthz, POST /shutdown."""
+
+import logging
+import time
+
+from flask import Blueprint, Flask, current_app, g, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from presets.serving.errors import ApiError
+
+log = logging.getLogger("presets.requests")
+
+common = Blueprint("common", __name__)
+
+
+def runtime():
+    """The Runtime of the app serving this request."""
+    return current_app.extensions["runtime"]
+
+
+def record(seqs) -> None:
+    """Note a request's sequences for its log line."""
+    g.sequences = len(seqs)
+    g.prompt_tokens = sum(len(s.prompt) for s in seqs)
+    g.generated_tokens = sum(len(s.output) for s in seqs)
+
+
+@common.get("/")
+def index():
+    """Liveness of the HTTP server itself."""
+    return jsonify("Server is running")
+
+
+@common.get("/healthz")
+def healthz():
+    """200 only when the model is loaded, warmed up and its engine thread is stepping."""
+    ok, detail = runtime().health()
+    if ok:
+        return jsonify(status="Healthy")
+    return jsonify(detail=detail), 503
+
+
+@common.post("/shutdown")
+def shutdown():
+    """Answer 200 {}, then stop the engine and exit 0."""
+    runtime().shutdown()
+    current_app.extensions["shutdown"]()
+    return jsonify({})
+
+
+def create_app(runtime_, blueprints, shutdown=lambda: None, max_body_bytes: int = 1 << 20) -> Flask:
+    """An app serving `runtime_` with the common routes plus the family's `blueprints`.
+
+    `shutdown` is called by POST /shutdown after the engine stops; the launcher passes one that
+    ends the process once the answer is sent.
+    """
+    app = Flask("presets")
+    app.config["MAX_CONTENT_LENGTH"] = max_body_bytes
+    app.json.ensure_ascii = False
+    app.json.sort_keys = False
+    app.extensions["runtime"] = runtime_
+    app.extensions["shutdown"] = shutdown
+    app.register_blueprint(common)
+    for bp in blueprints:
+        app.register_blueprint(bp)
+
+    @app.errorhandler(ApiError)
+    def api_error(e: ApiError):
+        return jsonify(detail=e.detail), e.status, e.headers
+
+    @app.errorhandler(HTTPException)
+    def http_error(e: HTTPException):
+        return jsonify(detail=f"{e.name}: {e.description}"), e.code
+
+    @app.errorhandler(Exception)
+    def internal_error(e: Exception):
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return jsonify(detail=f"internal error: {type(e).__name__}"), 500
+
+    @app.before_request
+    def start_timer():
+        g.start = time.perf_counter()
+
+    @app.after_request
+    def log_request(response):
+        if request.path not in ("/", "/healthz"):  # probes would drown the log
+            log.info(
+                "%s %s %d sequences=%d prompt_tokens=%d generated_tokens=%d seconds=%.3f",
+                request.method, request.path, response.status_code, g.get("sequences", 0),
+                g.get("prompt_tokens", 0), g.get("generated_tokens", 0),
+                time.perf_counter() - g.get("start", time.perf_counter()),
+            )  # fmt: skip
+        return response
+
+    return app

@@ -1,0 +1,32 @@
+"""Process-group setup: one place for torch.distributed and fairscale's model-parallel groups."""
+
+import os
+
+import torch
+import torch.distributed as dist
+from fairscale.nn.model_parallel.initialize import initialize_model_parallel, model_parallel_is_initialized
+
+
+def world() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from torchrun's environment, or a single process."""
+    return (
+        int(os.environ.get("RANK", 0)),
+        int(os.environ.get("WORLD_SIZE", 1)),
+        int(os.environ.get("LOCAL_RANK", 0)),
+    )
+
+
+def init_model_parallel(mp_size: int, device: torch.device) -> None:
+    """Join the process group (gloo on CPU, nccl on CUDA) and make fairscale's groups of `mp_size`."""
+    if model_parallel_is_initialized():
+        return
+    if not dist.is_initialized():
+        rank, world_size, _ = world()
+        if world_size == 1:
+            # No peers: an in-memory store needs no free port and no torchrun.
+            dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        else:
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if dist.get_world_size() != mp_size:
+        raise RuntimeError(f"model_parallel_size {mp_size} must equal the number of ranks {dist.get_world_size()}")
+    initialize_model_parallel(mp_size)

@@ -1,0 +1,88 @@
+"""The engine thread: the only thread that touches the model. HTTP threads submit sequences and wait."""
+
+import logging
+import threading
+
+from presets.serving.errors import ApiError
+from presets.serving.sampling import make_rng, sample
+from presets.serving.scheduler import Scheduler, Sequence
+
+log = logging.getLogger(__name__)
+
+
+class EngineLoop:
+    """Runs prefill and decode steps of `engine` for the scheduler's sequences (continuous batching).
+
+    `engine` provides prefill(slot, tokens) -> (1, V) logits, decode(slots, tokens, positions)
+    -> (B, V) logits, and `device`. Each loop iteration admits waiting sequences into free slots,
+    prefills them, then runs one decode step over every running sequence.
+    """
+
+    def __init__(self, engine, eos_id: int, max_batch_size: int, max_waiting: int):
+        self.engine = engine
+        self.eos_id = eos_id
+        self.scheduler = Scheduler(max_batch_size, max_waiting)
+        self.cv = threading.Condition()
+        self.stopping = False
+        self.last_step_failed = False
+        self.thread = threading.Thread(target=self._run, name="engine", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self.thread.is_alive() and not self.stopping
+
+    def submit(self, seqs: list[Sequence]) -> None:
+        """Queue `seqs` for generation, or answer 503 when the queue is full."""
+        with self.cv:
+            if self.stopping:
+                raise ApiError(503, "server is shutting down")
+            if not self.scheduler.add(seqs):
+                raise ApiError(
+                    503,
+                    f"server is at capacity ({self.scheduler.max_waiting} sequences waiting); retry shortly",
+                    {"Retry-After": "1"},
+                )
+            self.cv.notify()
+
+    def stop(self) -> None:
+        """Stop after the current step; waiting and running sequences end with an error."""
+        with self.cv:
+            self.stopping = True
+            self.cv.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self.cv:
+                while not self.scheduler.has_work() and not self.stopping:
+                    self.cv.wait()
+                if self.stopping:
+                    break
+                new = self.scheduler.admit()
+            self._step(new)
+        with self.cv:
+            for seq in list(self.scheduler.waiting) + list(self.scheduler.running):
+                self.scheduler.finish(seq, None, "server is shutting down")
+
+    def _step(self, new: list[Sequence]) -> None:
+        sched = self.scheduler
+        try:
+            for seq in new:
+                seq.rng = make_rng(seq.params.seed, self.engine.device)
+                logits = self.engine.prefill(seq.slot, seq.prompt)
+                sched.postprocess([seq], sample(logits, [seq]), self.eos_id)
+            batch = list(sched.running)
+            if batch:
+                logits = self.engine.decode(
+                    [s.slot for s in batch], [s.output[-1] for s in batch], [s.next_position for s in batch]
+                )
+                sched.postprocess(batch, sample(logits, batch), self.eos_id)
+            self.last_step_failed = False
+        except Exception as e:  # a failed step must not kill the thread: fail its sequences, go on
+            log.exception("engine step failed")
+            self.last_step_failed = True
+            with self.cv:
+                for seq in set(new) | set(sched.running):
+                    sched.finish(seq, None, f"generation failed: {type(e).__name__}: {e}")

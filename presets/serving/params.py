@@ -1,0 +1,42 @@
+"""Per-request sampling parameters, validated where they are built."""
+
+from dataclasses import dataclass
+
+from presets.serving.errors import ApiError
+from presets.serving.validation import boolean, integer, number, reject_unknown
+
+# Server settings that clients sometimes send as parameters (the seed docs list them with the
+# request parameters); they are fixed when the server starts.
+SERVER_SETTINGS = ("max_seq_len", "max_batch_size")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.6  # 0 means greedy
+    top_p: float = 0.9
+    max_tokens: int | None = None  # None: all the room left in max_seq_len
+    ignore_eos: bool = False
+    seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @classmethod
+    def from_seed_parameters(cls, params, where: str, default_max_gen_len: int | None) -> "SamplingParams":
+        """Parse the seeds' `parameters` object: temperature, top_p, max_gen_len, ignore_eos, seed."""
+        if params is None:
+            params = {}
+        if not isinstance(params, dict):
+            raise ApiError(400, f"{where} must be a JSON object")
+        for key in SERVER_SETTINGS:
+            if key in params:
+                raise ApiError(400, f"{where}.{key} is a server setting (--{key} at start), not a request parameter")
+        reject_unknown(params, ("temperature", "top_p", "max_gen_len", "ignore_eos", "seed"), where)
+        return cls(
+            temperature=number(params, "temperature", where, cls.temperature, lo=0),
+            top_p=number(params, "top_p", where, cls.top_p, lo=0, hi=1, lo_open=True),
+            max_tokens=integer(params, "max_gen_len", where, default_max_gen_len, lo=1),
+            ignore_eos=boolean(params, "ignore_eos", where, False),
+            seed=integer(params, "seed", where, None, lo=0, hi=2**63 - 1),
+        )

@@ -1,0 +1,113 @@
+"""Runtime: loads the model in the background, warms it up, reports health, runs generation requests."""
+
+import logging
+import threading
+import time
+
+from presets.serving.engine_loop import EngineLoop
+from presets.serving.errors import ApiError
+from presets.serving.params import SamplingParams
+from presets.serving.scheduler import Sequence
+
+log = logging.getLogger(__name__)
+
+
+class Runtime:
+    """Owns the engine loop of one model; shared by every route of a server.
+
+    `load(progress)` builds and returns (engine, tokenizer); it runs on a background thread so
+    /healthz can answer (non-200, with progress) while a large checkpoint loads.
+    """
+
+    def __init__(self, load, max_seq_len: int, max_batch_size: int, max_waiting: int):
+        self._load = load
+        self.max_seq_len = max_seq_len
+        self.max_batch_size = max_batch_size
+        self.max_waiting = max_waiting
+        self.state = "starting"
+        self.progress = "not started"
+        self.tokenizer = None
+        self.loop: EngineLoop | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def start(self, background: bool = True) -> None:
+        """Load, warm up and start the engine loop (on a thread unless background is False)."""
+        if background:
+            threading.Thread(target=self._start, name="loader", daemon=True).start()
+        else:
+            self._start()
+
+    def _start(self) -> None:
+        t0 = time.perf_counter()
+        self.state = "loading"
+        try:
+            engine, self.tokenizer = self._load(self._report)
+            self.loop = EngineLoop(engine, self.tokenizer.eos_id, self.max_batch_size, self.max_waiting)
+            self.loop.start()
+            self._report("warming up")
+            self._warm_up()
+        except Exception as e:
+            self.state = "failed"
+            self._report(f"failed: {type(e).__name__}: {e}")
+            log.exception("model failed to load")
+            if self.on_failure:
+                self.on_failure()
+            return
+        self.state = "ready"
+        self._report(f"ready in {time.perf_counter() - t0:.1f}s")
+
+    on_failure = None  # called when loading fails (the launcher makes the process exit non-zero)
+
+    def _report(self, message: str) -> None:
+        self.progress = message
+        log.info("model: %s", message)
+
+    def _warm_up(self) -> None:
+        # One real prefill and decode step proves the device computes before /healthz says so.
+        seq = Sequence([self.tokenizer.bos_id], SamplingParams(temperature=0), max_new_tokens=2)
+        self.loop.submit([seq])
+        seq.done.wait()
+        if seq.error:
+            raise RuntimeError(seq.error)
+
+    def shutdown(self) -> None:
+        if self.loop:
+            self.loop.stop()
+
+    def health(self) -> tuple[bool, str]:
+        """(healthy, detail): healthy only when loaded, warmed up, and the engine thread steps."""
+        if self.state != "ready":
+            return False, f"model {self.state}: {self.progress}"
+        if not self.loop.alive:
+            return False, "engine thread is not running"
+        if self.loop.last_step_failed:
+            return False, "the last engine step failed"
+        return True, "Healthy"
+
+    # -- requests --------------------------------------------------------------------------------
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Sequence]:
+        """Complete each token-id prompt; blocks until all are done. Raises ApiError for the client."""
+        ok, detail = self.health()
+        if not ok:
+            raise ApiError(503, detail, {"Retry-After": "5"})
+        seqs = []
+        for i, ids in enumerate(prompts):
+            if len(ids) >= self.max_seq_len:
+                raise ApiError(
+                    400,
+                    f"prompt {i} is {len(ids)} tokens; max_seq_len is {self.max_seq_len}, "
+                    f"so a prompt may have at most {self.max_seq_len - 1} tokens",
+                )
+            room = self.max_seq_len - len(ids)
+            max_new = min(params.max_tokens or room, room)  # the seeds: bounded by max_seq_len
+            seqs.append(Sequence(ids, params, max_new))
+        self.loop.submit(seqs)
+        for seq in seqs:
+            while not seq.done.wait(0.5):
+                if not self.loop.alive:
+                    raise ApiError(503, "engine stopped before the request finished")
+            if seq.error:
+                raise ApiError(503 if "shutting down" in seq.error else 500, seq.error)
+        return seqs

@@ -1,0 +1,51 @@
+"""Server settings from command-line flags (flag > environment PRESET_<FLAG> > default)."""
+
+import argparse
+import os
+from dataclasses import dataclass, fields
+
+
+@dataclass
+class Settings:
+    ckpt_dir: str = "weights/"
+    tokenizer_path: str = "weights/tokenizer.model"
+    max_seq_len: int = 512
+    max_batch_size: int = 8
+    model_parallel_size: int = int(os.environ.get("WORLD_SIZE", 1))
+    host: str = "0.0.0.0"
+    port: int = 5000
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "auto"  # auto | float32 | float16 | bfloat16
+    max_queue_size: int = 256  # sequences waiting for a batch slot before 503
+    http_threads: int = 64  # concurrent HTTP requests the server holds open
+    max_request_bytes: int = 1 << 20
+
+    def __post_init__(self):
+        checks = {
+            "max_seq_len": self.max_seq_len >= 2,
+            "max_batch_size": self.max_batch_size >= 1,
+            "model_parallel_size": self.model_parallel_size >= 1,
+            "port": 0 <= self.port < 65536,
+            "device": self.device in ("auto", "cpu", "cuda"),
+            "dtype": self.dtype in ("auto", "float32", "float16", "bfloat16"),
+            "max_queue_size": self.max_queue_size >= 1,
+            "http_threads": self.http_threads >= 1,
+            "max_request_bytes": self.max_request_bytes >= 1024,
+        }
+        bad = [k for k, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(f"invalid setting(s): {', '.join(f'{k}={getattr(self, k)!r}' for k in bad)}")
+
+
+def parse_settings(argv=None, description: str = "") -> Settings:
+    """Settings from flags; each flag's default may come from the environment as PRESET_<FLAG>."""
+    ap = argparse.ArgumentParser(description=description)
+    for f in fields(Settings):
+        default = os.environ.get(f"PRESET_{f.name.upper()}", getattr(Settings, f.name))
+        kind = type(getattr(Settings, f.name))
+        ap.add_argument(f"--{f.name}", type=kind, default=kind(default), help=f"default: {default}")
+    ns = ap.parse_args(argv)
+    try:
+        return Settings(**vars(ns))
+    except ValueError as e:
+        ap.error(str(e))

@@ -1,0 +1,76 @@
+"""Request validation helpers: each failure is an ApiError(400) that names the field and the rule."""
+
+import math
+
+from flask import Request
+
+from presets.serving.errors import ApiError
+
+_MISSING = object()
+
+
+def json_object(request: Request) -> dict:
+    """The request body as a JSON object, or a 400 that says why it is not one."""
+    data = request.get_json(force=True, silent=True)
+    if data is None:
+        raise ApiError(400, "request body must be valid JSON (a JSON object)")
+    if not isinstance(data, dict):
+        raise ApiError(400, f"request body must be a JSON object, got {type(data).__name__}")
+    return data
+
+
+def reject_unknown(d: dict, allowed, where: str) -> None:
+    unknown = sorted(set(d) - set(allowed))
+    if unknown:
+        raise ApiError(400, f"{where}: unknown field(s) {unknown}; allowed: {sorted(allowed)}")
+
+
+def number(d: dict, key: str, where: str, default, lo=None, hi=None, lo_open=False):
+    """A finite int or float (never a bool) within [lo, hi] ((lo, hi] when lo_open), or `default`."""
+    v = d.get(key, _MISSING)
+    if v is _MISSING or v is None:
+        return default
+    name = f"{where}.{key}" if where else key
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ApiError(400, f"{name} must be a finite number, got {v!r}")
+    too_low = lo is not None and (v <= lo if lo_open else v < lo)
+    if too_low or (hi is not None and v > hi):
+        lo_txt = "" if lo is None else f"{'>' if lo_open else '>='} {lo}"
+        hi_txt = "" if hi is None else f"<= {hi}"
+        raise ApiError(400, f"{name} must be {' and '.join(t for t in (lo_txt, hi_txt) if t)}, got {v!r}")
+    return float(v)
+
+
+def integer(d: dict, key: str, where: str, default, lo=None, hi=None):
+    """An int (never a bool or a float) within [lo, hi], or `default`."""
+    v = d.get(key, _MISSING)
+    if v is _MISSING or v is None:
+        return default
+    name = f"{where}.{key}" if where else key
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ApiError(400, f"{name} must be an integer, got {v!r}")
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
+        rng = " and ".join(t for t in (lo is not None and f">= {lo}", hi is not None and f"<= {hi}") if t)
+        raise ApiError(400, f"{name} must be {rng}, got {v!r}")
+    return v
+
+
+def boolean(d: dict, key: str, where: str, default: bool) -> bool:
+    v = d.get(key, _MISSING)
+    if v is _MISSING or v is None:
+        return default
+    if not isinstance(v, bool):
+        raise ApiError(400, f"{where + '.' if where else ''}{key} must be true or false, got {v!r}")
+    return v
+
+
+def string_list(v, name: str, max_items: int) -> list[str]:
+    """A non-empty list of at most `max_items` strings."""
+    if not isinstance(v, list) or not v:
+        raise ApiError(400, f"{name} must be a non-empty list of strings")
+    if len(v) > max_items:
+        raise ApiError(400, f"{name} has {len(v)} items; at most {max_items} are accepted per request")
+    for i, s in enumerate(v):
+        if not isinstance(s, str):
+            raise ApiError(400, f"{name}[{i}] must be a string, got {type(s).__name__}")
+    return v
