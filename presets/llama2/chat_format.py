@@ -22,7 +22,7 @@ def check_dialog(dialog, where: str) -> list[dict]:
             raise ApiError(400, f"{where}[{i}].content must be a string")
     turns = dialog[1:] if dialog[0]["role"] == "system" else dialog
     expected = ["user" if i % 2 == 0 else "assistant" for i in range(len(turns))]
-    if [m["role"] for m in turns] != expected or not turns:
+    if [m["role"] for m in turns] != expected or len(turns) % 2 == 0:
         raise ApiError(
             400,
             f"{where}: roles must be an optional 'system' first, then 'user' and 'assistant' "

@@ -75,23 +75,26 @@ class Runtime:
         if self.loop:
             self.loop.stop()
 
-    def health(self) -> tuple[bool, str]:
-        """(healthy, detail): healthy only when loaded, warmed up, and the engine thread steps."""
+    def _unavailable(self) -> str | None:
+        """Why requests cannot be served now, or None."""
         if self.state != "ready":
-            return False, f"model {self.state}: {self.progress}"
+            return f"model {self.state}: {self.progress}"
         if not self.loop.alive:
-            return False, "engine thread is not running"
-        if self.loop.last_step_failed:
-            return False, "the last engine step failed"
-        return True, "Healthy"
+            return "engine thread is not running"
+        return None
+
+    def health(self) -> tuple[bool, str]:
+        """(healthy, detail): healthy only when loaded, warmed up, and the last engine step worked."""
+        why = self._unavailable() or (self.loop.last_step_failed and "the last engine step failed")
+        return (False, why) if why else (True, "Healthy")
 
     # -- requests --------------------------------------------------------------------------------
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Sequence]:
         """Complete each token-id prompt; blocks until all are done. Raises ApiError for the client."""
-        ok, detail = self.health()
-        if not ok:
-            raise ApiError(503, detail, {"Retry-After": "5"})
+        why = self._unavailable()  # a failed last step still takes requests: the next may work
+        if why:
+            raise ApiError(503, why, {"Retry-After": "5"})
         seqs = []
         for i, ids in enumerate(prompts):
             if len(ids) >= self.max_seq_len:

@@ -36,7 +36,9 @@ def train_tokenizer(vocab_size: int) -> bytes:
         spm.SentencePieceTrainer.train(
             sentence_iterator=iter(lines), model_writer=out, vocab_size=vocab_size, model_type="bpe",
             bos_id=1, eos_id=2, unk_id=0, pad_id=-1, byte_fallback=True, character_coverage=1.0,
-            hard_vocab_limit=False, user_defined_symbols=[f"<extra_{i}>" for i in range(filler)],
+            hard_vocab_limit=False, normalization_rule_name="identity", remove_extra_whitespaces=False,
+            split_digits=True, allow_whitespace_only_pieces=True,  # as Llama's tokenizer was trained
+            user_defined_symbols=[f"<extra_{i}>" for i in range(filler)],
             minloglevel=2, num_threads=1,
         )  # fmt: skip
         return out.getvalue()

@@ -1,0 +1,79 @@
+"""Fixtures: tiny random checkpoints made on the fly, runtimes and Flask clients. No network."""
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from presets.llama2.model import ModelArgs  # noqa: E402
+from presets.llama2.server import build_runtime  # noqa: E402
+from presets.serving.app import create_app  # noqa: E402
+from presets.serving.distributed import init_model_parallel  # noqa: E402
+from presets.serving.runtime import Runtime  # noqa: E402
+from presets.serving.settings import Settings  # noqa: E402
+from presets.tools.tiny_checkpoint import write_checkpoint  # noqa: E402
+from tests.fakes import ByteTokenizer, FakeEngine  # noqa: E402
+
+TINY = ModelArgs(dim=64, n_layers=2, n_heads=4, vocab_size=512, multiple_of=32)
+TINY_GQA = ModelArgs(
+    dim=64, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=512, multiple_of=32, ffn_dim_multiplier=1.3
+)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def model_parallel():
+    """One single-rank process group for the whole session (gloo, in-memory store)."""
+    init_model_parallel(1, torch.device("cpu"))
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory):
+    return write_checkpoint(str(tmp_path_factory.mktemp("tiny")), TINY)
+
+
+@pytest.fixture(scope="session")
+def gqa_ckpt(tmp_path_factory):
+    return write_checkpoint(str(tmp_path_factory.mktemp("gqa")), TINY_GQA)
+
+
+def settings_for(ckpt: str, **kw) -> Settings:
+    return Settings(ckpt_dir=ckpt, tokenizer_path=os.path.join(ckpt, "tokenizer.model"), device="cpu", **kw)
+
+
+def real_client(ckpt: str, kind: str, **kw):
+    """A Flask test client of the `kind` server on checkpoint `ckpt`, model loaded and warmed up."""
+    from presets.llama2.routes import chat, completion
+
+    settings = settings_for(ckpt, **kw)
+    rt = build_runtime(settings)
+    rt.start(background=False)
+    app = create_app(rt, [{"completion": completion, "chat": chat}[kind]], max_body_bytes=settings.max_request_bytes)
+    return app.test_client(), rt
+
+
+@pytest.fixture(scope="session")
+def completion_client(tiny_ckpt):
+    client, rt = real_client(tiny_ckpt, "completion", max_seq_len=128, max_batch_size=4)
+    yield client
+    rt.shutdown()
+
+
+@pytest.fixture(scope="session")
+def chat_client(tiny_ckpt):
+    client, rt = real_client(tiny_ckpt, "chat", max_seq_len=128, max_batch_size=4)
+    yield client
+    rt.shutdown()
+
+
+@pytest.fixture
+def fake_runtime():
+    """A started Runtime over FakeEngine and ByteTokenizer."""
+    engine = FakeEngine()
+    rt = Runtime(lambda progress: (engine, ByteTokenizer()), max_seq_len=64, max_batch_size=4, max_waiting=8)
+    rt.start(background=False)
+    rt.engine = engine
+    yield rt
+    rt.shutdown()

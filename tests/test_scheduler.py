@@ -1,0 +1,160 @@
+"""Continuous batching, limits and the bounded queue, on a model-free engine."""
+
+import threading
+import time
+
+import pytest
+import torch
+
+from presets.serving.errors import ApiError
+from presets.serving.params import SamplingParams
+from presets.serving.runtime import Runtime
+from presets.serving.sampling import top_p_filter
+from tests.fakes import BOS, ByteTokenizer, FakeEngine
+
+GREEDY = SamplingParams(temperature=0)
+
+
+def started(engine, **kw) -> Runtime:
+    rt = Runtime(
+        lambda progress: (engine, ByteTokenizer()), **{"max_seq_len": 64, "max_batch_size": 4, "max_waiting": 8, **kw}
+    )
+    rt.start(background=False)
+    return rt
+
+
+def test_max_tokens_respected(fake_runtime):
+    (seq,) = fake_runtime.generate([[BOS, 10]], SamplingParams(temperature=0, max_tokens=5))
+    assert seq.output == [11, 12, 13, 14, 15] and seq.finish_reason == "length"
+
+
+def test_eos_stops_unless_ignore_eos(fake_runtime):
+    # FakeEngine predicts last + 1, so after BOS (1) comes EOS (2).
+    (seq,) = fake_runtime.generate([[5, BOS]], SamplingParams(temperature=0, max_tokens=5))
+    assert seq.output == [] and seq.finish_reason == "stop"
+    (seq,) = fake_runtime.generate([[5, BOS]], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))
+    assert seq.output == [2, 3, 4, 5, 6] and seq.finish_reason == "length"
+
+
+def test_max_tokens_capped_to_room_left_in_max_seq_len(fake_runtime):
+    (seq,) = fake_runtime.generate([[BOS] + [10] * 59], SamplingParams(temperature=0, max_tokens=100))
+    assert len(seq.output) == 64 - 60
+
+
+def test_prompt_longer_than_max_seq_len_names_both_numbers(fake_runtime):
+    with pytest.raises(ApiError, match="prompt 1 is 70 tokens; max_seq_len is 64") as e:
+        fake_runtime.generate([[BOS], [10] * 70], GREEDY)
+    assert e.value.status == 400
+
+
+def test_request_with_n_prompts_is_n_sequences_in_one_batch(fake_runtime):
+    seqs = fake_runtime.generate([[BOS, 10], [BOS, 20], [BOS, 30]], SamplingParams(temperature=0, max_tokens=3))
+    assert [s.output for s in seqs] == [[11, 12, 13], [21, 22, 23], [31, 32, 33]]
+    assert ("decode", [0, 1, 2]) in fake_runtime.engine.steps
+
+
+def test_new_sequences_join_between_decode_steps_and_finished_ones_leave():
+    engine = FakeEngine(step_seconds=0.005)
+    rt = started(engine)
+    long_done = []
+    t = threading.Thread(
+        target=lambda: long_done.append(rt.generate([[BOS, 10]], SamplingParams(temperature=0, max_tokens=40)))
+    )
+    t.start()
+    while len(engine.steps) < 5:
+        time.sleep(0.001)
+    (short,) = rt.generate([[BOS, 100]], SamplingParams(temperature=0, max_tokens=3))
+    assert not long_done, "the short request finished while the long one was still running"
+    t.join()
+    kinds = [k for k, _ in engine.steps]
+    joined = kinds.index("prefill", 2)  # the short request's prefill, after the warm-up and the long one's
+    assert 3 <= joined < len(kinds) - 10, "admitted between decode steps, not after the long request"
+    assert engine.steps[joined + 1] == ("decode", [0, 1])  # both run in one batch
+    assert engine.steps[-1] == ("decode", [0])  # the short one left as soon as it finished
+    assert short.output == [101, 102, 103] and long_done[0][0].output == list(range(11, 51))
+    rt.shutdown()
+
+
+def test_full_queue_answers_503_with_retry_after():
+    engine = FakeEngine(step_seconds=0.01)
+    rt = started(engine, max_batch_size=1, max_waiting=2)
+    params = SamplingParams(temperature=0, max_tokens=30)
+    threads = [threading.Thread(target=rt.generate, args=([[BOS, 10]], params)) for _ in range(3)]
+    for th in threads:  # one runs, two wait: the queue is full
+        th.start()
+        time.sleep(0.03)
+    with pytest.raises(ApiError) as e:
+        rt.generate([[BOS, 10]], params)
+    assert e.value.status == 503 and e.value.headers == {"Retry-After": "1"}
+    for th in threads:
+        th.join()
+    (seq,) = rt.generate([[BOS, 10]], SamplingParams(temperature=0, max_tokens=2))  # room again
+    assert seq.output == [11, 12]
+    rt.shutdown()
+
+
+def test_failed_step_fails_its_sequences_not_the_server():
+    engine = FakeEngine()
+    rt = started(engine)
+    real = engine.decode
+    engine.decode = lambda *a: (_ for _ in ()).throw(RuntimeError("device lost"))
+    with pytest.raises(ApiError, match="generation failed: RuntimeError: device lost") as e:
+        rt.generate([[BOS, 10]], GREEDY)
+    assert e.value.status == 500 and rt.health() == (False, "the last engine step failed")
+    engine.decode = real
+    (seq,) = rt.generate([[BOS, 10]], SamplingParams(temperature=0, max_tokens=2))
+    assert seq.output == [11, 12] and rt.health() == (True, "Healthy")
+    rt.shutdown()
+
+
+def test_loading_state_is_reported_and_requests_get_503():
+    release = threading.Event()
+
+    def slow_load(progress):
+        progress("loaded 1 of 2 shards")
+        release.wait()
+        return FakeEngine(), ByteTokenizer()
+
+    rt = Runtime(slow_load, max_seq_len=64, max_batch_size=2, max_waiting=4)
+    rt.start()
+    deadline = time.time() + 5
+    while rt.progress != "loaded 1 of 2 shards" and time.time() < deadline:
+        time.sleep(0.01)
+    assert rt.health() == (False, "model loading: loaded 1 of 2 shards")
+    with pytest.raises(ApiError, match="model loading") as e:
+        rt.generate([[BOS]], GREEDY)
+    assert e.value.status == 503
+    release.set()
+    while rt.state != "ready" and time.time() < deadline:
+        time.sleep(0.01)
+    assert rt.health() == (True, "Healthy")
+    rt.shutdown()
+
+
+def test_shutdown_ends_waiting_requests_with_503():
+    engine = FakeEngine(step_seconds=0.01)
+    rt = started(engine, max_batch_size=1)
+    errors = []
+
+    def call():
+        try:
+            rt.generate([[BOS, 10]], SamplingParams(temperature=0, max_tokens=50))
+        except ApiError as e:
+            errors.append(e.status)
+
+    threads = [threading.Thread(target=call) for _ in range(2)]
+    for th in threads:
+        th.start()
+    time.sleep(0.05)
+    rt.shutdown()
+    for th in threads:
+        th.join(timeout=5)
+    assert errors == [503, 503]
+    assert not rt.health()[0]
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    probs = torch.tensor([[0.5, 0.3, 0.2], [0.5, 0.3, 0.2]])
+    out = top_p_filter(probs, torch.tensor([0.4, 0.75]))
+    assert torch.allclose(out[0], torch.tensor([1.0, 0.0, 0.0]))
+    assert torch.allclose(out[1], torch.tensor([0.625, 0.375, 0.0]))
