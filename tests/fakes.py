@@ -38,9 +38,9 @@ class FakeEngine:
             logits[row, (tok + 1) % self.vocab] = 10.0
         return logits
 
-    def prefill(self, slot: int, tokens: list[int]) -> torch.Tensor:
-        self.steps.append(("prefill", [slot]))
-        return self._logits([tokens[-1]])
+    def prefill(self, slots: list[int], prompts: list[list[int]]) -> torch.Tensor:
+        self.steps.append(("prefill", list(slots)))
+        return self._logits([p[-1] for p in prompts])
 
     def decode(self, slots: list[int], tokens: list[int], positions: list[int]) -> torch.Tensor:
         self.steps.append(("decode", list(slots)))

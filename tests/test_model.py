@@ -6,6 +6,7 @@ import torch
 from presets.llama2.checkpoint import load_model, read_args
 from presets.llama2.engine import LlamaEngine
 from presets.llama2.hf_convert import to_hf
+from presets.llama2.model import Decode, Prefill
 from presets.llama2.tokenizer import Tokenizer
 
 
@@ -33,7 +34,7 @@ def test_logits_match_transformers(pair):
     ids = tok.encode(PROMPT, bos=True, eos=False)
     ours.setup_caches(1, 64)
     with torch.inference_mode():
-        logits = ours(torch.tensor([ids]), torch.tensor([0]), torch.tensor([0]), last_only=False)
+        logits = ours(*Prefill.build([0], [ids], "cpu"), all_logits=True)
         ref = hf(torch.tensor([ids])).logits
     assert logits.shape == ref.shape == (1, len(ids), tok.n_words)
     assert rel_err(logits, ref) < 1e-4
@@ -43,7 +44,7 @@ def test_greedy_tokens_match_transformers_generate(pair):
     tok, ours, hf = pair
     ids = tok.encode(PROMPT, bos=True, eos=False)
     engine = LlamaEngine(ours, max_batch_size=2, max_seq_len=64)
-    got = [int(engine.prefill(1, ids).argmax())]
+    got = [int(engine.prefill([1], [ids]).argmax())]
     while len(got) < 24:
         got.append(int(engine.decode([1], [got[-1]], [len(ids) + len(got) - 1]).argmax()))
     hf.generation_config.eos_token_id = None  # generate a fixed count, as ignore_eos does
@@ -57,22 +58,47 @@ def test_cached_decode_equals_full_forward(pair):
     ids = tok.encode(PROMPT, bos=True, eos=False)
     ours.setup_caches(2, 64)
     with torch.inference_mode():
-        full = ours(torch.tensor([ids]), torch.tensor([0]), torch.tensor([0]), last_only=False)[0]
-        ours(torch.tensor([ids[:5]]), torch.tensor([1]), torch.tensor([0]))
-        stepped = [
-            ours(torch.tensor([[t]]), torch.tensor([1]), torch.tensor([p]))[0] for p, t in enumerate(ids) if p >= 5
-        ]
+        full = ours(*Prefill.build([0], [ids], "cpu"), all_logits=True)[0]
+        ours(*Prefill.build([1], [ids[:5]], "cpu"))
+        stepped = [ours(torch.tensor([[t]]), Decode.build([1], [p], "cpu"))[0] for p, t in enumerate(ids) if p >= 5]
     assert rel_err(torch.stack(stepped), full[5:]) < 1e-5
 
 
-def test_batched_decode_at_different_positions_equals_single(pair):
+def test_packed_prefill_equals_one_prompt_at_a_time(pair):
+    tok, ours, _ = pair
+    prompts = [tok.encode(t, bos=True, eos=False) for t in (PROMPT, "Hello", "The river flows past the old mill")]
+    engine = LlamaEngine(ours, max_batch_size=4, max_seq_len=64)
+    packed = engine.prefill([2, 0, 3], prompts)
+    packed_next = engine.decode([0, 2, 3], [5, 5, 5], [len(prompts[1]), len(prompts[0]), len(prompts[2])])
+    single = torch.cat([engine.prefill([s], [p]) for s, p in zip([2, 0, 3], prompts)])
+    single_next = engine.decode([0, 2, 3], [5, 5, 5], [len(prompts[1]), len(prompts[0]), len(prompts[2])])
+    assert packed.shape == (3, tok.n_words)
+    assert rel_err(packed, single) < 1e-5 and rel_err(packed_next, single_next) < 1e-5
+
+
+@pytest.mark.parametrize("slots", [[3, 0], [1, 2]], ids=["gathered-slots", "consecutive-slots"])
+def test_batched_decode_at_different_positions_equals_single(pair, slots):
     tok, ours, _ = pair
     a = tok.encode(PROMPT, bos=True, eos=False)
     b = tok.encode("Hello", bos=True, eos=False)
     engine = LlamaEngine(ours, max_batch_size=4, max_seq_len=64)
-    engine.prefill(3, a)
-    engine.prefill(0, b)
-    batched = engine.decode([3, 0], [7, 9], [len(a), len(b)])
-    single_a = engine.decode([3], [7], [len(a)])  # rewrites the same cache position: same result
-    single_b = engine.decode([0], [9], [len(b)])
+    engine.prefill(slots, [a, b])
+    batched = engine.decode(slots, [7, 9], [len(a), len(b)])
+    single_a = engine.decode(slots[:1], [7], [len(a)])  # rewrites the same cache position: same result
+    single_b = engine.decode(slots[1:], [9], [len(b)])
     assert rel_err(batched, torch.cat([single_a, single_b])) < 1e-5
+
+
+def test_cpu_packed_linears_match_plain_layers(tiny_ckpt):
+    from presets.llama2 import cpu_kernels
+
+    if not cpu_kernels.available():
+        pytest.skip("this torch build has no oneDNN packed linear ops")
+    tok, plain_model, _ = load_pair(tiny_ckpt)
+    _, packed_model, _ = load_pair(tiny_ckpt)
+    plain = LlamaEngine(plain_model, max_batch_size=2, max_seq_len=64, cpu_packed=False)
+    packed = LlamaEngine(packed_model, max_batch_size=2, max_seq_len=64)
+    assert hasattr(packed_model.output, "packed_weight") and not hasattr(plain_model.output, "packed_weight")
+    ids = tok.encode(PROMPT, bos=True, eos=False)
+    assert rel_err(packed.prefill([0, 1], [ids, ids[:4]]), plain.prefill([0, 1], [ids, ids[:4]])) < 1e-5
+    assert rel_err(packed.decode([0, 1], [3, 4], [len(ids), 4]), plain.decode([0, 1], [3, 4], [len(ids), 4])) < 1e-5

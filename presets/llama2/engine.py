@@ -2,24 +2,26 @@
 
 import torch
 
-from presets.llama2.model import Transformer
+from presets.llama2 import cpu_kernels
+from presets.llama2.model import Decode, Prefill, Transformer
 
 
 class LlamaEngine:
-    def __init__(self, model: Transformer, max_batch_size: int, max_seq_len: int):
+    def __init__(self, model: Transformer, max_batch_size: int, max_seq_len: int, cpu_packed: bool = True):
         self.model = model
         self.device = model.output.weight.device
         model.setup_caches(max_batch_size, max_seq_len)
-
-    def _ids(self, values) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.long, device=self.device)
+        if cpu_packed and self.device.type == "cpu" and cpu_kernels.available():
+            cpu_kernels.pack_linears(model, max_batch_size)
 
     @torch.inference_mode()
-    def prefill(self, slot: int, tokens: list[int]) -> torch.Tensor:
-        """Run a whole prompt into `slot` from position 0; logits of its last position, (1, V)."""
-        return self.model(self._ids([tokens]), self._ids([slot]), self._ids([0]))
+    def prefill(self, slots: list[int], prompts: list[list[int]]) -> torch.Tensor:
+        """Run whole prompts into their slots from position 0, packed as one row; (S, V) last-token logits."""
+        tokens, step = Prefill.build(slots, prompts, self.device)
+        return self.model(tokens, step)
 
     @torch.inference_mode()
     def decode(self, slots: list[int], tokens: list[int], positions: list[int]) -> torch.Tensor:
         """One token for each running slot at its own position; logits (B, V)."""
-        return self.model(self._ids(tokens)[:, None], self._ids(slots), self._ids(positions))
+        step = Decode.build(slots, positions, self.device)
+        return self.model(torch.tensor(tokens, device=self.device)[:, None], step)

@@ -91,11 +91,76 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, slots, positions, k, v, length: int):
-        """Write k, v (B, T, kvh, hd) at (slot, position) and return each slot's first `length` positions."""
-        self.k[slots[:, None], :, positions] = k
-        self.v[slots[:, None], :, positions] = v
-        return self.k[slots, :, :length], self.v[slots, :, :length]  # (B, kvh, L, hd)
+    def write(self, rows, positions, k, v) -> None:
+        """Store k, v (B, T, kvh, hd) at cache (rows, positions); rows broadcasts to positions (B, T)."""
+        self.k[rows, :, positions] = k
+        self.v[rows, :, positions] = v
+
+
+@dataclass
+class Prefill:
+    """Whole prompts from position 0, packed into one row of N tokens (no padding)."""
+
+    rows: torch.Tensor  # (1, N): the cache slot of each token
+    positions: torch.Tensor  # (1, N): each token's position in its own prompt
+    lengths: list[int]  # prompt lengths, in packing order
+
+    @classmethod
+    def build(cls, slots: list[int], prompts: list[list[int]], device) -> tuple[torch.Tensor, "Prefill"]:
+        """(tokens (1, N), plan) for prompts[i] going into cache slot slots[i]."""
+        lengths = [len(p) for p in prompts]
+        tokens = torch.tensor([[t for p in prompts for t in p]], device=device)
+        rows = torch.repeat_interleave(torch.tensor(slots, device=device), torch.tensor(lengths, device=device))
+        positions = torch.cat([torch.arange(n, device=device) for n in lengths])
+        return tokens, cls(rows[None], positions[None], lengths)
+
+    def attend(self, cache: KVCache, q, k, v, gqa: bool) -> torch.Tensor:
+        cache.write(self.rows, self.positions, k, v)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (1, heads, N, hd)
+        outs, start = [], 0
+        for n in self.lengths:  # each prompt attends causally to itself only
+            seg = slice(start, start + n)
+            outs.append(
+                F.scaled_dot_product_attention(q[:, :, seg], k[:, :, seg], v[:, :, seg], is_causal=True, enable_gqa=gqa)
+            )
+            start += n
+        return torch.cat(outs, dim=2)  # (1, h, N, hd)
+
+    def last(self, h: torch.Tensor) -> torch.Tensor:
+        """Hidden states of each prompt's last token: (1, N, dim) -> (S, dim)."""
+        ends = torch.tensor(self.lengths, device=h.device).cumsum(0) - 1
+        return h[0, ends]
+
+
+@dataclass
+class Decode:
+    """One new token for each of B sequences, each at its own position."""
+
+    slots: slice | torch.Tensor  # (B,) slot ids, or a slice when they are consecutive (no copies)
+    positions: torch.Tensor  # (B, 1)
+    mask: torch.Tensor  # (B, 1, 1, L): True where a key may be attended to
+    length: int  # L: keys needed, the longest sequence's prefix
+
+    @classmethod
+    def build(cls, slots: list[int], positions: list[int], device) -> "Decode":
+        if slots == list(range(slots[0], slots[0] + len(slots))):
+            slot_index = slice(slots[0], slots[0] + len(slots))
+        else:
+            slot_index = torch.tensor(slots, device=device)
+        pos = torch.tensor(positions, device=device)[:, None]
+        length = max(positions) + 1
+        mask = torch.arange(length, device=device) <= pos[..., None]  # (B, 1, L)
+        return cls(slot_index, pos, mask[:, None], length)
+
+    def attend(self, cache: KVCache, q, k, v, gqa: bool) -> torch.Tensor:
+        s = self.slots
+        rows = torch.arange(s.start, s.stop, device=k.device) if isinstance(s, slice) else s
+        cache.write(rows[:, None], self.positions, k, v)
+        keys, values = cache.k[s, :, : self.length], cache.v[s, :, : self.length]  # (B, kvh, L, hd)
+        return F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=self.mask, enable_gqa=gqa)
+
+    def last(self, h: torch.Tensor) -> torch.Tensor:
+        return h[:, -1]  # (B, 1, dim) -> (B, dim)
 
 
 class Attention(nn.Module):
@@ -116,20 +181,13 @@ class Attention(nn.Module):
         )
         self.cache: KVCache | None = None
 
-    def forward(self, x, freqs, slots, positions, mask, length):
+    def forward(self, x, freqs, step: Prefill | Decode):
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_local_heads, self.head_dim)
         k = self.wk(x).view(B, T, self.n_local_kv_heads, self.head_dim)
         v = self.wv(x).view(B, T, self.n_local_kv_heads, self.head_dim)
         q, k = apply_rope(q, freqs), apply_rope(k, freqs)
-        keys, values = self.cache.update(slots, positions, k, v, length)  # (B, kvh, L, hd)
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2),  # (B, h, T, hd)
-            keys,
-            values,
-            attn_mask=mask,  # (B, 1, T, L), True where attention is allowed
-            enable_gqa=self.n_local_heads != self.n_local_kv_heads,
-        )
+        out = step.attend(self.cache, q, k, v, gqa=self.n_local_heads != self.n_local_kv_heads)  # (B, h, T, hd)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -153,8 +211,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
 
-    def forward(self, x, freqs, slots, positions, mask, length):
-        h = x + self.attention(self.attention_norm(x), freqs, slots, positions, mask, length)
+    def forward(self, x, freqs, step):
+        h = x + self.attention(self.attention_norm(x), freqs, step)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -180,20 +238,15 @@ class Transformer(nn.Module):
         self.register_buffer("freqs", freqs.to(p.device), persistent=False)
         self.max_seq_len = max_seq_len
 
-    def forward(self, tokens, slots, start_pos, last_only: bool = True):
-        """Logits for `tokens` (B, T) placed at positions start_pos[b] + t of cache slots[b].
+    def forward(self, tokens: torch.Tensor, step: Prefill | Decode, all_logits: bool = False) -> torch.Tensor:
+        """Logits (float32) of `tokens` (B, T) run as `step`, which says where they sit in the cache.
 
-        Prefill is B=1 with the whole prompt, decode is T=1 over the running slots. Returns
-        (B, vocab) logits of the last position when last_only, else (B, T, vocab).
+        Returns one row per sequence for its last token: (S, V) for a Prefill of S prompts, (B, V)
+        for a Decode; with all_logits, every position's logits (B, T, V).
         """
-        B, T = tokens.shape
-        positions = start_pos[:, None] + torch.arange(T, device=tokens.device)  # (B, T)
-        length = int(start_pos.max()) + T  # keys needed: the longest row's prefix
-        mask = torch.arange(length, device=tokens.device) <= positions[..., None]  # (B, T, L)
-        mask = mask[:, None]  # (B, 1, T, L)
-        freqs = self.freqs[positions]  # (B, T, hd/2)
+        freqs = self.freqs[step.positions]  # (B, T, hd/2)
         h = self.tok_embeddings(tokens)  # (B, T, dim)
         for layer in self.layers:
-            h = layer(h, freqs, slots, positions, mask, length)
-        h = self.norm(h[:, -1] if last_only else h)
+            h = layer(h, freqs, step)
+        h = self.norm(h if all_logits else step.last(h))
         return self.output(h).float()

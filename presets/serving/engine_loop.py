@@ -13,13 +13,15 @@ log = logging.getLogger(__name__)
 class EngineLoop:
     """Runs prefill and decode steps of `engine` for the scheduler's sequences (continuous batching).
 
-    `engine` provides prefill(slot, tokens) -> (1, V) logits, decode(slots, tokens, positions)
-    -> (B, V) logits, and `device`. Each loop iteration admits waiting sequences into free slots,
-    prefills them, then runs one decode step over every running sequence.
+    `engine` provides prefill(slots, prompts) -> (S, V) last-token logits, decode(slots, tokens,
+    positions) -> (B, V) logits, and `device`. Each loop iteration admits waiting sequences into
+    free slots, prefills them together (packed, up to max_prefill_tokens per step), then runs one
+    decode step over every running sequence.
     """
 
-    def __init__(self, engine, eos_id: int, max_batch_size: int, max_waiting: int):
+    def __init__(self, engine, eos_id: int, max_batch_size: int, max_waiting: int, max_prefill_tokens: int = 4096):
         self.engine = engine
+        self.max_prefill_tokens = max_prefill_tokens
         self.eos_id = eos_id
         self.scheduler = Scheduler(max_batch_size, max_waiting)
         self.cv = threading.Condition()
@@ -66,14 +68,27 @@ class EngineLoop:
             for seq in list(self.scheduler.waiting) + list(self.scheduler.running):
                 self.scheduler.finish(seq, None, "server is shutting down")
 
+    def _prefill_groups(self, new: list[Sequence]):
+        """Split new sequences into prefill steps of at most max_prefill_tokens prompt tokens (>= 1 each)."""
+        group, tokens = [], 0
+        for seq in new:
+            if group and tokens + len(seq.prompt) > self.max_prefill_tokens:
+                yield group
+                group, tokens = [], 0
+            group.append(seq)
+            tokens += len(seq.prompt)
+        if group:
+            yield group
+
     def _step(self, new: list[Sequence]) -> None:
         sched = self.scheduler
         try:
             for seq in new:
                 seq.rng = make_rng(seq.params.seed, self.engine.device)
-                logits = self.engine.prefill(seq.slot, seq.prompt)
-                sched.postprocess([seq], sample(logits, [seq]), self.eos_id)
-            batch = list(sched.running)
+            for group in self._prefill_groups(new):
+                logits = self.engine.prefill([s.slot for s in group], [s.prompt for s in group])
+                sched.postprocess(group, sample(logits, group), self.eos_id)
+            batch = sorted(sched.running, key=lambda s: s.slot)  # ascending slots: often one range
             if batch:
                 logits = self.engine.decode(
                     [s.slot for s in batch], [s.output[-1] for s in batch], [s.next_position for s in batch]
