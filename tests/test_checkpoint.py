@@ -5,11 +5,12 @@ import os
 import shutil
 
 import pytest
+import sentencepiece as spm
 import torch
 
 from presets.llama2.checkpoint import CheckpointError, check_layout, load_model
 from presets.llama2.tokenizer import Tokenizer
-from presets.tools.tiny_checkpoint import write_checkpoint
+from presets.tools.tiny_checkpoint import train_tokenizer, write_checkpoint
 from tests.conftest import TINY
 
 
@@ -102,10 +103,6 @@ def test_unknown_params_key_and_corrupt_shard(broken):
 
 def test_tokenizer_reaches_a_large_vocab_exactly():
     # The benchmark model has Llama's 32000 tokens; the small corpus alone yields fewer pieces.
-    import sentencepiece as spm
-
-    from presets.tools.tiny_checkpoint import train_tokenizer
-
     sp = spm.SentencePieceProcessor(model_proto=train_tokenizer(32000))
     assert sp.vocab_size() == 32000 and sp.bos_id() == 1 and sp.eos_id() == 2
     assert sp.decode(sp.encode("menthe poivrée ☃\n")) == "menthe poivrée ☃\n"

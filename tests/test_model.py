@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from presets.llama2 import cpu_kernels
 from presets.llama2.checkpoint import load_model, read_args
 from presets.llama2.engine import LlamaEngine
 from presets.llama2.hf_convert import to_hf
@@ -90,8 +91,6 @@ def test_batched_decode_at_different_positions_equals_single(pair, slots):
 
 
 def test_cpu_packed_linears_match_plain_layers(tiny_ckpt):
-    from presets.llama2 import cpu_kernels
-
     if not cpu_kernels.available():
         pytest.skip("this torch build has no oneDNN packed linear ops")
     tok, plain_model, _ = load_pair(tiny_ckpt)

@@ -22,9 +22,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(kind: str, ckpt: str, *flags: str):
+def start(kind: str, ckpt: str, *flags: str, torchrun: bool = False):
     port = free_port()
-    cmd = [sys.executable, "inference_api.py", "--ckpt_dir", ckpt, "--tokenizer_path", f"{ckpt}/tokenizer.model",
+    launcher = (
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1"] if torchrun else [sys.executable]
+    )
+    cmd = [*launcher, "inference_api.py", "--ckpt_dir", ckpt, "--tokenizer_path", f"{ckpt}/tokenizer.model",
            "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", "--max_seq_len", "256", *flags]  # fmt: skip
     cwd = os.path.join(ROOT, "presets", "inference", f"llama2-{kind}")
     proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -52,9 +55,10 @@ def shutdown(proc, url: str) -> str:
     return out
 
 
-@pytest.mark.parametrize("kind", ["completion", "chat"])
-def test_server_process_serves_seeds_and_shuts_down_with_0(tiny_ckpt, kind):
-    proc, url = start(kind, tiny_ckpt)
+@pytest.mark.parametrize("kind, torchrun", [("completion", False), ("chat", False), ("completion", True)],
+                         ids=["completion", "chat", "completion-under-torchrun"])  # fmt: skip
+def test_server_process_serves_seeds_and_shuts_down_with_0(tiny_ckpt, kind, torchrun):
+    proc, url = start(kind, tiny_ckpt, torchrun=torchrun)
     try:
         wait_healthy(proc, url)
         assert requests.get(url).json() == "Server is running"

@@ -28,6 +28,7 @@ class Runtime:
         self.progress = "not started"
         self.tokenizer = None
         self.loop: EngineLoop | None = None
+        self.on_failure = None  # called when loading fails (the launcher makes the process exit non-zero)
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -56,8 +57,6 @@ class Runtime:
             return
         self.state = "ready"
         self._report(f"ready in {time.perf_counter() - t0:.1f}s")
-
-    on_failure = None  # called when loading fails (the launcher makes the process exit non-zero)
 
     def _report(self, message: str) -> None:
         self.progress = message
