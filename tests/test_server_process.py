@@ -1,89 +1,47 @@
 """Real server processes (gunicorn, as a user runs them) driven over HTTP on loopback."""
 
 import json
-import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
 
 import pytest
 import requests
 
+from tests.launch import finish, free_port, post, running, server_cmd, start, wait_healthy
 from tests.test_api import SEED_CHATS, SEED_GENERATE
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LAUNCHES = [("completion", None), ("chat", None), ("completion", ["--nproc_per_node", "1"])]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start(kind: str, ckpt: str, *flags: str, torchrun: bool = False):
-    port = free_port()
-    launcher = (
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1"] if torchrun else [sys.executable]
-    )
-    cmd = [*launcher, "inference_api.py", "--ckpt_dir", ckpt, "--tokenizer_path", f"{ckpt}/tokenizer.model",
-           "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", "--max_seq_len", "256", *flags]  # fmt: skip
-    cwd = os.path.join(ROOT, "presets", "inference", f"llama2-{kind}")
-    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    return proc, f"http://127.0.0.1:{port}"
-
-
-def wait_healthy(proc, url: str, timeout: float = 60) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        assert proc.poll() is None, proc.stdout.read()
-        try:
-            if requests.get(f"{url}/healthz", timeout=1).status_code == 200:
-                return
-        except requests.ConnectionError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError("server did not become healthy")
-
-
-def shutdown(proc, url: str) -> str:
-    r = requests.post(f"{url}/shutdown", timeout=5)
-    assert r.status_code == 200 and r.json() == {}
-    out, _ = proc.communicate(timeout=15)  # exits within seconds
-    assert proc.returncode == 0, out
-    return out
-
-
-@pytest.mark.parametrize("kind, torchrun", [("completion", False), ("chat", False), ("completion", True)],
-                         ids=["completion", "chat", "completion-under-torchrun"])  # fmt: skip
+@pytest.mark.parametrize("kind, torchrun", LAUNCHES, ids=["completion", "chat", "completion-under-torchrun"])
 def test_server_process_serves_seeds_and_shuts_down_with_0(tiny_ckpt, kind, torchrun):
-    proc, url = start(kind, tiny_ckpt, torchrun=torchrun)
-    try:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = start(server_cmd(kind, tiny_ckpt, port, "--max_seq_len", "256", torchrun=torchrun), kind)
+    with running(proc):
         wait_healthy(proc, url)
         assert requests.get(url).json() == "Server is running"
         assert requests.get(f"{url}/healthz").json() == {"status": "Healthy"}
         if kind == "completion":
-            r = requests.post(f"{url}/generate", json=SEED_GENERATE, timeout=60)
-            assert r.status_code == 200 and len(r.json()["results"]) == 4
+            status, body = post(f"{url}/generate", SEED_GENERATE)
+            assert status == 200 and len(body["results"]) == 4
         else:
-            for body in SEED_CHATS:
-                r = requests.post(f"{url}/chat", data=json.dumps(body), headers={"Content-Type": "application/json"})
-                assert r.status_code == 200 and len(r.json()["results"]) == len(body["input_data"]["input_string"])
+            for seed in SEED_CHATS:
+                status, body = post(f"{url}/chat", seed)
+                assert status == 200 and len(body["results"]) == len(seed["input_data"]["input_string"])
         bad = requests.post(f"{url}/{'generate' if kind == 'completion' else 'chat'}", data="{", timeout=5)
         assert bad.status_code == 400 and "valid JSON" in bad.json()["detail"]
-        out = shutdown(proc, url)
-    finally:
-        proc.kill()
+        assert post(f"{url}/shutdown", None) == (200, {})
+        code, out = finish(proc, timeout=15)  # exits within seconds
+    assert code == 0, out
     route = "/generate" if kind == "completion" else "/chat"
     assert f"POST {route} 200 sequences=" in out and "generated_tokens=" in out  # one log line per request
     assert "Traceback" not in out
 
 
 def test_missing_checkpoint_exits_with_a_clear_error(tmp_path):
-    proc, _ = start("completion", str(tmp_path))
-    out, _ = proc.communicate(timeout=30)
-    assert proc.returncode != 0
+    proc = start(server_cmd("completion", str(tmp_path), free_port()), "completion")
+    code, out = finish(proc)
+    assert code != 0
     assert f"error: params.json not found in {tmp_path}" in out and "Traceback" not in out
 
 
@@ -93,7 +51,7 @@ def test_shard_that_does_not_match_params_fails_loading_with_exit_code(tiny_ckpt
         params = json.load(f)
     with open(ckpt / "params.json", "w") as f:
         json.dump({**params, "dim": 128}, f)
-    proc, _ = start("completion", str(ckpt))
-    out, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 3, out  # gunicorn halts: "Worker failed to boot"
+    proc = start(server_cmd("completion", str(ckpt), free_port()), "completion")
+    code, out = finish(proc, timeout=60)
+    assert code == 3, out  # gunicorn halts: "Worker failed to boot"
     assert "does not match params.json" in out or "has shape" in out

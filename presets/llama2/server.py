@@ -1,6 +1,11 @@
-"""Assemble and launch a Llama-2 server (text completion or chat) from command-line settings."""
+"""Assemble and launch a Llama-2 server (text completion or chat) from command-line settings.
+
+Under torchrun with several ranks, global rank 0 serves HTTP and drives the engine; every other
+rank loads its own shard and follows rank 0's steps; a node's local rank 0 answers the probes.
+"""
 
 import logging
+import os
 import sys
 
 from presets.llama2.checkpoint import CheckpointError, check_layout, load_model
@@ -9,26 +14,40 @@ from presets.llama2.routes import chat, completion
 from presets.llama2.tokenizer import Tokenizer
 from presets.serving import device, distributed
 from presets.serving.app import create_app
+from presets.serving.probe_server import start_probe_server
+from presets.serving.ranks import FollowerState, LeaderEngine, StepChannel, follow, heartbeat_interval
 from presets.serving.runtime import Runtime
 from presets.serving.server import exit_gunicorn, serve
 from presets.serving.settings import Settings, parse_settings
 
+log = logging.getLogger(__name__)
+
 ROUTES = {"completion": completion, "chat": chat}
 
 
+def load_engine(settings: Settings, progress=log.info):
+    """(engine, tokenizer, control group) for this rank: its shard of the checkpoint on its device."""
+    rank, _, local_rank = distributed.world()
+    dev, dtype = device.resolve(settings.device, settings.dtype, local_rank)
+    progress(f"rank {rank}: device {dev}, dtype {dtype}")
+    group = distributed.init_model_parallel(settings.model_parallel_size, dev, settings.dist_timeout)
+    tokenizer = Tokenizer(settings.tokenizer_path)
+    model = load_model(settings.ckpt_dir, tokenizer, rank, settings.model_parallel_size, dev, dtype, progress)
+    return LlamaEngine(model, settings.max_batch_size, settings.max_seq_len), tokenizer, group
+
+
 def build_runtime(settings: Settings) -> Runtime:
-    """A Runtime whose loader reads this rank's shard of the checkpoint onto the chosen device."""
+    """A Runtime whose loader reads rank 0's shard; with several ranks its steps are broadcast."""
 
     def load(progress):
-        rank, _, local_rank = distributed.world()
-        dev, dtype = device.resolve(settings.device, settings.dtype, local_rank)
-        progress(f"device {dev}, dtype {dtype}")
-        distributed.init_model_parallel(settings.model_parallel_size, dev)
-        tokenizer = Tokenizer(settings.tokenizer_path)
-        model = load_model(settings.ckpt_dir, tokenizer, rank, settings.model_parallel_size, dev, dtype, progress)
-        return LlamaEngine(model, settings.max_batch_size, settings.max_seq_len), tokenizer
+        engine, tokenizer, group = load_engine(settings, progress)
+        return (engine if group is None else LeaderEngine(engine, StepChannel(group))), tokenizer
 
-    return Runtime(load, settings.max_seq_len, settings.max_batch_size, settings.max_queue_size)
+    multi = distributed.world()[1] > 1
+    return Runtime(
+        load, settings.max_seq_len, settings.max_batch_size, settings.max_queue_size,
+        heartbeat_s=heartbeat_interval(settings.dist_timeout) if multi else None,
+    )  # fmt: skip
 
 
 def build_app(settings: Settings, kind: str, shutdown=lambda: None):
@@ -40,17 +59,34 @@ def build_app(settings: Settings, kind: str, shutdown=lambda: None):
     return app
 
 
+def run_follower(settings: Settings) -> None:
+    """A rank other than 0: load this rank's shard, run rank 0's steps until it says exit."""
+    rank, _, local_rank = distributed.world()
+    state = FollowerState(stale_after_s=3 * heartbeat_interval(settings.dist_timeout) + 5)
+    if local_rank == 0:  # the first rank of a node without rank 0 answers that pod's probes
+        start_probe_server(settings.host, settings.port, state.health)
+    try:
+        engine, _, group = load_engine(settings)
+        state.state = "following"
+        follow(engine, StepChannel(group), state.touch)
+    except Exception:
+        log.exception("rank %d failed; exiting so that the job restarts", rank)
+        logging.shutdown()
+        os._exit(1)  # a broken process group must not hang this process on exit
+    log.info("rank %d: rank 0 asked to exit", rank)
+    logging.shutdown()
+    os._exit(0)
+
+
 def main(kind: str, argv=None) -> None:
     """Entry point of presets/inference/llama2-<kind>/inference_api.py."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = parse_settings(argv, f"Llama-2 {kind} server")
-    _, world_size, _ = distributed.world()
-    if world_size > 1:
-        sys.exit(f"error: {world_size} ranks were launched; this server runs as a single rank for now")
     try:
         check_layout(settings.ckpt_dir, settings.tokenizer_path, settings.model_parallel_size)
     except CheckpointError as e:
         sys.exit(f"error: {e}")
-    serve(
-        lambda: build_app(settings, kind, shutdown=exit_gunicorn), settings.host, settings.port, settings.http_threads
-    )
+    if distributed.world()[0] != 0:
+        run_follower(settings)
+    app_factory = lambda: build_app(settings, kind, shutdown=exit_gunicorn)  # noqa: E731
+    serve(app_factory, settings.host, settings.port, settings.http_threads)

@@ -1,5 +1,6 @@
-"""Process-group setup: one place for torch.distributed and fairscale's model-parallel groups."""
+"""Process groups: torch.distributed and fairscale's model-parallel groups, set up in one place."""
 
+import datetime
 import os
 
 import torch
@@ -16,17 +17,27 @@ def world() -> tuple[int, int, int]:
     )
 
 
-def init_model_parallel(mp_size: int, device: torch.device) -> None:
-    """Join the process group (gloo on CPU, nccl on CUDA) and make fairscale's groups of `mp_size`."""
+def init_model_parallel(mp_size: int, device: torch.device, timeout_s: float = 1800) -> dist.ProcessGroup | None:
+    """Join the job (gloo on CPU, nccl on CUDA) and make fairscale's groups of `mp_size` ranks.
+
+    Returns a gloo group over all ranks for the step messages (None with a single rank): control
+    traffic stays on the CPU even when the model's collectives run over nccl.
+    """
     if model_parallel_is_initialized():
-        return
+        return None
+    _, world_size, _ = world()
+    timeout = datetime.timedelta(seconds=timeout_s)
     if not dist.is_initialized():
-        rank, world_size, _ = world()
         if world_size == 1:
             # No peers: an in-memory store needs no free port and no torchrun.
             dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
         else:
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            if device.type == "cuda":
+                torch.cuda.set_device(device)
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
     if dist.get_world_size() != mp_size:
         raise RuntimeError(f"model_parallel_size {mp_size} must equal the number of ranks {dist.get_world_size()}")
     initialize_model_parallel(mp_size)
+    if world_size == 1:
+        return None
+    return dist.new_group(backend="gloo", timeout=timeout) if device.type == "cuda" else dist.group.WORLD

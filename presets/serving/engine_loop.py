@@ -19,7 +19,8 @@ class EngineLoop:
     decode step over every running sequence.
     """
 
-    def __init__(self, engine, eos_id: int, max_batch_size: int, max_waiting: int, max_prefill_tokens: int = 4096):
+    def __init__(self, engine, eos_id: int, max_batch_size: int, max_waiting: int, max_prefill_tokens: int = 4096,
+                 heartbeat_s: float | None = None, on_fatal=None):  # fmt: skip
         self.engine = engine
         self.max_prefill_tokens = max_prefill_tokens
         self.eos_id = eos_id
@@ -27,6 +28,11 @@ class EngineLoop:
         self.cv = threading.Condition()
         self.stopping = False
         self.last_step_failed = False
+        # With several ranks: idle heartbeats keep them in step, and a failed step is fatal
+        # (the ranks may no longer agree on the cache), so the job stops and is restarted.
+        self.heartbeat_s = heartbeat_s
+        self.on_fatal = on_fatal
+        self.failed: str | None = None
         self.thread = threading.Thread(target=self._run, name="engine", daemon=True)
 
     def start(self) -> None:
@@ -35,6 +41,9 @@ class EngineLoop:
     @property
     def alive(self) -> bool:
         return self.thread.is_alive() and not self.stopping
+
+    def join(self, timeout: float) -> None:
+        self.thread.join(timeout)
 
     def submit(self, seqs: list[Sequence]) -> None:
         """Queue `seqs` for generation, or answer 503 when the queue is full."""
@@ -56,17 +65,34 @@ class EngineLoop:
             self.cv.notify()
 
     def _run(self) -> None:
-        while True:
+        try:
+            while True:
+                with self.cv:
+                    if not self.scheduler.has_work() and not self.stopping:
+                        self.cv.wait(timeout=self.heartbeat_s)
+                    if self.stopping:
+                        break
+                    new = self.scheduler.admit() if self.scheduler.has_work() else None
+                if new is not None:
+                    self._step(new)
+                elif self.heartbeat_s is not None:
+                    self.engine.heartbeat()  # idle: tell the other ranks we are alive
+            self._end("server is shutting down")
+            if hasattr(self.engine, "close"):
+                self.engine.close()
+        except Exception as e:
+            log.exception("engine failed; stopping")
+            self.failed = f"{type(e).__name__}: {e}"
             with self.cv:
-                while not self.scheduler.has_work() and not self.stopping:
-                    self.cv.wait()
-                if self.stopping:
-                    break
-                new = self.scheduler.admit()
-            self._step(new)
+                self.stopping = True
+            self._end(f"engine failed: {self.failed}")
+            if self.on_fatal:
+                self.on_fatal()
+
+    def _end(self, error: str) -> None:
         with self.cv:
             for seq in list(self.scheduler.waiting) + list(self.scheduler.running):
-                self.scheduler.finish(seq, None, "server is shutting down")
+                self.scheduler.finish(seq, None, error)
 
     def _prefill_groups(self, new: list[Sequence]):
         """Split new sequences into prefill steps of at most max_prefill_tokens prompt tokens (>= 1 each)."""
@@ -95,7 +121,9 @@ class EngineLoop:
                 )
                 sched.postprocess(batch, sample(logits, batch), self.eos_id)
             self.last_step_failed = False
-        except Exception as e:  # a failed step must not kill the thread: fail its sequences, go on
+        except Exception as e:  # one rank alone: fail this step's sequences and go on
+            if self.on_fatal:
+                raise
             log.exception("engine step failed")
             self.last_step_failed = True
             with self.cv:

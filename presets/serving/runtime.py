@@ -19,8 +19,9 @@ class Runtime:
     /healthz can answer (non-200, with progress) while a large checkpoint loads.
     """
 
-    def __init__(self, load, max_seq_len: int, max_batch_size: int, max_waiting: int):
+    def __init__(self, load, max_seq_len: int, max_batch_size: int, max_waiting: int, heartbeat_s: float | None = None):
         self._load = load
+        self.heartbeat_s = heartbeat_s
         self.max_seq_len = max_seq_len
         self.max_batch_size = max_batch_size
         self.max_waiting = max_waiting
@@ -44,7 +45,10 @@ class Runtime:
         self.state = "loading"
         try:
             engine, self.tokenizer = self._load(self._report)
-            self.loop = EngineLoop(engine, self.tokenizer.eos_id, self.max_batch_size, self.max_waiting)
+            self.loop = EngineLoop(
+                engine, self.tokenizer.eos_id, self.max_batch_size, self.max_waiting,
+                heartbeat_s=self.heartbeat_s, on_fatal=self._fatal if self.heartbeat_s else None,
+            )  # fmt: skip
             self.loop.start()
             self._report("warming up")
             self._warm_up()
@@ -57,6 +61,12 @@ class Runtime:
             return
         self.state = "ready"
         self._report(f"ready in {time.perf_counter() - t0:.1f}s")
+
+    def _fatal(self) -> None:
+        self.state = "failed"
+        self._report(f"failed: {self.loop.failed}")
+        if self.on_failure:
+            self.on_failure()
 
     def _report(self, message: str) -> None:
         self.progress = message
@@ -71,8 +81,10 @@ class Runtime:
             raise RuntimeError(seq.error)
 
     def shutdown(self) -> None:
+        """Stop the engine thread (which tells other ranks to exit) and wait for it, briefly."""
         if self.loop:
             self.loop.stop()
+            self.loop.join(timeout=10)
 
     def _unavailable(self) -> str | None:
         """Why requests cannot be served now, or None."""
@@ -111,5 +123,5 @@ class Runtime:
                 if not self.loop.alive:
                     raise ApiError(503, "engine stopped before the request finished")
             if seq.error:
-                raise ApiError(503 if "shutting down" in seq.error else 500, seq.error)
+                raise ApiError(500 if seq.error.startswith("generation failed") else 503, seq.error)
         return seqs

@@ -19,6 +19,7 @@ class Settings:
     max_queue_size: int = 256  # sequences waiting for a batch slot before 503
     http_threads: int = 64  # concurrent HTTP requests the server holds open
     max_request_bytes: int = 1 << 20
+    dist_timeout: float = 1800.0  # seconds a collective may wait before the job is declared failed
 
     def __post_init__(self):
         checks = {
@@ -31,6 +32,7 @@ class Settings:
             "max_queue_size": self.max_queue_size >= 1,
             "http_threads": self.http_threads >= 1,
             "max_request_bytes": self.max_request_bytes >= 1024,
+            "dist_timeout": self.dist_timeout > 0,
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:

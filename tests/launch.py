@@ -1,0 +1,108 @@
+"""Start real server processes (plain python or torchrun, optionally inside a network namespace)."""
+
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import requests
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def server_cmd(kind: str, ckpt: str, port: int, *flags: str, torchrun=None, host: str = "127.0.0.1") -> list[str]:
+    """The command line of a `kind` server; `torchrun` is None (plain python) or torchrun's flags."""
+    launcher = [sys.executable] if torchrun is None else [sys.executable, "-m", "torch.distributed.run", *torchrun]
+    return [*launcher, "inference_api.py", "--ckpt_dir", ckpt, "--tokenizer_path", f"{ckpt}/tokenizer.model",
+            "--host", host, "--port", str(port), "--device", "cpu", *flags]  # fmt: skip
+
+
+def start(cmd: list[str], kind: str, netns: str | None = None, env: dict | None = None) -> subprocess.Popen:
+    if netns:
+        cmd = ["ip", "netns", "exec", netns, *cmd]
+    cwd = os.path.join(ROOT, "presets", "inference", f"llama2-{kind}")
+    return subprocess.Popen(
+        cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})}
+    )
+
+
+def get(url: str, netns: str | None = None, timeout: float = 5) -> tuple[int, object]:
+    """(status, JSON body) of GET url, from inside `netns` when given."""
+    return call("GET", url, None, netns, timeout)
+
+
+def post(url: str, body, netns: str | None = None, timeout: float = 60) -> tuple[int, object]:
+    return call("POST", url, body, netns, timeout)
+
+
+_CLIENT = """
+import json, sys, urllib.request, urllib.error
+method, url, body, timeout = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+req = urllib.request.Request(url, data=None if body == "-" else body.encode(), method=method,
+                             headers={"Content-Type": "application/json"})
+try:
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        print(r.status); print(r.read().decode())
+except urllib.error.HTTPError as e:
+    print(e.code); print(e.read().decode())
+"""
+
+
+def call(method: str, url: str, body, netns: str | None, timeout: float) -> tuple[int, object]:
+    """One HTTP call; inside a namespace it runs as a small client process there. Raises ConnectionError."""
+    if netns is None:
+        r = requests.request(method, url, json=body, timeout=timeout)
+        return r.status_code, r.json()
+    args = ["ip", "netns", "exec", netns, sys.executable, "-c", _CLIENT, method, url,
+            "-" if body is None else json.dumps(body), str(timeout)]  # fmt: skip
+    out = subprocess.run(args, capture_output=True, text=True, timeout=timeout + 10)
+    if out.returncode != 0:
+        raise requests.ConnectionError(out.stderr.strip().splitlines()[-1] if out.stderr else "failed")
+    status, text = out.stdout.split("\n", 1)
+    return int(status), json.loads(text)
+
+
+def wait_healthy(proc: subprocess.Popen, url: str, netns: str | None = None, timeout: float = 90) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited with {proc.returncode}:\n{proc.stdout.read()}")
+        try:
+            if get(f"{url}/healthz", netns, timeout=2)[0] == 200:
+                return
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.3)
+    raise AssertionError("server did not become healthy")
+
+
+@contextlib.contextmanager
+def running(*procs: subprocess.Popen):
+    """Kill and reap whatever is still running when the block ends (a failed test leaves nothing behind)."""
+    try:
+        yield procs
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.communicate()
+
+
+def finish(proc: subprocess.Popen, timeout: float = 30) -> tuple[int, str]:
+    """Wait for the process to exit by itself; (exit code, output)."""
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+        raise AssertionError(f"did not exit within {timeout}s:\n{out}") from None
+    return proc.returncode, out

@@ -1,0 +1,183 @@
+"""Several ranks under torchrun (gloo, CPU): sharded output equals unsharded, probes, failure, shutdown."""
+
+import os
+import signal
+import subprocess
+import threading
+import time
+
+import pytest
+
+from presets.tools.tiny_checkpoint import write_checkpoint
+from tests.conftest import TINY
+from tests.launch import finish, free_port, get, post, running, server_cmd, start, wait_healthy
+from tests.test_api import SEED_CHATS, SEED_GENERATE
+
+SEQ = ["--max_seq_len", "128", "--max_batch_size", "4"]  # as the in-process reference clients
+GREEDY = {"temperature": 0, "max_gen_len": 12}
+
+
+@pytest.fixture(scope="module")
+def two_shards(tmp_path_factory):
+    """The same weights as tiny_ckpt (same shape and seed), split over 2 model-parallel shards."""
+    return write_checkpoint(str(tmp_path_factory.mktemp("two")), TINY, shards=2)
+
+
+def greedy_bodies():
+    params = {**GREEDY, "ignore_eos": True}
+    return [{"prompts": [f"The river flows past mill {i}" + " and on" * i], "parameters": params}
+            for i in range(8)]  # fmt: skip
+
+
+def concurrently(fn, args_list):
+    out = [None] * len(args_list)
+    threads = [threading.Thread(target=lambda i=i, a=a: out.__setitem__(i, fn(*a))) for i, a in enumerate(args_list)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return out
+
+
+def test_two_ranks_equal_one_rank_completion_with_idle_past_timeout(two_shards, completion_client):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    flags = [*SEQ, "--dist_timeout", "3"]
+    proc = start(server_cmd("completion", two_shards, port, *flags, torchrun=["--nproc_per_node", "2"]), "completion")
+    with running(proc):
+        wait_healthy(proc, url)
+        expected = completion_client.post("/generate", json=SEED_GENERATE | {"parameters": GREEDY}).get_json()
+        assert post(f"{url}/generate", SEED_GENERATE | {"parameters": GREEDY}) == (200, expected)
+        bodies = greedy_bodies()
+        one_rank = [completion_client.post("/generate", json=b).get_json() for b in bodies]
+        assert concurrently(lambda b: post(f"{url}/generate", b)[1], [(b,) for b in bodies]) == one_rank
+        time.sleep(5)  # idle longer than the process group's 3 s timeout
+        assert get(f"{url}/healthz") == (200, {"status": "Healthy"})
+        assert post(f"{url}/generate", bodies[3]) == (200, one_rank[3])
+        assert post(f"{url}/shutdown", None) == (200, {})
+        code, out = finish(proc)
+    assert code == 0, out  # torchrun exits 0 only when every rank did
+    assert "rank 1: rank 0 asked to exit" in out
+
+
+def test_two_ranks_equal_one_rank_chat(two_shards, chat_client):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = start(server_cmd("chat", two_shards, port, *SEQ, torchrun=["--nproc_per_node", "2"]), "chat")
+    with running(proc):
+        wait_healthy(proc, url)
+        bodies = [{"input_data": {**s["input_data"], "parameters": GREEDY}} for s in SEED_CHATS]
+        expected = [chat_client.post("/chat", json=b).get_json() for b in bodies]
+        assert concurrently(lambda b: post(f"{url}/chat", b), [(b,) for b in bodies]) == [(200, e) for e in expected]
+        assert post(f"{url}/shutdown", None) == (200, {})
+        code, out = finish(proc)
+    assert code == 0, out
+
+
+def rank_pid(torchrun_pid: int, rank: int) -> int:
+    """The pid of torchrun's child process that runs `rank`."""
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
+        except OSError:
+            continue
+        if ppid == torchrun_pid and env.get(b"RANK") == str(rank).encode():
+            return int(pid)
+    raise AssertionError(f"no rank {rank} under pid {torchrun_pid}")
+
+
+FAIL_BOUND_S = 15  # a dead rank stops the whole job within this many seconds
+
+
+def test_killed_worker_makes_master_fail_fast(two_shards):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    flags = [*SEQ, "--dist_timeout", "4"]
+    proc = start(server_cmd("completion", two_shards, port, *flags, torchrun=["--nproc_per_node", "2"]), "completion")
+    with running(proc):
+        wait_healthy(proc, url)
+        long = {"prompts": ["x"] * 4, "parameters": {"temperature": 0, "max_gen_len": 120, "ignore_eos": True}}
+        answers = []
+        in_flight = threading.Thread(target=lambda: answers.append(post(f"{url}/generate", long, timeout=FAIL_BOUND_S)))
+        in_flight.start()
+        time.sleep(0.3)
+        killed_at = time.time()
+        os.kill(rank_pid(proc.pid, 1), signal.SIGKILL)
+        in_flight.join()
+        status, body = answers[0]
+        assert status == 503 and "engine failed" in body["detail"]  # the in-flight request: 503, no hang
+        health = get(f"{url}/healthz")
+        assert health[0] == 503 and "failed" in health[1]["detail"]
+        code, out = finish(proc, timeout=FAIL_BOUND_S)
+        assert code != 0, out
+        assert time.time() - killed_at < FAIL_BOUND_S
+
+
+# -- two nodes: two torchrun processes, each in its own network namespace --------------------------
+
+NODE_IPS = ("10.211.0.1", "10.211.0.2")
+
+
+@pytest.fixture(scope="module")
+def two_hosts():
+    """Two network namespaces joined by a veth pair, each its own host; localhost when that is impossible."""
+    tag = str(os.getpid() % 100000)
+    ns, veth = [f"presets{tag}n{i}" for i in range(2)], [f"pv{tag}x{i}" for i in range(2)]
+    cmds = [["ip", "netns", "add", ns[0]], ["ip", "netns", "add", ns[1]],
+            ["ip", "link", "add", veth[0], "type", "veth", "peer", "name", veth[1]]]  # fmt: skip
+    for i in range(2):
+        cmds += [["ip", "link", "set", veth[i], "netns", ns[i]],
+                 ["ip", "-n", ns[i], "addr", "add", f"{NODE_IPS[i]}/24", "dev", veth[i]],
+                 ["ip", "-n", ns[i], "link", "set", veth[i], "up"],
+                 ["ip", "-n", ns[i], "link", "set", "lo", "up"]]  # fmt: skip
+    try:
+        for c in cmds:
+            subprocess.run(c, check=True, capture_output=True)
+        hosts = [{"netns": ns[i], "ip": NODE_IPS[i], "env": {"GLOO_SOCKET_IFNAME": veth[i]}} for i in range(2)]
+    except (OSError, subprocess.CalledProcessError) as e:
+        print(f"network namespaces unavailable ({e}); the two nodes share localhost")
+        hosts = [{"netns": None, "ip": "127.0.0.1", "env": {}} for _ in range(2)]
+    yield hosts
+    for n in ns:
+        subprocess.run(["ip", "netns", "del", n], capture_output=True)
+
+
+def node_flags(form: str, hosts, node: int, rdzv_port: int) -> list[str]:
+    if form == "static":
+        return ["--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(node),
+                "--master_addr", hosts[0]["ip"], "--master_port", str(rdzv_port)]  # fmt: skip
+    flags = ["--nnodes", "2", "--nproc_per_node", "1", "--max_restarts", "3", "--rdzv_id", "job",
+             "--rdzv_backend", "c10d", "--rdzv_endpoint", f"{hosts[0]['ip']}:{rdzv_port}",
+             "--local-addr", hosts[node]["ip"]]  # fmt: skip
+    return flags + (["--rdzv-conf", "is_host=1"] if node == 0 else [])
+
+
+@pytest.mark.parametrize("form", ["static", "c10d"])
+def test_two_nodes_serve_probes_and_equal_one_rank(two_shards, completion_client, two_hosts, form):
+    shared = two_hosts[0]["netns"] is None
+    ports = [free_port(), free_port()] if shared else [5000, 5000]  # each node's pod port
+    rdzv_port = free_port() if shared else 29500
+    procs = []
+    for node, host in enumerate(two_hosts):
+        cmd = server_cmd("completion", two_shards, ports[node], *SEQ, host=host["ip"],
+                         torchrun=node_flags(form, two_hosts, node, rdzv_port))  # fmt: skip
+        procs.append(start(cmd, "completion", host["netns"], host["env"]))
+    urls = [f"http://{h['ip']}:{p}" for h, p in zip(two_hosts, ports)]
+    with running(*procs):
+        for proc, url, host in zip(procs, urls, two_hosts):  # every node answers its probes
+            wait_healthy(proc, url, host["netns"])
+            assert get(url, host["netns"]) == (200, "Server is running")
+        # Which node got global rank 0 is the rendezvous' choice in the elastic form: ask both.
+        body = greedy_bodies()[5]
+        answers = [post(f"{u}/generate", body, h["netns"]) for u, h in zip(urls, two_hosts)]
+        master = 0 if answers[0][0] == 200 else 1
+        assert answers[1 - master][0] == 404 and "rank 0" in answers[1 - master][1]["detail"]
+        assert answers[master] == (200, completion_client.post("/generate", json=body).get_json())
+        assert post(f"{urls[master]}/shutdown", None, two_hosts[master]["netns"]) == (200, {})
+        results = [finish(p) for p in procs]
+    assert [code for code, _ in results] == [0, 0], results
