@@ -74,21 +74,30 @@ def test_two_ranks_equal_one_rank_chat(two_shards, chat_client):
     assert code == 0, out
 
 
-def rank_pid(torchrun_pid: int, rank: int) -> int:
-    """The pid of torchrun's child process that runs `rank`."""
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
+def children(pid: int) -> list[int]:
+    kids = []
+    for entry in os.listdir("/proc"):
         try:
-            with open(f"/proc/{pid}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
+            with open(f"/proc/{entry}/stat") as f:
+                if entry.isdigit() and int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                    kids.append(int(entry))
         except OSError:
             continue
-        if ppid == torchrun_pid and env.get(b"RANK") == str(rank).encode():
-            return int(pid)
+    return kids
+
+
+def rank_pid(torchrun_pid: int, rank: int) -> int:
+    """The pid of torchrun's child process that runs `rank`."""
+    for pid in children(torchrun_pid):
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
+        if env.get(b"RANK") == str(rank).encode():
+            return pid
     raise AssertionError(f"no rank {rank} under pid {torchrun_pid}")
+
+
+def descendants(pid: int) -> list[int]:
+    return [pid] + [d for kid in children(pid) for d in descendants(kid)]
 
 
 FAIL_BOUND_S = 15  # a dead rank stops the whole job within this many seconds
@@ -115,6 +124,7 @@ def test_killed_worker_makes_master_fail_fast(two_shards):
         assert health[0] == 503 and "failed" in health[1]["detail"]
         code, out = finish(proc, timeout=FAIL_BOUND_S)
         assert code != 0, out
+        print(f"job stopped {time.time() - killed_at:.1f}s after the kill")  # reported in the README
         assert time.time() - killed_at < FAIL_BOUND_S
 
 
@@ -181,3 +191,33 @@ def test_two_nodes_serve_probes_and_equal_one_rank(two_shards, completion_client
         assert post(f"{urls[master]}/shutdown", None, two_hosts[master]["netns"]) == (200, {})
         results = [finish(p) for p in procs]
     assert [code for code, _ in results] == [0, 0], results
+
+
+def test_worker_node_health_follows_the_master(two_shards, two_hosts):
+    """A worker node's /healthz is 200 only while rank 0's messages arrive; when rank 0 dies it exits non-zero."""
+    shared = two_hosts[0]["netns"] is None
+    ports = [free_port(), free_port()] if shared else [5000, 5000]
+    rdzv_port = free_port() if shared else 29500
+    flags = [*SEQ, "--dist_timeout", "12"]  # heartbeats every 3 s; a worker is stale after 7 s
+    procs = [
+        start(server_cmd("completion", two_shards, ports[n], *flags, host=h["ip"],
+                         torchrun=node_flags("static", two_hosts, n, rdzv_port)), "completion", h["netns"], h["env"])
+        for n, h in enumerate(two_hosts)
+    ]  # fmt: skip
+    urls = [f"http://{h['ip']}:{p}" for h, p in zip(two_hosts, ports)]
+    worker_ns = two_hosts[1]["netns"]
+    with running(*procs):
+        for proc, url, host in zip(procs, urls, two_hosts):
+            wait_healthy(proc, url, host["netns"])
+        master = descendants(procs[0].pid)
+        for pid in master:
+            os.kill(pid, signal.SIGSTOP)  # rank 0 hangs: no more messages
+        try:
+            time.sleep(8)
+            status, body = get(f"{urls[1]}/healthz", worker_ns)
+            assert status == 503 and "no message from rank 0" in body["detail"]
+        finally:
+            for pid in master:
+                os.kill(pid, signal.SIGKILL)
+        code, out = finish(procs[1], timeout=FAIL_BOUND_S)
+        assert code != 0, out

@@ -62,7 +62,7 @@ def build_app(settings: Settings, kind: str, shutdown=lambda: None):
 def run_follower(settings: Settings) -> None:
     """A rank other than 0: load this rank's shard, run rank 0's steps until it says exit."""
     rank, _, local_rank = distributed.world()
-    state = FollowerState(stale_after_s=3 * heartbeat_interval(settings.dist_timeout) + 5)
+    state = FollowerState(stale_after_s=2 * heartbeat_interval(settings.dist_timeout) + 1)
     if local_rank == 0:  # the first rank of a node without rank 0 answers that pod's probes
         start_probe_server(settings.host, settings.port, state.health)
     try:
