@@ -128,6 +128,20 @@ def test_killed_worker_makes_master_fail_fast(two_shards):
         assert time.time() - killed_at < FAIL_BOUND_S
 
 
+def test_dead_http_worker_process_of_rank_0_stops_the_job(two_shards):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = start(server_cmd("completion", two_shards, port, *SEQ, torchrun=["--nproc_per_node", "2"]), "completion")
+    with running(proc):
+        wait_healthy(proc, url)
+        (http_worker,) = children(rank_pid(proc.pid, 0))  # gunicorn's worker, under rank 0's arbiter
+        killed_at = time.time()
+        os.kill(http_worker, signal.SIGKILL)  # e.g. the kernel's OOM killer
+        code, out = finish(proc, timeout=FAIL_BOUND_S)
+        assert code != 0 and "the worker process died" in out, out
+        assert time.time() - killed_at < FAIL_BOUND_S
+
+
 # -- two nodes: two torchrun processes, each in its own network namespace --------------------------
 
 NODE_IPS = ("10.211.0.1", "10.211.0.2")

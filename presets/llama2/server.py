@@ -86,7 +86,8 @@ def main(kind: str, argv=None) -> None:
         check_layout(settings.ckpt_dir, settings.tokenizer_path, settings.model_parallel_size)
     except CheckpointError as e:
         sys.exit(f"error: {e}")
-    if distributed.world()[0] != 0:
+    rank, world_size, _ = distributed.world()
+    if rank != 0:
         run_follower(settings)
     app_factory = lambda: build_app(settings, kind, shutdown=exit_gunicorn)  # noqa: E731
-    serve(app_factory, settings.host, settings.port, settings.http_threads)
+    serve(app_factory, settings.host, settings.port, settings.http_threads, respawn=world_size == 1)

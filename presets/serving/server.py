@@ -44,11 +44,24 @@ class _Gunicorn(BaseApplication):
         return self.app_factory()
 
 
-def serve(app_factory, host: str, port: int, threads: int) -> None:
-    """Run gunicorn in this process until shutdown; `app_factory()` is called in the worker."""
+def _halt_on_worker_death(arbiter, worker) -> None:
+    # gunicorn's child_exit hook, in the arbiter. While it still listens it is not shutting down,
+    # so the worker died on its own: with several ranks a new worker could never rejoin the job.
+    if arbiter.LISTENERS:
+        arbiter.log.error("the worker process died; exiting so that the whole job restarts")
+        os._exit(1)
+
+
+def serve(app_factory, host: str, port: int, threads: int, respawn: bool = True) -> None:
+    """Run gunicorn in this process until shutdown; `app_factory()` is called in the worker.
+
+    respawn: replace a worker that dies (one rank), or exit non-zero (several ranks).
+    """
+    options = {} if respawn else {"child_exit": _halt_on_worker_death}
     _Gunicorn(
         app_factory,
-        {
+        options
+        | {
             "bind": f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
             "workers": 1,  # one copy of the model; concurrency comes from threads and batching
             "worker_class": "gthread",
