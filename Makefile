@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: help install run run-chat demo test lint format bench clean
+.PHONY: help install run run-chat run-falcon demo test lint format bench bench-hf clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -39,6 +39,14 @@ run-chat: demo ## start the chat server (POST /chat) on the demo checkpoint, por
 	cd presets/inference/llama2-chat && $(abspath $(BIN))/python inference_api.py \
 		--ckpt_dir $(abspath $(DEMO_DIR)) --tokenizer_path $(abspath $(DEMO_DIR))/tokenizer.model --port $(PORT)
 
+FALCON_DEMO_DIR ?= .cache/demo-falcon-random-weights
+
+$(FALCON_DEMO_DIR)/config.json: | $(STAMP)
+	$(BIN)/python -m presets.tools.tiny_hf $(FALCON_DEMO_DIR) --arch falcon
+
+run-falcon: $(FALCON_DEMO_DIR)/config.json ## start the Falcon server (POST /chat) on a tiny random-weight Falcon, port $(PORT)
+	cd presets/inference/falcon && $(abspath $(BIN))/python inference_api.py --model_id $(abspath $(FALCON_DEMO_DIR)) --port $(PORT)
+
 test: lint ## run the whole test suite (CPU, no network)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/pytest $(PYTEST_ARGS)
 
@@ -52,6 +60,9 @@ format: $(STAMP) ## apply ruff's formatting and safe fixes
 
 bench: $(STAMP) ## run the benchmark of DESIGN.md (this server vs transformers baselines) and print its table
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m presets.tools.bench
+
+bench-hf: $(STAMP) ## measure the HuggingFace server's batching gain (batch 1 vs batched) and print it
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m presets.tools.bench_hf
 
 clean: ## remove .venv/ and cached checkpoints
 	rm -rf $(VENV) .cache

@@ -77,3 +77,35 @@ def fake_runtime():
     rt.engine = engine
     yield rt
     rt.shutdown()
+
+
+@pytest.fixture(scope="session")
+def falcon_dir(tmp_path_factory):
+    from presets.tools.tiny_hf import write_falcon
+
+    return write_falcon(str(tmp_path_factory.mktemp("falcon")))
+
+
+@pytest.fixture(scope="session")
+def hf_llama_dir(tmp_path_factory):
+    from presets.tools.tiny_hf import write_llama
+
+    return write_llama(str(tmp_path_factory.mktemp("hf-llama")))
+
+
+def hf_client(model_dir: str, **kw):
+    """A Flask test client of the HF server on `model_dir`, model loaded and warmed up."""
+    from presets.hf.routes import chat
+    from presets.hf.server import HFSettings
+    from presets.hf.server import build_runtime as build_hf_runtime
+
+    rt = build_hf_runtime(HFSettings(model_id=model_dir, **kw))
+    rt.start(background=False)
+    return create_app(rt, [chat]).test_client(), rt
+
+
+@pytest.fixture(scope="session")
+def falcon_client(falcon_dir):
+    client, rt = hf_client(falcon_dir)
+    yield client
+    rt.shutdown()

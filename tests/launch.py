@@ -29,7 +29,7 @@ def server_cmd(kind: str, ckpt: str, port: int, *flags: str, torchrun=None, host
 def start(cmd: list[str], kind: str, netns: str | None = None, env: dict | None = None) -> subprocess.Popen:
     if netns:
         cmd = ["ip", "netns", "exec", netns, *cmd]
-    cwd = os.path.join(ROOT, "presets", "inference", f"llama2-{kind}")
+    cwd = os.path.join(ROOT, "presets", "inference", kind if kind == "falcon" else f"llama2-{kind}")
     return subprocess.Popen(
         cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})}
     )

@@ -20,9 +20,11 @@ def runtime():
 
 def record(seqs) -> None:
     """Note a request's sequences for its log line."""
-    g.sequences = len(seqs)
-    g.prompt_tokens = sum(len(s.prompt) for s in seqs)
-    g.generated_tokens = sum(len(s.output) for s in seqs)
+    record_counts(len(seqs), sum(len(s.prompt) for s in seqs), sum(len(s.output) for s in seqs))
+
+
+def record_counts(sequences: int, prompt_tokens: int, generated_tokens: int) -> None:
+    g.sequences, g.prompt_tokens, g.generated_tokens = sequences, prompt_tokens, generated_tokens
 
 
 @common.get("/")

@@ -4,6 +4,7 @@ import logging
 import threading
 
 from presets.serving.errors import ApiError
+from presets.serving.params import SamplingParams
 from presets.serving.sampling import make_rng, sample
 from presets.serving.scheduler import Scheduler, Sequence
 
@@ -57,6 +58,14 @@ class EngineLoop:
                     {"Retry-After": "1"},
                 )
             self.cv.notify()
+
+    def warm_up(self, tokenizer) -> None:
+        """One real prefill and decode step; raises if it fails."""
+        seq = Sequence([tokenizer.bos_id], SamplingParams(temperature=0), max_new_tokens=2)
+        self.submit([seq])
+        seq.done.wait()
+        if seq.error:
+            raise RuntimeError(seq.error)
 
     def stop(self) -> None:
         """Stop after the current step; waiting and running sequences end with an error."""

@@ -16,11 +16,14 @@ class Runtime:
     """Owns the engine loop of one model; shared by every route of a server.
 
     `load(progress)` builds and returns (engine, tokenizer); it runs on a background thread so
-    /healthz can answer (non-200, with progress) while a large checkpoint loads.
+    /healthz can answer (non-200, with progress) while a large checkpoint loads. `make_loop(engine,
+    tokenizer)` makes the thread that owns the engine: by default the step engine's EngineLoop.
     """
 
-    def __init__(self, load, max_seq_len: int, max_batch_size: int, max_waiting: int, heartbeat_s: float | None = None):
+    def __init__(self, load, max_seq_len: int, max_batch_size: int, max_waiting: int,
+                 heartbeat_s: float | None = None, make_loop=None):  # fmt: skip
         self._load = load
+        self._make_loop = make_loop or self._engine_loop
         self.heartbeat_s = heartbeat_s
         self.max_seq_len = max_seq_len
         self.max_batch_size = max_batch_size
@@ -45,13 +48,10 @@ class Runtime:
         self.state = "loading"
         try:
             engine, self.tokenizer = self._load(self._report)
-            self.loop = EngineLoop(
-                engine, self.tokenizer.eos_id, self.max_batch_size, self.max_waiting,
-                heartbeat_s=self.heartbeat_s, on_fatal=self._fatal if self.heartbeat_s else None,
-            )  # fmt: skip
+            self.loop = self._make_loop(engine, self.tokenizer)
             self.loop.start()
             self._report("warming up")
-            self._warm_up()
+            self.loop.warm_up(self.tokenizer)  # a real step proves the device computes before /healthz says so
         except Exception as e:
             self.state = "failed"
             self._report(f"failed: {type(e).__name__}: {e}")
@@ -62,6 +62,12 @@ class Runtime:
         self.state = "ready"
         self._report(f"ready in {time.perf_counter() - t0:.1f}s")
 
+    def _engine_loop(self, engine, tokenizer) -> EngineLoop:
+        return EngineLoop(
+            engine, tokenizer.eos_id, self.max_batch_size, self.max_waiting,
+            heartbeat_s=self.heartbeat_s, on_fatal=self._fatal if self.heartbeat_s else None,
+        )  # fmt: skip
+
     def _fatal(self) -> None:
         self.state = "failed"
         self._report(f"failed: {self.loop.failed}")
@@ -71,14 +77,6 @@ class Runtime:
     def _report(self, message: str) -> None:
         self.progress = message
         log.info("model: %s", message)
-
-    def _warm_up(self) -> None:
-        # One real prefill and decode step proves the device computes before /healthz says so.
-        seq = Sequence([self.tokenizer.bos_id], SamplingParams(temperature=0), max_new_tokens=2)
-        self.loop.submit([seq])
-        seq.done.wait()
-        if seq.error:
-            raise RuntimeError(seq.error)
 
     def shutdown(self) -> None:
         """Stop the engine thread (which tells other ranks to exit) and wait for it, briefly."""
@@ -103,9 +101,6 @@ class Runtime:
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Sequence]:
         """Complete each token-id prompt; blocks until all are done. Raises ApiError for the client."""
-        why = self._unavailable()  # a failed last step still takes requests: the next may work
-        if why:
-            raise ApiError(503, why, {"Retry-After": "5"})
         seqs = []
         for i, ids in enumerate(prompts):
             if len(ids) >= self.max_seq_len:
@@ -117,11 +112,21 @@ class Runtime:
             room = self.max_seq_len - len(ids)
             max_new = min(params.max_tokens or room, room)  # the seeds: bounded by max_seq_len
             seqs.append(Sequence(ids, params, max_new))
-        self.loop.submit(seqs)
-        for seq in seqs:
-            while not seq.done.wait(0.5):
+        return self.run(seqs)
+
+    def run(self, items: list) -> list:
+        """Submit items (sequences or jobs) to the loop and wait for all of them; errors become ApiErrors."""
+        why = self._unavailable()  # a failed last step still takes requests: the next may work
+        if why:
+            raise ApiError(503, why, {"Retry-After": "5"})
+        self.loop.submit(items)
+        for item in items:
+            while not item.done.wait(0.5):
                 if not self.loop.alive:
-                    raise ApiError(503, "engine stopped before the request finished")
-            if seq.error:
-                raise ApiError(500 if seq.error.startswith("generation failed") else 503, seq.error)
-        return seqs
+                    failed = self.loop.failed
+                    raise ApiError(
+                        503, f"engine failed: {failed}" if failed else "engine stopped before the request finished"
+                    )
+            if item.error:
+                raise ApiError(500 if item.error.startswith("generation failed") else 503, item.error)
+        return items

@@ -39,15 +39,19 @@ class Settings:
             raise ValueError(f"invalid setting(s): {', '.join(f'{k}={getattr(self, k)!r}' for k in bad)}")
 
 
-def parse_settings(argv=None, description: str = "") -> Settings:
-    """Settings from flags; each flag's default may come from the environment as PRESET_<FLAG>."""
+def parse_settings(argv=None, description: str = "", cls=Settings):
+    """Settings (a dataclass like Settings) from flags; each default may come from PRESET_<FLAG>."""
     ap = argparse.ArgumentParser(description=description)
-    for f in fields(Settings):
-        default = os.environ.get(f"PRESET_{f.name.upper()}", getattr(Settings, f.name))
-        kind = type(getattr(Settings, f.name))
-        ap.add_argument(f"--{f.name}", type=kind, default=kind(default), help=f"default: {default}")
+    for f in fields(cls):
+        default = os.environ.get(f"PRESET_{f.name.upper()}", getattr(cls, f.name))
+        kind = type(getattr(cls, f.name))
+        if kind is bool:
+            on = default if isinstance(default, bool) else default.lower() in ("1", "true", "yes")
+            ap.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=on, help=f"default: {on}")
+        else:
+            ap.add_argument(f"--{f.name}", type=kind, default=kind(default), help=f"default: {default}")
     ns = ap.parse_args(argv)
     try:
-        return Settings(**vars(ns))
+        return cls(**vars(ns))
     except ValueError as e:
         ap.error(str(e))

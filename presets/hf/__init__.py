@@ -1,0 +1,1 @@
+"""HuggingFace causal LMs (Falcon, HF-format Llama, ...) through transformers' generate."""

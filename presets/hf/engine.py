@@ -1,0 +1,97 @@
+"""Batched transformers generate for HF causal LMs; the BatchLoop thread is its only caller."""
+
+from dataclasses import dataclass
+
+import torch
+from transformers import GenerationConfig
+
+from presets.serving.errors import ApiError
+
+# Parameters passed to generate as they are; the others are handled here (lengths, ids, seed).
+SAMPLING = ("temperature", "top_k", "top_p", "typical_p")
+COMMON = ("num_beams", "length_penalty", "early_stopping", "repetition_penalty", "no_repeat_ngram_size",
+          "bad_words_ids", "num_return_sequences", "forced_bos_token_id", "forced_eos_token_id",
+          "remove_invalid_values")  # fmt: skip
+
+
+@dataclass(eq=False)
+class HFJob:
+    prompt_text: str
+    prompt_ids: list[int]
+    params: dict
+    max_new_tokens: int
+
+
+def batch_key(params: dict):
+    """Jobs with equal keys can share a left-padded batch and answer exactly as alone; None: run alone.
+
+    Beam search, min_length, repetition and n-gram penalties and seeds all see the padding or the
+    batch, so such requests run alone. max_length is not in the key: each job keeps its own budget.
+    """
+    alone = (params["num_beams"] > 1 or params["min_length"] > 0 or params["repetition_penalty"] != 1
+             or params["no_repeat_ngram_size"] > 0 or params["seed"] is not None)  # fmt: skip
+    if alone:
+        return None
+    return tuple((k, repr(v)) for k, v in sorted(params.items()) if k != "max_length")
+
+
+class HFEngine:
+    def __init__(self, model, tokenizer):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = model.device
+        config = model.config
+        self.context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        self.vocab_size = len(tokenizer)
+        self.eos_id = model.generation_config.eos_token_id or tokenizer.eos_token_id
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else _first(self.eos_id)
+
+    def job(self, prompt_text: str, params: dict, add_special_tokens: bool = True) -> HFJob:
+        """Tokenize and size one request; 400 when the prompt leaves no room to generate."""
+        ids = self.tokenizer(prompt_text, add_special_tokens=add_special_tokens).input_ids
+        limit = min(params["max_length"], self.context) if self.context else params["max_length"]
+        if self.context and len(ids) >= self.context:
+            raise ApiError(400, f"prompt is {len(ids)} tokens; the model's context is {self.context} tokens")
+        if len(ids) >= limit:
+            raise ApiError(
+                400, f"prompt is {len(ids)} tokens, so max_length {params['max_length']} leaves no room to generate"
+            )
+        return HFJob(prompt_text, ids, params, limit - len(ids))
+
+    @torch.inference_mode()
+    def run_batch(self, key, jobs: list[HFJob]) -> list[tuple[str, int]]:
+        """Generate for jobs sharing one set of parameters: (prompt + its sequences, tokens generated) each."""
+        p = jobs[0].params
+        width = max(len(j.prompt_ids) for j in jobs)
+        ids = torch.tensor(
+            [[self.pad_id] * (width - len(j.prompt_ids)) + j.prompt_ids for j in jobs], device=self.device
+        )
+        mask = torch.tensor(
+            [[0] * (width - len(j.prompt_ids)) + [1] * len(j.prompt_ids) for j in jobs], device=self.device
+        )
+        eos = p["eos_token_id"] if p["eos_token_id"] is not None else self.eos_id
+        kwargs = {k: p[k] for k in COMMON} | ({k: p[k] for k in SAMPLING} if p["do_sample"] else {})
+        config = GenerationConfig(
+            do_sample=p["do_sample"], max_new_tokens=max(j.max_new_tokens for j in jobs),
+            min_new_tokens=max(0, p["min_length"] - width) or None, eos_token_id=None if p["ignore_eos"] else eos,
+            pad_token_id=p["pad_token_id"] if p["pad_token_id"] is not None else self.pad_id, **kwargs,
+        )  # fmt: skip
+        if p["seed"] is not None:
+            torch.manual_seed(p["seed"])  # the job runs alone (see batch_key): reproducible
+        out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+        n = p["num_return_sequences"]
+        stops = set() if p["ignore_eos"] else set(eos if isinstance(eos, list) else [eos])
+        answers = []
+        for i, job in enumerate(jobs):
+            texts, generated = [], 0
+            for row in out[i * n : (i + 1) * n, width:].tolist():
+                new = row[: job.max_new_tokens]
+                cut = next((k for k, t in enumerate(new) if t in stops), len(new))
+                texts.append(job.prompt_text + self.tokenizer.decode(new[:cut], skip_special_tokens=True))
+                generated += cut
+            answers.append(("".join(texts), generated))
+        return answers
+
+
+def _first(ids):
+    return ids[0] if isinstance(ids, list) else ids

@@ -1,0 +1,53 @@
+"""The Falcon seed route: POST /chat with a prompt (or chat messages) and HF generate parameters, flat."""
+
+from flask import Blueprint, jsonify, request
+
+from presets.hf import params as hf_params
+from presets.hf.engine import batch_key
+from presets.serving.app import record_counts, runtime
+from presets.serving.batch_loop import Job
+from presets.serving.errors import ApiError
+from presets.serving.validation import json_object, reject_unknown
+
+chat = Blueprint("hf_chat", __name__)
+
+ALLOWED = {"prompt", "messages"} | set(hf_params.DEFAULTS) | set(hf_params.EXTRAS)
+
+
+def prompt_text(body: dict, tokenizer) -> tuple[str, bool]:
+    """(text, add_special_tokens): the prompt, or the messages rendered by the model's chat template."""
+    if ("prompt" in body) == ("messages" in body):
+        raise ApiError(400, "give exactly one of prompt (a string) or messages (a list of {role, content})")
+    if "prompt" in body:
+        if not isinstance(body["prompt"], str):
+            raise ApiError(400, "prompt must be a string")
+        return body["prompt"], True
+    messages = body["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "messages must be a non-empty list of {role, content} objects")
+    for i, m in enumerate(messages):
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+            raise ApiError(400, f"messages[{i}] must be an object with string role and content")
+    if not getattr(tokenizer, "chat_template", None):
+        raise ApiError(400, "this model has no chat template: send prompt instead of messages")
+    try:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    except Exception as e:  # the template itself may reject a role order
+        raise ApiError(400, f"messages do not fit the model's chat template: {e}") from e
+    return text, False  # the template writes the special tokens itself
+
+
+@chat.post("/chat")
+def chat_route():
+    """Generate from `prompt`: {"Result": prompt + generated text (all sequences, joined)}."""
+    body = json_object(request)
+    reject_unknown(body, ALLOWED, "body")
+    rt = runtime()
+    engine = rt.engine
+    params = hf_params.parse(body, engine.vocab_size)
+    text, special = prompt_text(body, rt.tokenizer)
+    job = engine.job(text, params, special)
+    (done,) = rt.run([Job(batch_key(params), job)])
+    text, generated = done.result
+    record_counts(params["num_return_sequences"], len(job.prompt_ids), generated)
+    return jsonify(Result=text)

@@ -1,0 +1,75 @@
+"""Assemble and launch the HuggingFace (Falcon) server from command-line settings."""
+
+import logging
+import sys
+from dataclasses import dataclass
+
+from presets.hf import loader
+from presets.hf.engine import HFEngine, HFJob
+from presets.hf.params import DEFAULTS, EXTRAS
+from presets.hf.routes import chat
+from presets.serving.app import create_app
+from presets.serving.batch_loop import BatchLoop, Job
+from presets.serving.runtime import Runtime
+from presets.serving.server import exit_gunicorn, serve
+from presets.serving.settings import parse_settings
+
+
+@dataclass
+class HFSettings:
+    model_id: str = "weights/"  # a local HuggingFace folder
+    torch_dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bfloat16 | float16 | float32
+    device_map: str = "auto"  # accelerate's placement over this node's GPUs; "none" for one device
+    trust_remote_code: bool = False
+    host: str = "0.0.0.0"
+    port: int = 5000
+    max_batch_size: int = 8
+    max_queue_size: int = 256
+    http_threads: int = 64
+    max_request_bytes: int = 1 << 20
+
+    def __post_init__(self):
+        if self.torch_dtype not in ("auto", "bfloat16", "float16", "float32"):
+            raise ValueError(f"invalid setting: torch_dtype={self.torch_dtype!r}")
+        if self.max_batch_size < 1 or self.max_queue_size < 1 or self.http_threads < 1:
+            raise ValueError("max_batch_size, max_queue_size and http_threads must be >= 1")
+
+
+def build_runtime(settings: HFSettings) -> Runtime:
+    def load(progress):
+        model, tokenizer = loader.load(
+            settings.model_id, settings.torch_dtype, settings.device_map, settings.trust_remote_code, progress
+        )
+        return HFEngine(model, tokenizer), tokenizer
+
+    def make_loop(engine: HFEngine, tokenizer):
+        rt.engine = engine
+        warm = DEFAULTS | EXTRAS | {"do_sample": False}
+        ids = tokenizer("Hello").input_ids or [engine.pad_id]
+        return BatchLoop(
+            engine.run_batch, settings.max_batch_size, settings.max_queue_size,
+            warm_up_job=lambda: Job(None, HFJob("Hello", ids, warm, 1)),
+        )  # fmt: skip
+
+    rt = Runtime(load, 0, settings.max_batch_size, settings.max_queue_size, make_loop=make_loop)
+    return rt
+
+
+def build_app(settings: HFSettings, shutdown=lambda: None):
+    rt = build_runtime(settings)
+    app = create_app(rt, [chat], shutdown, settings.max_request_bytes)
+    rt.on_failure = lambda: exit_gunicorn(1)
+    rt.start()
+    return app
+
+
+def main(argv=None) -> None:
+    """Entry point of presets/inference/falcon/inference_api.py."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = parse_settings(argv, "HuggingFace causal LM server (Falcon)", HFSettings)
+    try:
+        loader.check_folder(settings.model_id)
+    except loader.HFFolderError as e:
+        sys.exit(f"error: {e}")
+    app_factory = lambda: build_app(settings, shutdown=exit_gunicorn)  # noqa: E731
+    serve(app_factory, settings.host, settings.port, settings.http_threads)

@@ -1,0 +1,107 @@
+"""A thread that owns a whole-request engine (transformers' generate): it runs queued jobs in batches.
+
+Jobs whose `key` is equal (and not None) may share one batch, up to max_batch_size; a job with key
+None runs alone. The step engine of Llama has EngineLoop instead; both give the Runtime the same
+handle: submit, warm_up, stop, join, alive, last_step_failed, failed.
+"""
+
+import logging
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+
+from presets.serving.errors import ApiError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class Job:
+    key: object  # jobs with equal keys can run in one batch; None: alone
+    payload: object
+    result: object = None
+    error: str | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+class BatchLoop:
+    def __init__(self, run_batch, max_batch_size: int, max_waiting: int, warm_up_job=None):
+        self.run_batch = run_batch  # (key, payloads) -> results, one per payload
+        self.max_batch_size = max_batch_size
+        self.max_waiting = max_waiting
+        self.warm_up_job = warm_up_job  # () -> Job
+        self.waiting: deque[Job] = deque()
+        self.cv = threading.Condition()
+        self.stopping = False
+        self.last_step_failed = False
+        self.failed = None
+        self.thread = threading.Thread(target=self._run, name="engine", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self.thread.is_alive() and not self.stopping
+
+    def join(self, timeout: float) -> None:
+        self.thread.join(timeout)
+
+    def submit(self, jobs: list[Job]) -> None:
+        with self.cv:
+            if self.stopping:
+                raise ApiError(503, "server is shutting down")
+            if len(self.waiting) + len(jobs) > self.max_waiting:
+                raise ApiError(503, f"server is at capacity ({self.max_waiting} requests waiting); retry shortly",
+                               {"Retry-After": "1"})  # fmt: skip
+            self.waiting.extend(jobs)
+            self.cv.notify()
+
+    def warm_up(self, tokenizer) -> None:
+        job = self.warm_up_job()
+        self.submit([job])
+        job.done.wait()
+        if job.error:
+            raise RuntimeError(job.error)
+
+    def stop(self) -> None:
+        with self.cv:
+            self.stopping = True
+            self.cv.notify()
+
+    def _next_batch(self) -> list[Job]:
+        """The oldest job, and the later ones that share its key (up to max_batch_size)."""
+        first = self.waiting.popleft()
+        batch = [first]
+        if first.key is not None:
+            for job in list(self.waiting):
+                if len(batch) == self.max_batch_size:
+                    break
+                if job.key == first.key:
+                    self.waiting.remove(job)
+                    batch.append(job)
+        return batch
+
+    def _run(self) -> None:
+        while True:
+            with self.cv:
+                while not self.waiting and not self.stopping:
+                    self.cv.wait()
+                if self.stopping:
+                    for job in self.waiting:
+                        job.error = "server is shutting down"
+                        job.done.set()
+                    return
+                batch = self._next_batch()
+            try:
+                results = self.run_batch(batch[0].key, [j.payload for j in batch])
+                self.last_step_failed = False
+                for job, result in zip(batch, results, strict=True):
+                    job.result = result
+            except Exception as e:  # a failed batch fails its jobs, not the server
+                log.exception("generation failed")
+                self.last_step_failed = True
+                for job in batch:
+                    job.error = f"generation failed: {type(e).__name__}: {e}"
+            for job in batch:
+                job.done.set()

@@ -1,0 +1,155 @@
+"""The HuggingFace (Falcon) server on tiny random Falcon and Llama folders, against transformers itself."""
+
+import json
+import sys
+import threading
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tests.conftest import hf_client
+from tests.launch import finish, free_port, post, running, start, wait_healthy
+
+SEED_BASIC = {"prompt": "YOUR_PROMPT_HERE"}
+SEED_ADVANCED = {
+    "prompt": "YOUR_PROMPT_HERE", "max_length": 200, "min_length": 0, "do_sample": True, "early_stopping": False,
+    "num_beams": 1, "num_beam_groups": 1, "diversity_penalty": 0.0, "temperature": 1.0, "top_k": 10, "top_p": 1,
+    "typical_p": 1, "repetition_penalty": 1, "length_penalty": 1, "no_repeat_ngram_size": 0,
+    "encoder_no_repeat_ngram_size": 0, "bad_words_ids": None, "num_return_sequences": 1, "output_scores": False,
+    "return_dict_in_generate": False, "forced_bos_token_id": None, "forced_eos_token_id": None,
+    "remove_invalid_values": None,
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("body", [SEED_BASIC, SEED_ADVANCED], ids=["basic", "advanced"])
+def test_seed_requests_verbatim(falcon_client, body):
+    r = falcon_client.post("/chat", json=body, headers={"accept": "application/json"})
+    assert r.status_code == 200, r.get_json()
+    assert list(r.get_json()) == ["Result"] and r.get_json()["Result"].startswith("YOUR_PROMPT_HERE")
+
+
+def reference(model_dir: str, prompt: str, **kwargs) -> str:
+    """What transformers itself generates on the same folder: prompt + decoded new tokens."""
+    tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, dtype=torch.float32)
+    ids = tok(prompt, return_tensors="pt").input_ids
+    with torch.inference_mode():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), pad_token_id=tok.eos_token_id, **kwargs)
+    return prompt + tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("arch", ["falcon_dir", "hf_llama_dir"])
+def test_greedy_output_equals_transformers(request, arch):
+    model_dir = request.getfixturevalue(arch)
+    client, rt = hf_client(model_dir)
+    try:
+        for prompt in ["The quick brown fox", "Hello, world!"]:
+            got = client.post("/chat", json={"prompt": prompt, "do_sample": False, "max_length": 40}).get_json()
+            assert got == {"Result": reference(model_dir, prompt, do_sample=False, max_length=40)}
+        beams = {"prompt": "Water boils", "do_sample": False, "num_beams": 3, "max_length": 24}
+        got = client.post("/chat", json=beams).get_json()
+        assert got == {"Result": reference(model_dir, "Water boils", do_sample=False, num_beams=3, max_length=24)}
+    finally:
+        rt.shutdown()
+
+
+def test_concurrent_requests_batch_and_equal_sequential(falcon_dir):
+    client, rt = hf_client(falcon_dir, max_batch_size=8)
+    batches = []
+    run_batch = rt.loop.run_batch
+    rt.loop.run_batch = lambda key, jobs: batches.append(len(jobs)) or run_batch(key, jobs)
+    try:
+        bodies = [
+            {"prompt": "The river" + " flows" * i, "do_sample": False, "max_length": 20 + 3 * i} for i in range(8)
+        ]
+        sequential = [client.post("/chat", json=b).get_json() for b in bodies]
+        batches.clear()
+        together = [None] * 8
+
+        def call(i):
+            together[i] = client.post("/chat", json=bodies[i]).get_json()
+
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert together == sequential
+        assert max(batches) > 1, f"requests were not batched: {batches}"
+    finally:
+        rt.shutdown()
+
+
+def test_messages_use_the_chat_template(hf_llama_dir, falcon_client):
+    client, rt = hf_client(hf_llama_dir)
+    try:
+        messages = [{"role": "system", "content": "Be brief"}, {"role": "user", "content": "Hello"}]
+        r = client.post("/chat", json={"messages": messages, "do_sample": False, "max_length": 60})
+        assert r.status_code == 200
+        assert r.get_json()["Result"].startswith("<s>[INST] <<SYS>>\nBe brief\n<</SYS>>\n\nHello [/INST]")
+    finally:
+        rt.shutdown()
+    r = falcon_client.post("/chat", json={"messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 400 and "no chat template" in r.get_json()["detail"]
+
+
+def test_seeded_sampling_is_reproducible(falcon_client):
+    body = {"prompt": "Once", "max_length": 30, "seed": 3}
+    first, second = (falcon_client.post("/chat", json=body).get_json() for _ in range(2))
+    assert first == second
+
+
+BAD = [
+    ({"prompt": "x", "num_beams": 0}, "num_beams must be >= 1"),
+    (
+        {"prompt": "x", "num_beams": 4, "num_beam_groups": 3, "do_sample": False},
+        "num_beam_groups (3) must divide num_beams (4)",
+    ),
+    ({"prompt": "x", "num_beams": 4, "num_beam_groups": 2}, "cannot be combined with do_sample=true"),
+    ({"prompt": "x", "num_beams": 4, "num_beam_groups": 2, "do_sample": False}, "group beam search) is not available"),
+    ({"prompt": "x", "max_length": -5}, "max_length must be >= 1"),
+    ({"prompt": "x", "min_length": -1}, "min_length must be >= 0"),
+    ({"prompt": "x", "min_length": 50, "max_length": 10}, "min_length (50) must not exceed max_length (10)"),
+    ({"prompt": "x", "temprature": 0.5}, "unknown field(s) ['temprature']"),
+    ({"prompt": "x", "top_k": "ten"}, "top_k must be an integer"),
+    ({"prompt": "x", "do_sample": "yes"}, "do_sample must be true or false"),
+    ({"prompt": "x", "temperature": 0}, "temperature must be > 0"),
+    ({"prompt": "x", "top_p": 1.5}, "top_p must be > 0 and <= 1"),
+    ({"prompt": "x", "max_length": True}, "max_length must be an integer"),
+    ({"prompt": "x", "repetition_penalty": float("nan")}, "repetition_penalty must be a finite number"),
+    ({"prompt": "x", "bad_words_ids": [1, 2]}, "bad_words_ids must be a non-empty list of non-empty lists"),
+    ({"prompt": "x", "pad_token_id": 10**9}, "pad_token_id must be >= 0 and <= "),
+    ({"prompt": "x", "encoder_no_repeat_ngram_size": 2}, "encoder-decoder models only"),
+    ({"prompt": "x", "do_sample": False, "num_return_sequences": 2}, "must not exceed num_beams (1)"),
+    ({"prompt": "x", "early_stopping": "soon"}, "early_stopping must be true, false or 'never'"),
+    ({"prompt": 5}, "prompt must be a string"),
+    ({}, "give exactly one of prompt"),
+    ({"prompt": "x", "messages": []}, "give exactly one of prompt"),
+    ({"prompt": "x", "max_length": 1}, "leaves no room to generate"),
+]
+
+
+@pytest.mark.parametrize("body, message", BAD, ids=[m for _, m in BAD])
+def test_invalid_parameters_are_400_naming_them(falcon_client, body, message):
+    r = falcon_client.post("/chat", data=json.dumps(body), content_type="application/json")
+    assert r.status_code == 400, r.get_json()
+    assert message in r.get_json()["detail"]
+
+
+def test_falcon_server_process(falcon_dir, tmp_path):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "inference_api.py", "--model_id", falcon_dir, "--host", "127.0.0.1", "--port", str(port)]
+    proc = start(cmd, "falcon")
+    with running(proc):
+        wait_healthy(proc, url)
+        status, body = post(f"{url}/chat", SEED_ADVANCED)
+        assert status == 200 and body["Result"].startswith("YOUR_PROMPT_HERE")
+        assert post(f"{url}/shutdown", None) == (200, {})
+        code, out = finish(proc)
+    assert code == 0, out
+    assert "POST /chat 200 sequences=1" in out
+    missing = start([sys.executable, "inference_api.py", "--model_id", str(tmp_path)], "falcon")
+    code, out = finish(missing)
+    assert code != 0 and f"error: config.json not found in {tmp_path}" in out and "Traceback" not in out
