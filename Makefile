@@ -12,10 +12,10 @@ PYTEST_ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: help install run run-chat run-falcon demo test lint format bench bench-hf clean
+.PHONY: help install run run-chat run-falcon demo system-deps test lint format bench bench-hf image-llama2 image-falcon clean
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-13s %s\n", $$1, $$2}'
 
 install: $(STAMP) ## create .venv/ and install the pinned requirements into it
 
@@ -47,7 +47,16 @@ $(FALCON_DEMO_DIR)/config.json: | $(STAMP)
 run-falcon: $(FALCON_DEMO_DIR)/config.json ## start the Falcon server (POST /chat) on a tiny random-weight Falcon, port $(PORT)
 	cd presets/inference/falcon && $(abspath $(BIN))/python inference_api.py --model_id $(abspath $(FALCON_DEMO_DIR)) --port $(PORT)
 
-test: lint ## run the whole test suite (CPU, no network)
+# Debian packages the tests use: the Docker engine and debootstrap (image builds), iproute2 (network
+# namespaces as test hosts). Installed only when missing; needs root, as on CI.
+SYSTEM_TOOLS ?= docker:docker.io dockerd:docker.io debootstrap:debootstrap ip:iproute2
+
+system-deps: ## install the Debian packages the tests need when missing (docker.io, debootstrap, iproute2)
+	@missing=""; for t in $(SYSTEM_TOOLS); do command -v $${t%%:*} >/dev/null || missing="$$missing $${t##*:}"; done; \
+	if [ -n "$$missing" ]; then echo "installing:$$missing"; apt-get update -qq && \
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; fi
+
+test: lint system-deps ## run the whole test suite (CPU, no network; builds Docker images, needs root)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/pytest $(PYTEST_ARGS)
 
 lint: $(STAMP) ## ruff lint and format check
@@ -63,6 +72,19 @@ bench: $(STAMP) ## run the benchmark of DESIGN.md (this server vs transformers b
 
 bench-hf: $(STAMP) ## measure the HuggingFace server's batching gain (batch 1 vs batched) and print it
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m presets.tools.bench_hf
+
+WEIGHTS_PATH ?= weights/llama-2-7b
+MODEL_TYPE ?= llama2-completion
+VERSION ?= 0.0.1
+IMAGE ?= $(notdir $(WEIGHTS_PATH)):$(VERSION)
+
+image-llama2: ## docker build the Llama-2 image: WEIGHTS_PATH=weights/llama-2-7b MODEL_TYPE=llama2-chat VERSION=0.0.1
+	docker build -f docker/presets/inference/llama-2/Dockerfile --build-arg WEIGHTS_PATH=$(WEIGHTS_PATH) \
+		--build-arg MODEL_TYPE=$(MODEL_TYPE) --build-arg VERSION=$(VERSION) -t $(IMAGE) .
+
+image-falcon: ## docker build the Falcon image: WEIGHTS_PATH=weights/falcon-7b-instruct VERSION=0.0.1
+	docker build -f docker/presets/inference/falcon/Dockerfile --build-arg WEIGHTS_PATH=$(WEIGHTS_PATH) \
+		--build-arg VERSION=$(VERSION) -t $(IMAGE) .
 
 clean: ## remove .venv/ and cached checkpoints
 	rm -rf $(VENV) .cache

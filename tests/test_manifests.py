@@ -1,9 +1,12 @@
-"""The Kubernetes example runs Kaito's command and probes every pod on port 5000."""
+"""Kubernetes and Kaito manifests: schema-valid, Kaito's command, probes on every pod."""
 
 import glob
 import os
 import shlex
+import subprocess
+import sys
 
+import jsonschema
 import yaml
 
 from tests.launch import ROOT
@@ -40,3 +43,33 @@ def test_statefulset_runs_kaitos_torchrun_command_with_probes_and_shm():
             assert any(s["spec"].get("clusterIP") == "None" for s in services)  # headless, for the rendezvous
             assert any(p["port"] == 80 and p["targetPort"] == 5000 for s in services for p in s["spec"]["ports"])
     assert found
+
+
+def test_kubernetes_manifests_validate_strictly():
+    paths = glob.glob(os.path.join(ROOT, "examples", "kubernetes", "*.yaml"))
+    assert paths
+    out = subprocess.run([os.path.join(os.path.dirname(sys.executable), "kubernetes-validate"), "--strict", *paths],
+                         capture_output=True, text=True)  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+KAITO_PRESETS = {f"llama-2-{size}{chat}" for size in ("7b", "13b", "70b") for chat in ("", "-chat")} | {
+    f"falcon-{size}{instruct}" for size in ("7b", "40b") for instruct in ("", "-instruct")
+}
+
+
+def test_kaito_workspaces_match_the_crd_schema_for_every_preset():
+    with open(os.path.join(ROOT, "..", "shared", "kaito", "kaito.sh_workspaces.yaml")) as f:
+        crd = yaml.safe_load(f)
+    (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1alpha1"]
+    schema = version["schema"]["openAPIV3Schema"]
+    seen = set()
+    for path in glob.glob(os.path.join(ROOT, "examples", "kaito", "*.yaml")):
+        with open(path) as f:
+            ws = yaml.safe_load(f)
+        jsonschema.validate(ws, schema)
+        assert ws["apiVersion"] == "kaito.sh/v1alpha1" and ws["kind"] == "Workspace", path
+        preset = ws["inference"]["preset"]
+        assert preset["accessMode"] == "private" and preset["presetOptions"]["image"], path
+        seen.add(preset["name"])
+    assert seen == KAITO_PRESETS
