@@ -43,17 +43,17 @@ def docker():
     """A running Docker engine: the one already running, or one started here and stopped after."""
     for tool in ("docker", "dockerd", "debootstrap"):
         assert shutil.which(tool), f"{tool} is missing: run `make system-deps` (as root)"
-    started = None
-    if subprocess.run(["docker", "info"], capture_output=True).returncode != 0:
-        log = open(os.path.join(tempfile.gettempdir(), "presets-dockerd.log"), "w")
+    if subprocess.run(["docker", "info"], capture_output=True).returncode == 0:
+        yield
+        return
+    with open(os.path.join(tempfile.gettempdir(), "presets-dockerd.log"), "w") as log:
         started = subprocess.Popen(["dockerd"], stdout=log, stderr=subprocess.STDOUT)
         deadline = time.time() + 60
         while subprocess.run(["docker", "info"], capture_output=True).returncode != 0:
             assert time.time() < deadline and started.poll() is None, "dockerd did not start"
             time.sleep(0.5)
-    yield
-    if started:
-        started.send_signal(signal.SIGTERM)
+        yield
+        started.send_signal(signal.SIGTERM)  # stop the engine we started, by its PID
         started.wait(timeout=60)
 
 
