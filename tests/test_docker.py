@@ -64,9 +64,8 @@ def base_image(docker):
         with tempfile.TemporaryDirectory() as rootfs:
             sh("debootstrap", "--variant=minbase", "--include=python3,python3-venv,ca-certificates", "bookworm",
                rootfs, "http://deb.debian.org/debian")  # fmt: skip
-            tar = subprocess.Popen(["tar", "-C", rootfs, "-c", "."], stdout=subprocess.PIPE)
-            sh("docker", "import", "-", BASE, stdin=tar.stdout)
-            tar.wait()
+            with subprocess.Popen(["tar", "-C", rootfs, "-c", "."], stdout=subprocess.PIPE) as tar:
+                sh("docker", "import", "-", BASE, stdin=tar.stdout)
     return BASE
 
 

@@ -8,6 +8,7 @@ from presets.hf import loader
 from presets.hf.engine import HFEngine, HFJob
 from presets.hf.params import DEFAULTS, EXTRAS
 from presets.hf.routes import chat
+from presets.serving import auth
 from presets.serving.app import create_app
 from presets.serving.batch_loop import BatchLoop, Job
 from presets.serving.runtime import Runtime
@@ -27,6 +28,8 @@ class HFSettings:
     max_queue_size: int = 256
     http_threads: int = 64
     max_request_bytes: int = 1 << 20
+    api_key: str = ""
+    api_key_file: str = ""
 
     def __post_init__(self):
         if self.torch_dtype not in ("auto", "bfloat16", "float16", "float32"):
@@ -57,7 +60,8 @@ def build_runtime(settings: HFSettings) -> Runtime:
 
 def build_app(settings: HFSettings, shutdown=lambda: None):
     rt = build_runtime(settings)
-    app = create_app(rt, [chat], shutdown, settings.max_request_bytes)
+    keys = auth.load_keys(settings.api_key, settings.api_key_file)
+    app = create_app(rt, [chat], shutdown, settings.max_request_bytes, keys)
     rt.on_failure = lambda: exit_gunicorn(1)
     rt.start()
     return app
@@ -69,7 +73,8 @@ def main(argv=None) -> None:
     settings = parse_settings(argv, "HuggingFace causal LM server (Falcon)", HFSettings)
     try:
         loader.check_folder(settings.model_id)
-    except loader.HFFolderError as e:
+        auth.load_keys(settings.api_key, settings.api_key_file)
+    except (loader.HFFolderError, ValueError) as e:
         sys.exit(f"error: {e}")
     app_factory = lambda: build_app(settings, shutdown=exit_gunicorn)  # noqa: E731
     serve(app_factory, settings.host, settings.port, settings.http_threads)

@@ -8,12 +8,15 @@ import logging
 import os
 import sys
 
+from presets.llama2.chat_format import check_dialog, encode_dialog, has_special_tags
 from presets.llama2.checkpoint import CheckpointError, check_layout, load_model
 from presets.llama2.engine import LlamaEngine
 from presets.llama2.routes import chat, completion
 from presets.llama2.tokenizer import Tokenizer
-from presets.serving import device, distributed
+from presets.serving import auth, device, distributed
 from presets.serving.app import create_app
+from presets.serving.errors import ApiError
+from presets.serving.openai_api import OpenAIModel, openai
 from presets.serving.probe_server import start_probe_server
 from presets.serving.ranks import FollowerState, LeaderEngine, StepChannel, follow, heartbeat_interval
 from presets.serving.runtime import Runtime
@@ -50,10 +53,28 @@ def build_runtime(settings: Settings) -> Runtime:
     )  # fmt: skip
 
 
+def openai_model(rt: Runtime, settings: Settings, kind: str) -> OpenAIModel:
+    """The Llama-2 family as the OpenAI routes see it (the tokenizer is read once the model has loaded)."""
+
+    def encode_messages(messages):
+        dialog = check_dialog(messages, "messages")
+        if has_special_tags(dialog):
+            raise ApiError(400, "messages: special tags ([INST], [/INST], <<SYS>>, <</SYS>>) are not allowed")
+        return encode_dialog(rt.tokenizer, dialog)
+
+    name = settings.served_model_name or f"llama2-{kind}"
+    return OpenAIModel(
+        name, settings.max_seq_len, lambda text: rt.tokenizer.encode(text, bos=True, eos=False), encode_messages,
+        lambda ids: rt.tokenizer.decode(ids),
+    )  # fmt: skip
+
+
 def build_app(settings: Settings, kind: str, shutdown=lambda: None):
     """The Flask app for `kind` ("completion" or "chat"); starts loading the model in the background."""
     rt = build_runtime(settings)
-    app = create_app(rt, [ROUTES[kind]], shutdown, settings.max_request_bytes)
+    keys = auth.load_keys(settings.api_key, settings.api_key_file)
+    app = create_app(rt, [ROUTES[kind], openai], shutdown, settings.max_request_bytes, keys)
+    app.extensions["openai_model"] = openai_model(rt, settings, kind)
     rt.on_failure = lambda: exit_gunicorn(1)
     rt.start()
     return app
@@ -84,7 +105,8 @@ def main(kind: str, argv=None) -> None:
     settings = parse_settings(argv, f"Llama-2 {kind} server")
     try:
         check_layout(settings.ckpt_dir, settings.tokenizer_path, settings.model_parallel_size)
-    except CheckpointError as e:
+        auth.load_keys(settings.api_key, settings.api_key_file)
+    except (CheckpointError, ValueError) as e:
         sys.exit(f"error: {e}")
     rank, world_size, _ = distributed.world()
     if rank != 0:

@@ -3,9 +3,10 @@
 import logging
 import time
 
-from flask import Blueprint, Flask, current_app, g, jsonify, request
+from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
+from presets.serving import auth
 from presets.serving.errors import ApiError
 
 log = logging.getLogger("presets.requests")
@@ -42,6 +43,12 @@ def healthz():
     return jsonify(detail=detail), 503
 
 
+@common.get("/metrics")
+def metrics():
+    """Prometheus text format."""
+    return Response(runtime().metrics.render(), mimetype="text/plain; version=0.0.4")
+
+
 @common.post("/shutdown")
 def shutdown():
     """Answer 200 {}, then stop the engine and exit 0."""
@@ -50,7 +57,7 @@ def shutdown():
     return jsonify({})
 
 
-def create_app(runtime_, blueprints, shutdown=lambda: None, max_body_bytes: int = 1 << 20) -> Flask:
+def create_app(runtime_, blueprints, shutdown=lambda: None, max_body_bytes: int = 1 << 20, api_keys=()) -> Flask:
     """An app serving `runtime_` with the common routes plus the family's `blueprints`.
 
     `shutdown` is called by POST /shutdown after the engine stops; the launcher passes one that
@@ -82,9 +89,12 @@ def create_app(runtime_, blueprints, shutdown=lambda: None, max_body_bytes: int 
     @app.before_request
     def start_timer():
         g.start = time.perf_counter()
+        auth.check(list(api_keys), request.method, request.path, request.headers.get("Authorization"))
 
     @app.after_request
     def log_request(response):
+        if response.status_code == 503:
+            runtime_.metrics.rejected.inc()
         if request.path not in ("/", "/healthz"):  # probes would drown the log
             log.info(
                 "%s %s %d sequences=%d prompt_tokens=%d generated_tokens=%d seconds=%.3f",

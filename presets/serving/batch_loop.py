@@ -35,7 +35,16 @@ class BatchLoop:
         self.stopping = False
         self.last_step_failed = False
         self.failed = None
+        self.metrics = None
+        self.running = 0
         self.thread = threading.Thread(target=self._run, name="engine", daemon=True)
+
+    def counts(self) -> tuple[int, int]:
+        """(running, waiting) requests."""
+        return self.running, len(self.waiting)
+
+    def attach_metrics(self, metrics) -> None:
+        self.metrics = metrics
 
     def start(self) -> None:
         self.thread.start()
@@ -93,6 +102,9 @@ class BatchLoop:
                         job.done.set()
                     return
                 batch = self._next_batch()
+                self.running = len(batch)
+            if self.metrics:
+                self.metrics.batch_size.observe(len(batch))
             try:
                 results = self.run_batch(batch[0].key, [j.payload for j in batch])
                 self.last_step_failed = False
@@ -103,5 +115,6 @@ class BatchLoop:
                 self.last_step_failed = True
                 for job in batch:
                     job.error = f"generation failed: {type(e).__name__}: {e}"
+            self.running = 0
             for job in batch:
                 job.done.set()

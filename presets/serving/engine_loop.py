@@ -34,7 +34,16 @@ class EngineLoop:
         self.heartbeat_s = heartbeat_s
         self.on_fatal = on_fatal
         self.failed: str | None = None
+        self.metrics = None  # set by the Runtime
         self.thread = threading.Thread(target=self._run, name="engine", daemon=True)
+
+    def counts(self) -> tuple[int, int]:
+        """(running, waiting) sequences."""
+        return len(self.scheduler.running), len(self.scheduler.waiting)
+
+    def attach_metrics(self, metrics) -> None:
+        self.metrics = metrics
+        self.scheduler.on_finish = metrics.finished
 
     def start(self) -> None:
         self.thread.start()
@@ -59,6 +68,13 @@ class EngineLoop:
                 )
             self.cv.notify()
 
+    def cancel(self, seqs: list[Sequence]) -> None:
+        """Retire `seqs` before the next step (their client is gone)."""
+        with self.cv:
+            for seq in seqs:
+                seq.cancelled = True
+            self.cv.notify()
+
     def warm_up(self, tokenizer) -> None:
         """One real prefill and decode step; raises if it fails."""
         seq = Sequence([tokenizer.bos_id], SamplingParams(temperature=0), max_new_tokens=2)
@@ -81,6 +97,8 @@ class EngineLoop:
                         self.cv.wait(timeout=self.heartbeat_s)
                     if self.stopping:
                         break
+                    for seq in [s for s in (*self.scheduler.waiting, *self.scheduler.running) if s.cancelled]:
+                        self.scheduler.finish(seq, None, "cancelled: the client disconnected")  # frees its slot
                     new = self.scheduler.admit() if self.scheduler.has_work() else None
                 if new is not None:
                     self._step(new)
@@ -129,6 +147,8 @@ class EngineLoop:
                     [s.slot for s in batch], [s.output[-1] for s in batch], [s.next_position for s in batch]
                 )
                 sched.postprocess(batch, sample(logits, batch), self.eos_id)
+                if self.metrics:
+                    self.metrics.batch_size.observe(len(batch))
             self.last_step_failed = False
         except Exception as e:  # one rank alone: fail this step's sequences and go on
             if self.on_fatal:

@@ -6,6 +6,7 @@ import time
 
 from presets.serving.engine_loop import EngineLoop
 from presets.serving.errors import ApiError
+from presets.serving.metrics import Metrics
 from presets.serving.params import SamplingParams
 from presets.serving.scheduler import Sequence
 
@@ -33,6 +34,7 @@ class Runtime:
         self.tokenizer = None
         self.loop: EngineLoop | None = None
         self.on_failure = None  # called when loading fails (the launcher makes the process exit non-zero)
+        self.metrics = Metrics(lambda: self.loop.counts() if self.loop else (0, 0))
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -49,6 +51,7 @@ class Runtime:
         try:
             engine, self.tokenizer = self._load(self._report)
             self.loop = self._make_loop(engine, self.tokenizer)
+            self.loop.attach_metrics(self.metrics)
             self.loop.start()
             self._report("warming up")
             self.loop.warm_up(self.tokenizer)  # a real step proves the device computes before /healthz says so
@@ -114,12 +117,20 @@ class Runtime:
             seqs.append(Sequence(ids, params, max_new))
         return self.run(seqs)
 
-    def run(self, items: list) -> list:
-        """Submit items (sequences or jobs) to the loop and wait for all of them; errors become ApiErrors."""
-        why = self._unavailable()  # a failed last step still takes requests: the next may work
+    def require_ready(self) -> None:
+        """503 unless requests can be served now (a failed last step still takes them: the next may work)."""
+        why = self._unavailable()
         if why:
             raise ApiError(503, why, {"Retry-After": "5"})
+
+    def run_async(self, items: list) -> None:
+        """Submit without waiting (streaming readers follow the items themselves)."""
+        self.require_ready()
         self.loop.submit(items)
+
+    def run(self, items: list) -> list:
+        """Submit items (sequences or jobs) to the loop and wait for all of them; errors become ApiErrors."""
+        self.run_async(items)
         for item in items:
             while not item.done.wait(0.5):
                 if not self.loop.alive:

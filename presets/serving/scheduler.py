@@ -30,8 +30,12 @@ class Sequence:
     error: str | None = None
     rng: object = None  # the engine loop's random generator for this sequence
     arrival: float = field(default_factory=time.perf_counter)
+    admitted: float | None = None  # when it got a batch slot
     token_times: list[float] = field(default_factory=list)
     done: threading.Event = field(default_factory=threading.Event)
+    notify: threading.Event | None = None  # set on every new token, for streaming readers
+    stop_check: object = None  # (output ids) -> True when a stop string has appeared
+    cancelled: bool = False  # the client went away: retire at the next step
 
     @property
     def next_position(self) -> int:
@@ -47,6 +51,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.free_slots = list(range(max_batch_size))  # a heap: the lowest free slot first
+        self.on_finish = None  # called with each sequence that completes (for metrics)
 
     def add(self, seqs: list[Sequence]) -> bool:
         """Queue all of `seqs`, or none of them when the queue would overflow."""
@@ -64,7 +69,7 @@ class Scheduler:
         while self.waiting and self.free_slots:
             seq = self.waiting.popleft()
             seq.slot = heapq.heappop(self.free_slots)
-            seq.status = Status.RUNNING
+            seq.status, seq.admitted = Status.RUNNING, time.perf_counter()
             self.running.append(seq)
             new.append(seq)
         return new
@@ -78,8 +83,12 @@ class Scheduler:
                 self.finish(seq, "stop")
                 continue
             seq.output.append(tok)
-            if len(seq.output) >= seq.max_new_tokens:
+            if seq.stop_check and seq.stop_check(seq.output):
+                self.finish(seq, "stop")
+            elif len(seq.output) >= seq.max_new_tokens:
                 self.finish(seq, "length")
+            elif seq.notify:
+                seq.notify.set()
 
     def finish(self, seq: Sequence, reason: str | None, error: str | None = None) -> None:
         """Retire `seq` (from any state), free its slot and wake its waiter."""
@@ -89,4 +98,8 @@ class Scheduler:
         elif seq.status is Status.WAITING and seq in self.waiting:
             self.waiting.remove(seq)
         seq.status, seq.finish_reason, seq.error = Status.FINISHED, reason, error
+        if reason is not None and self.on_finish:
+            self.on_finish(seq)
         seq.done.set()
+        if seq.notify:
+            seq.notify.set()

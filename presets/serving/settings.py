@@ -20,6 +20,9 @@ class Settings:
     http_threads: int = 64  # concurrent HTTP requests the server holds open
     max_request_bytes: int = 1 << 20
     dist_timeout: float = 1800.0  # seconds a collective may wait before the job is declared failed
+    served_model_name: str = ""  # the model id of the /v1 routes; default llama2-<completion|chat>
+    api_key: str = ""  # when set (or api_key_file), requests need "Authorization: Bearer <key>"
+    api_key_file: str = ""  # one key per line
 
     def __post_init__(self):
         checks = {

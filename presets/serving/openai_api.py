@@ -1,0 +1,220 @@
+"""OpenAI-compatible routes: GET /v1/models, POST /v1/completions, POST /v1/chat/completions.
+
+Shared by the model families on the step engine: a family hands the app an adapter (`OpenAIModel`)
+that says its name and context length, and how to turn a prompt or chat messages into token ids
+and ids back into text. Fields OpenAI defines that we do not support answer 400, never silently
+ignored. `stream: true` sends server-sent events whose text concatenates to the non-streamed text.
+"""
+
+import json
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+
+from flask import Blueprint, Response, current_app, jsonify, request
+
+from presets.serving.app import record, runtime
+from presets.serving.errors import ApiError
+from presets.serving.params import SamplingParams
+from presets.serving.scheduler import Sequence
+from presets.serving.validation import boolean, integer, json_object, number
+
+openai = Blueprint("openai", __name__, url_prefix="/v1")
+
+COMMON = {"model", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "stream", "user", "ignore_eos"}
+COMPLETION_FIELDS = COMMON | {"prompt"}
+CHAT_FIELDS = COMMON | {"messages"}
+MAX_N = 16
+STARTED = int(time.time())
+
+
+@dataclass
+class OpenAIModel:
+    """What a model family tells the OpenAI routes."""
+
+    name: str
+    context: int
+    encode_prompt: object  # (text) -> ids
+    encode_messages: object  # (messages) -> ids; raises ApiError(400) when the model cannot chat
+    decode: object  # (ids) -> text
+
+
+def model() -> OpenAIModel:
+    return current_app.extensions["openai_model"]
+
+
+def _reject_unsupported(body: dict, allowed: set) -> None:
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+        raise ApiError(400, f"unsupported field(s) {unknown}; this server supports {sorted(allowed)}")
+
+
+def _stops(body: dict) -> list[str]:
+    stop = body.get("stop")
+    if stop is None:
+        return []
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list) or not 1 <= len(stops) <= 4 or not all(isinstance(s, str) and s for s in stops):
+        raise ApiError(400, "stop must be a non-empty string or a list of 1 to 4 non-empty strings")
+    return stops
+
+
+def _request(body: dict, prompts: list[list[int]], default_max: int | None):
+    """(params, n, stops, stream, prompts) after validation; the context check gives the numbers."""
+    m = model()
+    if body.get("model") not in (None, m.name):
+        raise ApiError(404, f"model {body.get('model')!r} not found; this server serves {m.name!r}")
+    if body.get("user") is not None and not isinstance(body["user"], str):
+        raise ApiError(400, "user must be a string")
+    n = integer(body, "n", "", 1, lo=1, hi=MAX_N)
+    longest = max(len(p) for p in prompts)
+    max_tokens = integer(body, "max_tokens", "", default_max, lo=1)
+    if max_tokens is None:
+        max_tokens = m.context - longest
+    if longest + max_tokens > m.context:
+        raise ApiError(
+            400,
+            f"this model's maximum context length is {m.context} tokens; the request has {longest} prompt "
+            f"tokens plus max_tokens {max_tokens} = {longest + max_tokens}",
+        )
+    params = SamplingParams(
+        temperature=number(body, "temperature", "", 1.0, lo=0, hi=2),
+        top_p=number(body, "top_p", "", 1.0, lo=0, hi=1, lo_open=True),
+        max_tokens=max_tokens,
+        ignore_eos=boolean(body, "ignore_eos", "", False),
+        seed=integer(body, "seed", "", None, lo=0, hi=2**63 - 1 - MAX_N),
+    )
+    return params, n, _stops(body), boolean(body, "stream", "", False)
+
+
+def _sequences(prompts, params: SamplingParams, n: int, stops: list[str]) -> list[Sequence]:
+    """n sequences per prompt, in OpenAI's choice order; seeds differ per choice."""
+    decode = model().decode
+    seqs = []
+    for ids in prompts:
+        for i in range(n):
+            p = params if params.seed is None else SamplingParams(**{**vars(params), "seed": params.seed + i})
+            seq = Sequence(ids, p, params.max_tokens)
+            if stops:
+                seq.stop_check = lambda out, _s=stops: any(s in decode(out) for s in _s)
+            seqs.append(seq)
+    return seqs
+
+
+def _text(seq: Sequence, stops: list[str], decode) -> str:
+    """The sequence's text, cut before the first stop string."""
+    text = decode(seq.output)
+    cut = min((text.find(s) for s in stops if s in text), default=len(text))
+    return text[:cut]
+
+
+def _usage(seqs, prompts, n) -> dict:
+    prompt_tokens = sum(len(p) for p in prompts)
+    completion = sum(len(s.output) for s in seqs)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
+
+
+def _run(prompts, body, default_max, chat: bool):
+    params, n, stops, stream = _request(body, prompts, default_max)
+    seqs = _sequences(prompts, params, n, stops)
+    rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+    if stream:
+        return _stream(rid, seqs, stops, chat)
+    runtime().run(seqs)
+    record(seqs)
+    choices = []
+    for i, seq in enumerate(seqs):
+        text = _text(seq, stops, model().decode)
+        if chat:
+            choices.append({"index": i, "message": {"role": "assistant", "content": text},
+                            "finish_reason": seq.finish_reason, "logprobs": None})  # fmt: skip
+        else:
+            choices.append({"index": i, "text": text, "finish_reason": seq.finish_reason, "logprobs": None})
+    return jsonify(
+        id=rid, object="chat.completion" if chat else "text_completion", created=int(time.time()),
+        model=model().name, choices=choices, usage=_usage(seqs, prompts, n),
+    )  # fmt: skip
+
+
+def _stream(rid: str, seqs: list[Sequence], stops: list[str], chat: bool) -> Response:
+    rt, m = runtime(), model()
+    notify = threading.Event()
+    for seq in seqs:
+        seq.notify = notify
+    rt.run_async(seqs)  # 503 now, before the stream starts, if the queue is full
+    hold = max((len(s) for s in stops), default=1) - 1  # text that may still become part of a stop string
+    kind = "chat.completion.chunk" if chat else "text_completion"
+
+    def chunk(i, text=None, finish=None, role=False):
+        if chat:
+            delta = {"role": "assistant"} if role else ({"content": text} if text is not None else {})
+            choice = {"index": i, "delta": delta, "finish_reason": finish, "logprobs": None}
+        else:
+            choice = {"index": i, "text": text or "", "finish_reason": finish, "logprobs": None}
+        body = {"id": rid, "object": kind, "created": int(time.time()), "model": m.name, "choices": [choice]}
+        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+    def events():
+        sent = [""] * len(seqs)
+        finished = [False] * len(seqs)
+        try:
+            if chat:
+                yield "".join(chunk(i, role=True) for i in range(len(seqs)))
+            while not all(finished):
+                notify.wait(0.5)
+                notify.clear()
+                for i, seq in enumerate(seqs):
+                    if finished[i]:
+                        continue
+                    done = seq.done.is_set()
+                    if done and seq.error:
+                        raise ApiError(503, seq.error)
+                    text = _text(seq, stops, m.decode)
+                    if not done:  # hold back what a later token may still change
+                        text = text.rstrip("\ufffd")[: max(0, len(text.rstrip("\ufffd")) - hold)]
+                    if text.startswith(sent[i]) and len(text) > len(sent[i]):
+                        yield chunk(i, text[len(sent[i]) :])
+                        sent[i] = text
+                    if done:
+                        finished[i] = True
+                        yield chunk(i, finish=seq.finish_reason)
+            yield "data: [DONE]\n\n"
+        except ApiError as e:
+            yield f"data: {json.dumps({'error': {'message': e.detail}})}\n\n"
+        finally:
+            rt.loop.cancel([s for s in seqs if not s.done.is_set()])  # a client that left frees its slots
+
+    return Response(events(), mimetype="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+@openai.get("/models")
+def models():
+    """The one model this server serves."""
+    card = {"id": model().name, "object": "model", "created": STARTED, "owned_by": "presets"}
+    return jsonify(object="list", data=[card])
+
+
+@openai.post("/completions")
+def completions():
+    """OpenAI text completion: prompt (a string or a list of strings)."""
+    body = json_object(request)
+    runtime().require_ready()
+    _reject_unsupported(body, COMPLETION_FIELDS)
+    prompt = body.get("prompt")
+    prompts = [prompt] if isinstance(prompt, str) else prompt
+    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ApiError(400, "prompt must be a string or a non-empty list of strings")
+    return _run([model().encode_prompt(p) for p in prompts], body, 16, chat=False)
+
+
+@openai.post("/chat/completions")
+def chat_completions():
+    """OpenAI chat completion: messages in the model family's chat format."""
+    body = json_object(request)
+    runtime().require_ready()
+    _reject_unsupported(body, CHAT_FIELDS)
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "messages must be a non-empty list of {role, content} objects")
+    return _run([model().encode_messages(messages)], body, None, chat=True)
