@@ -1,0 +1,172 @@
+"""OpenAI-compatible routes, streaming, metrics and API keys, with the official openai client."""
+
+import threading
+import time
+
+import openai
+import pytest
+import requests
+
+from presets.serving.auth import load_keys
+from presets.serving.settings import parse_settings
+from tests.launch import finish, free_port, running, server_cmd, start, wait_healthy
+
+KEY = "test-key-123"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+@pytest.fixture(scope="module")
+def server(tiny_ckpt):
+    """A completion server (it serves /generate and the /v1 routes) with an API key."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    flags = ["--max_seq_len", "2048", "--max_batch_size", "2", "--api_key", KEY]
+    proc = start(server_cmd("completion", tiny_ckpt, port, *flags), "completion")
+    with running(proc):
+        wait_healthy(proc, url)
+        yield url
+        assert requests.post(f"{url}/shutdown", headers=AUTH, timeout=5).json() == {}
+        code, out = finish(proc)
+        assert code == 0, out
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0)
+
+
+def metric(url: str, name: str) -> float:
+    for line in requests.get(f"{url}/metrics", timeout=5).text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+def test_models(client):
+    assert [m.id for m in client.models.list().data] == ["llama2-completion"]
+
+
+def test_greedy_completion_equals_the_seed_route(server, client):
+    params = {"temperature": 0, "max_gen_len": 20, "ignore_eos": True}
+    seed = requests.post(
+        f"{server}/generate", headers=AUTH, json={"prompts": ["The river flows", "Hello"], "parameters": params}
+    )
+    r = client.completions.create(model="llama2-completion", prompt=["The river flows", "Hello"], max_tokens=20,
+                                  temperature=0, extra_body={"ignore_eos": True})  # fmt: skip
+    assert [c.text for c in r.choices] == [x["response"] for x in seed.json()["results"]]
+    assert r.usage.completion_tokens == 40 and {c.finish_reason for c in r.choices} == {"length"}
+    assert r.usage.total_tokens == r.usage.prompt_tokens + 40
+
+
+def test_greedy_chat_equals_the_seed_chat_route(client, chat_client):
+    dialog = [{"role": "system", "content": "Be brief"}, {"role": "user", "content": "What is so great about art?"}]
+    seed = chat_client.post("/chat", json={"input_data": {"input_string": [dialog]},
+                                           "parameters": {"temperature": 0, "max_gen_len": 16}}).get_json()  # fmt: skip
+    r = client.chat.completions.create(model="llama2-completion", messages=dialog, max_tokens=16, temperature=0)
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content == seed["results"][0][-1]["content"]
+
+
+@pytest.mark.parametrize("prompt", ["The river flows", "menthe poivrée ☃ 日本"])
+def test_streamed_text_concatenates_to_the_non_streamed_text(client, prompt):
+    args = dict(model="llama2-completion", prompt=prompt, max_tokens=40, temperature=0)
+    whole = client.completions.create(**args).choices[0].text
+    chunks = [c.choices[0].text for c in client.completions.create(**args, stream=True)]
+    assert len([c for c in chunks if c]) > 1 and "".join(chunks) == whole
+    chat = dict(model="llama2-completion", messages=[{"role": "user", "content": prompt}], max_tokens=40, temperature=0)
+    whole = client.chat.completions.create(**chat).choices[0].message.content
+    pieces = [c.choices[0].delta.content or "" for c in client.chat.completions.create(**chat, stream=True)]
+    assert "".join(pieces) == whole
+
+
+def test_stop_sequences(client):
+    args = dict(model="llama2-completion", prompt="Hello, world!", max_tokens=30, temperature=0)
+    text = client.completions.create(**args).choices[0].text
+    stop = text[6:9]
+    r = client.completions.create(**args, stop=[stop, "never-appears"])
+    assert r.choices[0].text == text[: text.index(stop)] and r.choices[0].finish_reason == "stop"
+    streamed = "".join(c.choices[0].text for c in client.completions.create(**args, stop=stop, stream=True))
+    assert streamed == text[: text.index(stop)]
+
+
+def test_n_choices(client):
+    greedy = client.completions.create(model="llama2-completion", prompt="Once", max_tokens=8, temperature=0, n=3)
+    assert len(greedy.choices) == 3 and len({c.text for c in greedy.choices}) == 1
+    sampled = client.completions.create(model="llama2-completion", prompt="Once", max_tokens=8, n=3, seed=5)
+    again = client.completions.create(model="llama2-completion", prompt="Once", max_tokens=8, n=3, seed=5)
+    assert [c.text for c in sampled.choices] == [c.text for c in again.choices]
+    assert len({c.text for c in sampled.choices}) > 1
+    assert [c.index for c in sampled.choices] == [0, 1, 2]
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [({"logprobs": 2}, "unsupported field(s) ['logprobs']"), ({"frequency_penalty": 0.5}, "['frequency_penalty']"),
+     ({"max_tokens": 2100}, "maximum context length is 2048 tokens"), ({"temperature": 3}, "temperature must be"),
+     ({"n": 0}, "n must be >= 1"), ({"stop": [""]}, "stop must be"), ({"model": "gpt-4"}, "not found")],
+)  # fmt: skip
+def test_unsupported_or_invalid_fields_are_rejected(server, extra, message):
+    r = requests.post(f"{server}/v1/completions", headers=AUTH, json={"prompt": "x", **extra}, timeout=10)
+    assert r.status_code in (400, 404) and message in r.json()["detail"], r.text
+
+
+def test_disconnect_mid_stream_frees_the_slot(server):
+    body = {"prompt": "The river", "max_tokens": 1900, "temperature": 0, "stream": True, "ignore_eos": True}
+    with requests.post(f"{server}/v1/completions", headers=AUTH, json=body, stream=True, timeout=30) as r:
+        lines = r.iter_lines()
+        assert next(line for line in lines if line.startswith(b"data: "))  # generation has started
+        assert metric(server, "vllm:num_requests_running") == 1
+    deadline = time.time() + 3  # closing the connection ends the stream: the next write fails
+    while metric(server, "vllm:num_requests_running") != 0:
+        assert time.time() < deadline, "the slot was not freed after the client left"
+        time.sleep(0.1)
+    # Both slots serve the next requests together: about 200 decode steps of batch 2.
+    args = {"prompt": "Hi", "max_tokens": 200, "temperature": 0, "ignore_eos": True}
+
+    def call():
+        assert requests.post(f"{server}/v1/completions", headers=AUTH, json=args, timeout=30).status_code == 200
+
+    before = steps_of_two(server)
+    threads = [threading.Thread(target=call) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert steps_of_two(server) - before > 150
+
+
+def steps_of_two(url: str) -> float:
+    """Engine steps that ran 2 sequences (the histogram's count minus its le=1 bucket)."""
+    return metric(url, "presets:batch_size_count") - metric(url, 'presets:batch_size_bucket{le="1.0"}')
+
+
+def test_metrics_move_as_requests_run(server, client):
+    tokens = metric(server, "vllm:generation_tokens_total")
+    e2e = metric(server, "vllm:e2e_request_latency_seconds_count")
+    client.completions.create(model="llama2-completion", prompt="Count", max_tokens=7, temperature=0,
+                              extra_body={"ignore_eos": True})  # fmt: skip
+    assert metric(server, "vllm:generation_tokens_total") == tokens + 7
+    assert metric(server, "vllm:e2e_request_latency_seconds_count") == e2e + 1
+    assert metric(server, "vllm:num_requests_waiting") == 0
+
+
+def test_api_keys_accepted_and_refused(server):
+    bad = openai.OpenAI(base_url=f"{server}/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+    assert requests.post(f"{server}/generate", json={"prompts": ["x"]}, timeout=5).status_code == 401
+    assert requests.post(f"{server}/shutdown", timeout=5).status_code == 401  # shutdown is protected too
+    for open_route in ("/", "/healthz", "/metrics"):
+        assert requests.get(f"{server}{open_route}", timeout=5).status_code == 200
+
+
+def test_key_file_and_environment(tmp_path, monkeypatch):
+    path = tmp_path / "keys"
+    path.write_text("# team keys\nalpha\n\nbeta\n")
+    assert load_keys("", str(path)) == ["alpha", "beta"]
+    assert load_keys("gamma", str(path)) == ["gamma", "alpha", "beta"]
+    with pytest.raises(ValueError, match="api_key_file not found"):
+        load_keys("", str(tmp_path / "missing"))
+    monkeypatch.setenv("PRESET_API_KEY", "from-env")
+    assert parse_settings([]).api_key == "from-env"
+    assert parse_settings(["--api_key", "flag"]).api_key == "flag"
