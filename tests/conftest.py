@@ -95,13 +95,13 @@ def hf_llama_dir(tmp_path_factory):
 
 def hf_client(model_dir: str, **kw):
     """A Flask test client of the HF server on `model_dir`, model loaded and warmed up."""
-    from presets.hf.routes import chat
-    from presets.hf.server import HFSettings
+    from presets.hf.server import HFSettings, create_hf_app
     from presets.hf.server import build_runtime as build_hf_runtime
 
-    rt = build_hf_runtime(HFSettings(model_id=model_dir, **kw))
+    settings = HFSettings(model_id=model_dir, **kw)
+    rt = build_hf_runtime(settings)
     rt.start(background=False)
-    return create_app(rt, [chat]).test_client(), rt
+    return create_hf_app(settings, rt).test_client(), rt
 
 
 @pytest.fixture(scope="session")

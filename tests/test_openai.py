@@ -1,5 +1,7 @@
 """OpenAI-compatible routes, streaming, metrics and API keys, with the official openai client."""
 
+import os
+import sys
 import threading
 import time
 
@@ -170,3 +172,34 @@ def test_key_file_and_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("PRESET_API_KEY", "from-env")
     assert parse_settings([]).api_key == "from-env"
     assert parse_settings(["--api_key", "flag"]).api_key == "flag"
+
+
+def test_openai_routes_on_a_huggingface_model(hf_llama_dir, falcon_client):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "inference_api.py", "--model_id", hf_llama_dir, "--host", "127.0.0.1", "--port", str(port)]
+    proc = start(cmd, "falcon")
+    with running(proc):
+        wait_healthy(proc, url)
+        c = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+        name = os.path.basename(hf_llama_dir)
+        assert [m.id for m in c.models.list().data] == [name]
+        args = dict(model=name, prompt="The river", max_tokens=40, temperature=0)
+        r = c.completions.create(**args)
+        whole = r.choices[0].text
+        max_length = r.usage.prompt_tokens + 40  # the seed route counts the prompt in max_length
+        seed = requests.post(f"{url}/chat", json={"prompt": "The river", "do_sample": False, "max_length": max_length})
+        assert seed.json()["Result"] == "The river" + whole  # the seed route answers prompt + the same text
+        assert "".join(ch.choices[0].text for ch in c.completions.create(**args, stream=True)) == whole
+        chat = dict(model=name, messages=[{"role": "user", "content": "Hello"}], max_tokens=20, temperature=0)
+        answer = c.chat.completions.create(**chat).choices[0].message.content
+        assert (
+            "".join(ch.choices[0].delta.content or "" for ch in c.chat.completions.create(**chat, stream=True))
+            == answer
+        )
+        assert len(c.completions.create(model=name, prompt="Once", max_tokens=5, n=2, seed=1).choices) == 2
+        assert requests.post(f"{url}/shutdown", timeout=5).json() == {}
+        code, out = finish(proc)
+    assert code == 0, out
+    r = falcon_client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 400 and "no chat template" in r.get_json()["detail"]

@@ -20,6 +20,7 @@ class HFJob:
     prompt_ids: list[int]
     params: dict
     max_new_tokens: int
+    streamer: object = None  # a transformers streamer; a streamed job runs alone
 
 
 def batch_key(params: dict):
@@ -59,8 +60,8 @@ class HFEngine:
         return HFJob(prompt_text, ids, params, limit - len(ids))
 
     @torch.inference_mode()
-    def run_batch(self, key, jobs: list[HFJob]) -> list[tuple[str, int]]:
-        """Generate for jobs sharing one set of parameters: (prompt + its sequences, tokens generated) each."""
+    def run_batch(self, key, jobs: list[HFJob]) -> list[list[tuple[list[int], bool]]]:
+        """Generate for jobs sharing one set of parameters: per job, (new token ids, ended by EOS) per sequence."""
         p = jobs[0].params
         width = max(len(j.prompt_ids) for j in jobs)
         ids = torch.tensor(
@@ -78,19 +79,22 @@ class HFEngine:
         )  # fmt: skip
         if p["seed"] is not None:
             torch.manual_seed(p["seed"])  # the job runs alone (see batch_key): reproducible
-        out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+        streamer = jobs[0].streamer if len(jobs) == 1 else None
+        out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=config, streamer=streamer)
         n = p["num_return_sequences"]
         stops = set() if p["ignore_eos"] else set(eos if isinstance(eos, list) else [eos])
-        answers = []
+        results = []
         for i, job in enumerate(jobs):
-            texts, generated = [], 0
+            sequences = []
             for row in out[i * n : (i + 1) * n, width:].tolist():
                 new = row[: job.max_new_tokens]
                 cut = next((k for k, t in enumerate(new) if t in stops), len(new))
-                texts.append(job.prompt_text + self.tokenizer.decode(new[:cut], skip_special_tokens=True))
-                generated += cut
-            answers.append(("".join(texts), generated))
-        return answers
+                sequences.append((new[:cut], cut < len(new)))
+            results.append(sequences)
+        return results
+
+    def text(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
 
 def _first(ids):

@@ -1,5 +1,7 @@
 """The Falcon seed route: POST /chat with a prompt (or chat messages) and HF generate parameters, flat."""
 
+import time
+
 from flask import Blueprint, jsonify, request
 
 from presets.hf import params as hf_params
@@ -22,7 +24,11 @@ def prompt_text(body: dict, tokenizer) -> tuple[str, bool]:
         if not isinstance(body["prompt"], str):
             raise ApiError(400, "prompt must be a string")
         return body["prompt"], True
-    messages = body["messages"]
+    return render_messages(body["messages"], tokenizer), False  # the template writes special tokens itself
+
+
+def render_messages(messages, tokenizer) -> str:
+    """Chat messages as text in the model's chat template; 400 when it has none or they do not fit."""
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "messages must be a non-empty list of {role, content} objects")
     for i, m in enumerate(messages):
@@ -31,10 +37,9 @@ def prompt_text(body: dict, tokenizer) -> tuple[str, bool]:
     if not getattr(tokenizer, "chat_template", None):
         raise ApiError(400, "this model has no chat template: send prompt instead of messages")
     try:
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     except Exception as e:  # the template itself may reject a role order
         raise ApiError(400, f"messages do not fit the model's chat template: {e}") from e
-    return text, False  # the template writes the special tokens itself
 
 
 @chat.post("/chat")
@@ -47,7 +52,9 @@ def chat_route():
     params = hf_params.parse(body, engine.vocab_size)
     text, special = prompt_text(body, rt.tokenizer)
     job = engine.job(text, params, special)
+    t0 = time.perf_counter()
     (done,) = rt.run([Job(batch_key(params), job)])
-    text, generated = done.result
-    record_counts(params["num_return_sequences"], len(job.prompt_ids), generated)
-    return jsonify(Result=text)
+    generated = sum(len(ids) for ids, _ in done.result)
+    record_counts(len(done.result), len(job.prompt_ids), generated)
+    rt.metrics.finished_request(t0, len(job.prompt_ids), generated)
+    return jsonify(Result="".join(text + engine.text(ids) for ids, _ in done.result))

@@ -1,16 +1,19 @@
 """Assemble and launch the HuggingFace (Falcon) server from command-line settings."""
 
 import logging
+import os
 import sys
 from dataclasses import dataclass
 
 from presets.hf import loader
 from presets.hf.engine import HFEngine, HFJob
+from presets.hf.openai_runner import HFRunner
 from presets.hf.params import DEFAULTS, EXTRAS
-from presets.hf.routes import chat
+from presets.hf.routes import chat, render_messages
 from presets.serving import auth
 from presets.serving.app import create_app
 from presets.serving.batch_loop import BatchLoop, Job
+from presets.serving.openai_api import OpenAIModel, openai
 from presets.serving.runtime import Runtime
 from presets.serving.server import exit_gunicorn, serve
 from presets.serving.settings import parse_settings
@@ -28,6 +31,7 @@ class HFSettings:
     max_queue_size: int = 256
     http_threads: int = 64
     max_request_bytes: int = 1 << 20
+    served_model_name: str = ""  # the model id of the /v1 routes; default the folder's name
     api_key: str = ""
     api_key_file: str = ""
 
@@ -58,10 +62,23 @@ def build_runtime(settings: HFSettings) -> Runtime:
     return rt
 
 
-def build_app(settings: HFSettings, shutdown=lambda: None):
-    rt = build_runtime(settings)
+def create_hf_app(settings: HFSettings, rt: Runtime, shutdown=lambda: None):
+    """The Flask app: the seed /chat route and the OpenAI routes over `rt`."""
     keys = auth.load_keys(settings.api_key, settings.api_key_file)
-    app = create_app(rt, [chat], shutdown, settings.max_request_bytes, keys)
+    app = create_app(rt, [chat, openai], shutdown, settings.max_request_bytes, keys)
+    name = settings.served_model_name or os.path.basename(os.path.normpath(settings.model_id))
+    app.extensions["openai_model"] = OpenAIModel(
+        name, lambda: rt.engine.context or 2048, lambda text: rt.tokenizer(text).input_ids,
+        lambda messages: rt.tokenizer(render_messages(messages, rt.tokenizer), add_special_tokens=False).input_ids,
+        HFRunner(rt),
+    )  # fmt: skip
+    return app
+
+
+def build_app(settings: HFSettings, shutdown=lambda: None):
+    """The app, with the model loading in the background."""
+    rt = build_runtime(settings)
+    app = create_hf_app(settings, rt, shutdown)
     rt.on_failure = lambda: exit_gunicorn(1)
     rt.start()
     return app

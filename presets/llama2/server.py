@@ -16,7 +16,7 @@ from presets.llama2.tokenizer import Tokenizer
 from presets.serving import auth, device, distributed
 from presets.serving.app import create_app
 from presets.serving.errors import ApiError
-from presets.serving.openai_api import OpenAIModel, openai
+from presets.serving.openai_api import OpenAIModel, StepRunner, openai
 from presets.serving.probe_server import start_probe_server
 from presets.serving.ranks import FollowerState, LeaderEngine, StepChannel, follow, heartbeat_interval
 from presets.serving.runtime import Runtime
@@ -64,8 +64,8 @@ def openai_model(rt: Runtime, settings: Settings, kind: str) -> OpenAIModel:
 
     name = settings.served_model_name or f"llama2-{kind}"
     return OpenAIModel(
-        name, settings.max_seq_len, lambda text: rt.tokenizer.encode(text, bos=True, eos=False), encode_messages,
-        lambda ids: rt.tokenizer.decode(ids),
+        name, lambda: settings.max_seq_len, lambda text: rt.tokenizer.encode(text, bos=True, eos=False),
+        encode_messages, StepRunner(rt, lambda ids: rt.tokenizer.decode(ids)),
     )  # fmt: skip
 
 

@@ -31,13 +31,13 @@ STARTED = int(time.time())
 
 @dataclass
 class OpenAIModel:
-    """What a model family tells the OpenAI routes."""
+    """What a model family tells the OpenAI routes (callables: the model may still be loading)."""
 
     name: str
-    context: int
+    context: object  # () -> the longest prompt + generation, in tokens
     encode_prompt: object  # (text) -> ids
     encode_messages: object  # (messages) -> ids; raises ApiError(400) when the model cannot chat
-    decode: object  # (ids) -> text
+    runner: object  # generate(prompts, params, n, stops) and stream(...): see StepRunner
 
 
 def model() -> OpenAIModel:
@@ -71,11 +71,12 @@ def _request(body: dict, prompts: list[list[int]], default_max: int | None):
     longest = max(len(p) for p in prompts)
     max_tokens = integer(body, "max_tokens", "", default_max, lo=1)
     if max_tokens is None:
-        max_tokens = m.context - longest
-    if longest + max_tokens > m.context:
+        max_tokens = m.context() - longest
+    context = m.context()
+    if longest + max_tokens > context:
         raise ApiError(
             400,
-            f"this model's maximum context length is {m.context} tokens; the request has {longest} prompt "
+            f"this model's maximum context length is {context} tokens; the request has {longest} prompt "
             f"tokens plus max_tokens {max_tokens} = {longest + max_tokens}",
         )
     params = SamplingParams(
@@ -88,63 +89,101 @@ def _request(body: dict, prompts: list[list[int]], default_max: int | None):
     return params, n, _stops(body), boolean(body, "stream", "", False)
 
 
-def _sequences(prompts, params: SamplingParams, n: int, stops: list[str]) -> list[Sequence]:
-    """n sequences per prompt, in OpenAI's choice order; seeds differ per choice."""
-    decode = model().decode
-    seqs = []
-    for ids in prompts:
-        for i in range(n):
-            p = params if params.seed is None else SamplingParams(**{**vars(params), "seed": params.seed + i})
-            seq = Sequence(ids, p, params.max_tokens)
-            if stops:
-                seq.stop_check = lambda out, _s=stops: any(s in decode(out) for s in _s)
-            seqs.append(seq)
-    return seqs
+def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
+    """(text before the first stop string, whether one was found)."""
+    cut = min((text.find(s) for s in stops if s in text), default=-1)
+    return (text, False) if cut < 0 else (text[:cut], True)
 
 
-def _text(seq: Sequence, stops: list[str], decode) -> str:
-    """The sequence's text, cut before the first stop string."""
-    text = decode(seq.output)
-    cut = min((text.find(s) for s in stops if s in text), default=len(text))
-    return text[:cut]
+class StepRunner:
+    """Runs OpenAI requests on a step engine (EngineLoop): real streaming, stop strings end sequences."""
 
+    def __init__(self, rt, decode):
+        self.rt = rt
+        self.decode = decode  # (ids) -> text
 
-def _usage(seqs, prompts, n) -> dict:
-    prompt_tokens = sum(len(p) for p in prompts)
-    completion = sum(len(s.output) for s in seqs)
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
+    def _sequences(self, prompts, params: SamplingParams, n: int, stops: list[str]) -> list[Sequence]:
+        seqs = []
+        for ids in prompts:
+            for i in range(n):  # n choices per prompt, in OpenAI's order; seeds differ per choice
+                p = params if params.seed is None else SamplingParams(**{**vars(params), "seed": params.seed + i})
+                seq = Sequence(ids, p, params.max_tokens)
+                if stops:
+                    seq.stop_check = lambda out, _s=stops: any(s in self.decode(out) for s in _s)
+                seqs.append(seq)
+        return seqs
+
+    def generate(self, prompts, params, n, stops) -> list[tuple[str, str, int]]:
+        """(text, finish_reason, completion tokens) per choice."""
+        seqs = self.rt.run(self._sequences(prompts, params, n, stops))
+        record(seqs)
+        return [(cut_at_stop(self.decode(s.output), stops)[0], s.finish_reason, len(s.output)) for s in seqs]
+
+    def stream(self, prompts, params, n, stops):
+        """Yield (choice index, new text or None, finish_reason or None) as tokens come out."""
+        seqs = self._sequences(prompts, params, n, stops)
+        notify = threading.Event()
+        for seq in seqs:
+            seq.notify = notify
+        self.rt.run_async(seqs)  # 503 now, before the stream starts, if the queue is full
+        hold = max((len(s) for s in stops), default=1) - 1  # text that may still become a stop string
+        sent = [""] * len(seqs)
+        finished = [False] * len(seqs)
+        try:
+            while not all(finished):
+                notify.wait(0.5)
+                notify.clear()
+                for i, seq in enumerate(seqs):
+                    if finished[i]:
+                        continue
+                    done = seq.done.is_set()
+                    if done and seq.error:
+                        raise ApiError(503, seq.error)
+                    text = cut_at_stop(self.decode(seq.output), stops)[0]
+                    if not done:  # hold back what a later token may still change
+                        text = text.rstrip("\ufffd")
+                        text = text[: max(0, len(text) - hold)]
+                    if text.startswith(sent[i]) and len(text) > len(sent[i]):
+                        yield i, text[len(sent[i]) :], None
+                        sent[i] = text
+                    if done:
+                        finished[i] = True
+                        yield i, None, seq.finish_reason
+        finally:
+            self.rt.loop.cancel([s for s in seqs if not s.done.is_set()])  # a client that left frees its slots
 
 
 def _run(prompts, body, default_max, chat: bool):
     params, n, stops, stream = _request(body, prompts, default_max)
-    seqs = _sequences(prompts, params, n, stops)
+    m = model()
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     if stream:
-        return _stream(rid, seqs, stops, chat)
-    runtime().run(seqs)
-    record(seqs)
+        return _stream(rid, m, m.runner.stream(prompts, params, n, stops), n * len(prompts), chat)
+    results = m.runner.generate(prompts, params, n, stops)
     choices = []
-    for i, seq in enumerate(seqs):
-        text = _text(seq, stops, model().decode)
+    for i, (text, finish, _) in enumerate(results):
         if chat:
             choices.append({"index": i, "message": {"role": "assistant", "content": text},
-                            "finish_reason": seq.finish_reason, "logprobs": None})  # fmt: skip
+                            "finish_reason": finish, "logprobs": None})  # fmt: skip
         else:
-            choices.append({"index": i, "text": text, "finish_reason": seq.finish_reason, "logprobs": None})
+            choices.append({"index": i, "text": text, "finish_reason": finish, "logprobs": None})
+    prompt_tokens = sum(len(p) for p in prompts)
+    completion = sum(tokens for _, _, tokens in results)
+    usage = {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion,
+        "total_tokens": prompt_tokens + completion,
+    }
     return jsonify(
         id=rid, object="chat.completion" if chat else "text_completion", created=int(time.time()),
-        model=model().name, choices=choices, usage=_usage(seqs, prompts, n),
+        model=m.name, choices=choices, usage=usage,
     )  # fmt: skip
 
 
-def _stream(rid: str, seqs: list[Sequence], stops: list[str], chat: bool) -> Response:
-    rt, m = runtime(), model()
-    notify = threading.Event()
-    for seq in seqs:
-        seq.notify = notify
-    rt.run_async(seqs)  # 503 now, before the stream starts, if the queue is full
-    hold = max((len(s) for s in stops), default=1) - 1  # text that may still become part of a stop string
+def _stream(rid: str, m: OpenAIModel, pieces, n_choices: int, chat: bool) -> Response:
+    """Server-sent events from the runner's (index, text, finish_reason) pieces, then [DONE]."""
     kind = "chat.completion.chunk" if chat else "text_completion"
+    first = next(pieces, None)  # starts the generation: a full queue is still a 503 here, not mid-stream
 
     def chunk(i, text=None, finish=None, role=False):
         if chat:
@@ -156,34 +195,18 @@ def _stream(rid: str, seqs: list[Sequence], stops: list[str], chat: bool) -> Res
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
     def events():
-        sent = [""] * len(seqs)
-        finished = [False] * len(seqs)
         try:
             if chat:
-                yield "".join(chunk(i, role=True) for i in range(len(seqs)))
-            while not all(finished):
-                notify.wait(0.5)
-                notify.clear()
-                for i, seq in enumerate(seqs):
-                    if finished[i]:
-                        continue
-                    done = seq.done.is_set()
-                    if done and seq.error:
-                        raise ApiError(503, seq.error)
-                    text = _text(seq, stops, m.decode)
-                    if not done:  # hold back what a later token may still change
-                        text = text.rstrip("\ufffd")[: max(0, len(text.rstrip("\ufffd")) - hold)]
-                    if text.startswith(sent[i]) and len(text) > len(sent[i]):
-                        yield chunk(i, text[len(sent[i]) :])
-                        sent[i] = text
-                    if done:
-                        finished[i] = True
-                        yield chunk(i, finish=seq.finish_reason)
+                yield "".join(chunk(i, role=True) for i in range(n_choices))
+            if first is not None:
+                yield chunk(*first)
+            for piece in pieces:
+                yield chunk(*piece)
             yield "data: [DONE]\n\n"
         except ApiError as e:
             yield f"data: {json.dumps({'error': {'message': e.detail}})}\n\n"
         finally:
-            rt.loop.cancel([s for s in seqs if not s.done.is_set()])  # a client that left frees its slots
+            pieces.close()
 
     return Response(events(), mimetype="text/event-stream", headers={"Cache-Control": "no-cache"})
 

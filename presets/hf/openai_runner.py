@@ -1,0 +1,92 @@
+"""The OpenAI routes on a HuggingFace model: requests become generate jobs; streaming uses a streamer."""
+
+import queue
+import time
+
+from presets.hf.engine import HFJob, batch_key
+from presets.hf.params import DEFAULTS, EXTRAS
+from presets.serving.app import record_counts
+from presets.serving.batch_loop import Job
+from presets.serving.errors import ApiError
+from presets.serving.openai_api import cut_at_stop
+from presets.serving.params import SamplingParams
+
+
+class _QueueStreamer:
+    """A transformers streamer that hands each new token id to a queue (None at the end)."""
+
+    def __init__(self):
+        self.queue = queue.SimpleQueue()
+        self.prompt_seen = False
+
+    def put(self, value):
+        if not self.prompt_seen:  # the first call carries the prompt
+            self.prompt_seen = True
+            return
+        for token in value.reshape(-1).tolist():
+            self.queue.put(token)
+
+    def end(self):
+        self.queue.put(None)
+
+
+class HFRunner:
+    def __init__(self, rt):
+        self.rt = rt
+
+    @staticmethod
+    def _params(params: SamplingParams, n: int) -> dict:
+        sampling = params.temperature > 0
+        return DEFAULTS | EXTRAS | {
+            "do_sample": sampling, "temperature": params.temperature if sampling else 1.0, "top_p": params.top_p,
+            "top_k": 0, "num_return_sequences": n if sampling else 1, "ignore_eos": params.ignore_eos,
+            "seed": params.seed,
+        }  # fmt: skip
+
+    def generate(self, prompts, params: SamplingParams, n: int, stops) -> list[tuple[str, str, int]]:
+        """(text, finish_reason, completion tokens) per choice, n per prompt."""
+        p = self._params(params, n)
+        t0 = time.perf_counter()
+        jobs = self.rt.run([Job(batch_key(p), HFJob("", ids, p, params.max_tokens)) for ids in prompts])
+        choices = []
+        for job in jobs:
+            sequences = job.result if len(job.result) == n else job.result * n  # greedy: n equal choices
+            for ids, eos in sequences:
+                text, stopped = cut_at_stop(self.rt.engine.text(ids), stops)
+                choices.append((text, "stop" if eos or stopped else "length", len(ids)))
+            self.rt.metrics.finished_request(t0, len(job.payload.prompt_ids), sum(len(i) for i, _ in job.result))
+        record_counts(len(choices), sum(len(p) for p in prompts), sum(c[2] for c in choices))
+        return choices
+
+    def stream(self, prompts, params: SamplingParams, n: int, stops):
+        """Yield (choice index, new text or None, finish_reason or None); each choice is its own job, in turn."""
+        hold = max((len(s) for s in stops), default=1) - 1
+        for pi, ids in enumerate(prompts):
+            for c in range(n):
+                seed = None if params.seed is None else params.seed + c
+                streamer = _QueueStreamer()
+                p = self._params(SamplingParams(**{**vars(params), "seed": seed}), 1)
+                job = Job(None, HFJob("", ids, p, params.max_tokens, streamer))  # streamed jobs run alone
+                self.rt.run_async([job])
+                index, tokens, sent = pi * n + c, [], ""
+                while not job.done.is_set() or not streamer.queue.empty():
+                    try:
+                        token = streamer.queue.get(timeout=0.5)
+                    except queue.Empty:
+                        continue
+                    if token is None:
+                        break
+                    tokens.append(token)
+                    text = cut_at_stop(self.rt.engine.text(tokens), stops)[0].rstrip("\ufffd")
+                    text = text[: max(0, len(text) - hold)]
+                    if text.startswith(sent) and len(text) > len(sent):
+                        yield index, text[len(sent) :], None
+                        sent = text
+                job.done.wait()
+                if job.error:
+                    raise ApiError(503, job.error)
+                ((final_ids, eos),) = job.result
+                text, stopped = cut_at_stop(self.rt.engine.text(final_ids), stops)
+                if text.startswith(sent) and len(text) > len(sent):
+                    yield index, text[len(sent) :], None
+                yield index, None, "stop" if eos or stopped else "length"
