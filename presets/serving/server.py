@@ -20,8 +20,8 @@ def exit_gunicorn(code: int = 0) -> None:
         threading.Timer(0.2, os.kill, (os.getppid(), signal.SIGTERM)).start()
     else:
         # A worker exiting with this code makes the arbiter halt with the same code, not respawn it.
-        # The second's delay lets the threads answering requests send their 503s first.
-        threading.Timer(1.0, _halt).start()
+        # The delay lets the threads answering requests send their 503s (and probes see 503) first.
+        threading.Timer(2.0, _halt).start()
 
 
 def _halt() -> None:
