@@ -8,6 +8,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from presets.hf.engine import HFJob
+from presets.hf.params import DEFAULTS, EXTRAS
 from tests.conftest import hf_client
 from tests.launch import finish, free_port, post, running, start, wait_healthy
 
@@ -153,3 +155,26 @@ def test_falcon_server_process(falcon_dir, tmp_path):
     missing = start([sys.executable, "inference_api.py", "--model_id", str(tmp_path)], "falcon")
     code, out = finish(missing)
     assert code != 0 and f"error: config.json not found in {tmp_path}" in out and "Traceback" not in out
+
+
+def test_cancelled_streamed_job_stops_generating(falcon_dir):
+    client, rt = hf_client(falcon_dir)
+    try:
+        params = DEFAULTS | EXTRAS | {"do_sample": False, "ignore_eos": True}
+        job = HFJob("", rt.tokenizer("Hello").input_ids, params, 50)
+
+        class CancelAfterThree:  # a client that reads three tokens, then leaves
+            seen = -1  # the first put carries the prompt
+
+            def put(self, value):
+                self.seen += 1
+                job.cancelled = self.seen >= 3
+
+            def end(self):
+                pass
+
+        job.streamer = CancelAfterThree()
+        ((ids, _),) = rt.engine.run_batch(None, [job])[0]
+        assert 3 <= len(ids) <= 4  # not the 50 asked for
+    finally:
+        rt.shutdown()

@@ -3,7 +3,7 @@
 from dataclasses import dataclass
 
 import torch
-from transformers import GenerationConfig
+from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
 from presets.serving.errors import ApiError
 
@@ -21,6 +21,7 @@ class HFJob:
     params: dict
     max_new_tokens: int
     streamer: object = None  # a transformers streamer; a streamed job runs alone
+    cancelled: bool = False  # its client went away: generate stops at the next token
 
 
 def batch_key(params: dict):
@@ -80,7 +81,10 @@ class HFEngine:
         if p["seed"] is not None:
             torch.manual_seed(p["seed"])  # the job runs alone (see batch_key): reproducible
         streamer = jobs[0].streamer if len(jobs) == 1 else None
-        out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=config, streamer=streamer)
+        stop = StoppingCriteriaList([_Cancelled(jobs)])
+        out = self.model.generate(
+            input_ids=ids, attention_mask=mask, generation_config=config, streamer=streamer, stopping_criteria=stop
+        )
         n = p["num_return_sequences"]
         stops = set() if p["ignore_eos"] else set(eos if isinstance(eos, list) else [eos])
         results = []
@@ -95,6 +99,17 @@ class HFEngine:
 
     def text(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+class _Cancelled(StoppingCriteria):
+    """Ends generation once every job of the batch has been cancelled (its clients left)."""
+
+    def __init__(self, jobs):
+        self.jobs = jobs
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
+        done = all(job.cancelled for job in self.jobs)
+        return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
 
 
 def _first(ids):

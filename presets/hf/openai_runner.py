@@ -68,25 +68,32 @@ class HFRunner:
                 p = self._params(SamplingParams(**{**vars(params), "seed": seed}), 1)
                 job = Job(None, HFJob("", ids, p, params.max_tokens, streamer))  # streamed jobs run alone
                 self.rt.run_async([job])
-                index, tokens, sent = pi * n + c, [], ""
-                while not job.done.is_set() or not streamer.queue.empty():
-                    try:
-                        token = streamer.queue.get(timeout=0.5)
-                    except queue.Empty:
-                        continue
-                    if token is None:
-                        break
-                    tokens.append(token)
-                    text = cut_at_stop(self.rt.engine.text(tokens), stops)[0].rstrip("\ufffd")
-                    text = text[: max(0, len(text) - hold)]
-                    if text.startswith(sent) and len(text) > len(sent):
-                        yield index, text[len(sent) :], None
-                        sent = text
-                job.done.wait()
-                if job.error:
-                    raise ApiError(503, job.error)
-                ((final_ids, eos),) = job.result
-                text, stopped = cut_at_stop(self.rt.engine.text(final_ids), stops)
-                if text.startswith(sent) and len(text) > len(sent):
-                    yield index, text[len(sent) :], None
-                yield index, None, "stop" if eos or stopped else "length"
+                try:
+                    yield from self._follow(job, streamer, pi * n + c, stops, hold)
+                finally:
+                    job.payload.cancelled = True  # a client that left stops its generation at the next token
+
+    def _follow(self, job, streamer, index: int, stops, hold: int):
+        """Pieces of one streamed job, from its streamer's queue; the final text settles the rest."""
+        tokens, sent = [], ""
+        while not job.done.is_set() or not streamer.queue.empty():
+            try:
+                token = streamer.queue.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            if token is None:
+                break
+            tokens.append(token)
+            text = cut_at_stop(self.rt.engine.text(tokens), stops)[0].rstrip("\ufffd")
+            text = text[: max(0, len(text) - hold)]
+            if text.startswith(sent) and len(text) > len(sent):
+                yield index, text[len(sent) :], None
+                sent = text
+        job.done.wait()
+        if job.error:
+            raise ApiError(503, job.error)
+        ((final_ids, eos),) = job.result
+        text, stopped = cut_at_stop(self.rt.engine.text(final_ids), stops)
+        if text.startswith(sent) and len(text) > len(sent):
+            yield index, text[len(sent) :], None
+        yield index, None, "stop" if eos or stopped else "length"
