@@ -34,7 +34,8 @@ def server(tiny_ckpt):
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0)
+    with openai.OpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0) as c:
+        yield c
 
 
 def metric(url: str, name: str) -> float:
@@ -153,9 +154,9 @@ def test_metrics_move_as_requests_run(server, client):
 
 
 def test_api_keys_accepted_and_refused(server):
-    bad = openai.OpenAI(base_url=f"{server}/v1", api_key="wrong", max_retries=0)
-    with pytest.raises(openai.AuthenticationError):
-        bad.models.list()
+    with openai.OpenAI(base_url=f"{server}/v1", api_key="wrong", max_retries=0) as bad:
+        with pytest.raises(openai.AuthenticationError):
+            bad.models.list()
     assert requests.post(f"{server}/generate", json={"prompts": ["x"]}, timeout=5).status_code == 401
     assert requests.post(f"{server}/shutdown", timeout=5).status_code == 401  # shutdown is protected too
     for open_route in ("/", "/healthz", "/metrics"):
@@ -174,7 +175,7 @@ def test_key_file_and_environment(tmp_path, monkeypatch):
     assert parse_settings(["--api_key", "flag"]).api_key == "flag"
 
 
-def test_openai_routes_on_a_huggingface_model(hf_llama_dir, falcon_client):
+def test_openai_routes_on_a_huggingface_model(request, hf_llama_dir, falcon_client):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "inference_api.py", "--model_id", hf_llama_dir, "--host", "127.0.0.1", "--port", str(port)]
@@ -182,6 +183,7 @@ def test_openai_routes_on_a_huggingface_model(hf_llama_dir, falcon_client):
     with running(proc):
         wait_healthy(proc, url)
         c = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+        request.addfinalizer(c.close)
         name = os.path.basename(hf_llama_dir)
         assert [m.id for m in c.models.list().data] == [name]
         args = dict(model=name, prompt="The river", max_tokens=40, temperature=0)

@@ -10,7 +10,7 @@ import threading
 from collections import deque
 from dataclasses import dataclass, field
 
-from presets.serving.errors import ApiError
+from presets.serving.engine_thread import EngineThread
 
 log = logging.getLogger(__name__)
 
@@ -24,59 +24,27 @@ class Job:
     done: threading.Event = field(default_factory=threading.Event)
 
 
-class BatchLoop:
+class BatchLoop(EngineThread):
     def __init__(self, run_batch, max_batch_size: int, max_waiting: int, warm_up_job=None):
+        super().__init__(max_waiting)
         self.run_batch = run_batch  # (key, payloads) -> results, one per payload
         self.max_batch_size = max_batch_size
-        self.max_waiting = max_waiting
         self.warm_up_job = warm_up_job  # () -> Job
         self.waiting: deque[Job] = deque()
-        self.cv = threading.Condition()
-        self.stopping = False
-        self.last_step_failed = False
-        self.failed = None
-        self.metrics = None
         self.running = 0
-        self.thread = threading.Thread(target=self._run, name="engine", daemon=True)
 
     def counts(self) -> tuple[int, int]:
         """(running, waiting) requests."""
         return self.running, len(self.waiting)
 
-    def attach_metrics(self, metrics) -> None:
-        self.metrics = metrics
-
-    def start(self) -> None:
-        self.thread.start()
-
-    @property
-    def alive(self) -> bool:
-        return self.thread.is_alive() and not self.stopping
-
-    def join(self, timeout: float) -> None:
-        self.thread.join(timeout)
-
     def submit(self, jobs: list[Job]) -> None:
         with self.cv:
-            if self.stopping:
-                raise ApiError(503, "server is shutting down")
-            if len(self.waiting) + len(jobs) > self.max_waiting:
-                raise ApiError(503, f"server is at capacity ({self.max_waiting} requests waiting); retry shortly",
-                               {"Retry-After": "1"})  # fmt: skip
+            self._admit_or_refuse(len(self.waiting), len(jobs), "requests")
             self.waiting.extend(jobs)
             self.cv.notify()
 
     def warm_up(self, tokenizer) -> None:
-        job = self.warm_up_job()
-        self.submit([job])
-        job.done.wait()
-        if job.error:
-            raise RuntimeError(job.error)
-
-    def stop(self) -> None:
-        with self.cv:
-            self.stopping = True
-            self.cv.notify()
+        self._submit_and_wait(self.warm_up_job())
 
     def _next_batch(self) -> list[Job]:
         """The oldest job, and the later ones that share its key (up to max_batch_size)."""

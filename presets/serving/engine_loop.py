@@ -1,9 +1,8 @@
 """The engine thread: the only thread that touches the model. HTTP threads submit sequences and wait."""
 
 import logging
-import threading
 
-from presets.serving.errors import ApiError
+from presets.serving.engine_thread import EngineThread
 from presets.serving.params import SamplingParams
 from presets.serving.sampling import make_rng, sample
 from presets.serving.scheduler import Scheduler, Sequence
@@ -11,7 +10,7 @@ from presets.serving.scheduler import Scheduler, Sequence
 log = logging.getLogger(__name__)
 
 
-class EngineLoop:
+class EngineLoop(EngineThread):
     """Runs prefill and decode steps of `engine` for the scheduler's sequences (continuous batching).
 
     `engine` provides prefill(slots, prompts) -> (S, V) last-token logits, decode(slots, tokens,
@@ -22,50 +21,29 @@ class EngineLoop:
 
     def __init__(self, engine, eos_id: int, max_batch_size: int, max_waiting: int, max_prefill_tokens: int = 4096,
                  heartbeat_s: float | None = None, on_fatal=None):  # fmt: skip
+        super().__init__(max_waiting)
         self.engine = engine
         self.max_prefill_tokens = max_prefill_tokens
         self.eos_id = eos_id
-        self.scheduler = Scheduler(max_batch_size, max_waiting)
-        self.cv = threading.Condition()
-        self.stopping = False
-        self.last_step_failed = False
+        self.scheduler = Scheduler(max_batch_size)
         # With several ranks: idle heartbeats keep them in step, and a failed step is fatal
         # (the ranks may no longer agree on the cache), so the job stops and is restarted.
         self.heartbeat_s = heartbeat_s
         self.on_fatal = on_fatal
-        self.failed: str | None = None
-        self.metrics = None  # set by the Runtime
-        self.thread = threading.Thread(target=self._run, name="engine", daemon=True)
 
     def counts(self) -> tuple[int, int]:
         """(running, waiting) sequences."""
         return len(self.scheduler.running), len(self.scheduler.waiting)
 
     def attach_metrics(self, metrics) -> None:
-        self.metrics = metrics
+        super().attach_metrics(metrics)
         self.scheduler.on_finish = metrics.finished
-
-    def start(self) -> None:
-        self.thread.start()
-
-    @property
-    def alive(self) -> bool:
-        return self.thread.is_alive() and not self.stopping
-
-    def join(self, timeout: float) -> None:
-        self.thread.join(timeout)
 
     def submit(self, seqs: list[Sequence]) -> None:
         """Queue `seqs` for generation, or answer 503 when the queue is full."""
         with self.cv:
-            if self.stopping:
-                raise ApiError(503, "server is shutting down")
-            if not self.scheduler.add(seqs):
-                raise ApiError(
-                    503,
-                    f"server is at capacity ({self.scheduler.max_waiting} sequences waiting); retry shortly",
-                    {"Retry-After": "1"},
-                )
+            self._admit_or_refuse(len(self.scheduler.waiting), len(seqs), "sequences")
+            self.scheduler.add(seqs)
             self.cv.notify()
 
     def cancel(self, seqs: list[Sequence]) -> None:
@@ -77,17 +55,7 @@ class EngineLoop:
 
     def warm_up(self, tokenizer) -> None:
         """One real prefill and decode step; raises if it fails."""
-        seq = Sequence([tokenizer.bos_id], SamplingParams(temperature=0), max_new_tokens=2)
-        self.submit([seq])
-        seq.done.wait()
-        if seq.error:
-            raise RuntimeError(seq.error)
-
-    def stop(self) -> None:
-        """Stop after the current step; waiting and running sequences end with an error."""
-        with self.cv:
-            self.stopping = True
-            self.cv.notify()
+        self._submit_and_wait(Sequence([tokenizer.bos_id], SamplingParams(temperature=0), max_new_tokens=2))
 
     def _run(self) -> None:
         try:

@@ -65,6 +65,14 @@ class Runtime:
         self.state = "ready"
         self._report(f"ready in {time.perf_counter() - t0:.1f}s")
 
+    def wait_started(self, timeout: float = 600) -> None:
+        """Block until loading and warm-up are over; raise if they failed."""
+        deadline = time.monotonic() + timeout
+        while self.state not in ("ready", "failed") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if self.state != "ready":
+            raise RuntimeError(f"model {self.state}: {self.progress}")
+
     def _engine_loop(self, engine, tokenizer) -> EngineLoop:
         return EngineLoop(
             engine, tokenizer.eos_id, self.max_batch_size, self.max_waiting,

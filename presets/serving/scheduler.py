@@ -1,4 +1,4 @@
-"""Continuous-batching scheduler: sequences, a bounded waiting queue, KV-cache slots. No torch here."""
+"""Continuous-batching scheduler: sequences, the waiting queue, KV-cache slots. No torch here."""
 
 import heapq
 import threading
@@ -46,19 +46,15 @@ class Sequence:
 class Scheduler:
     """Admits waiting sequences into free slots between steps and retires finished ones at once."""
 
-    def __init__(self, max_batch_size: int, max_waiting: int):
-        self.max_waiting = max_waiting
+    def __init__(self, max_batch_size: int):
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.free_slots = list(range(max_batch_size))  # a heap: the lowest free slot first
         self.on_finish = None  # called with each sequence that completes (for metrics)
 
-    def add(self, seqs: list[Sequence]) -> bool:
-        """Queue all of `seqs`, or none of them when the queue would overflow."""
-        if len(self.waiting) + len(seqs) > self.max_waiting:
-            return False
+    def add(self, seqs: list[Sequence]) -> None:
+        """Queue `seqs` (the engine thread bounds the queue before it calls this)."""
         self.waiting.extend(seqs)
-        return True
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)

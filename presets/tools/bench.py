@@ -88,8 +88,7 @@ def run_ours(ckpt, prompts, clients, new_tokens):
     )  # fmt: skip
     rt = build_runtime(settings)
     rt.start()  # loads on a thread that then exits, as in the server: only the engine thread computes
-    while rt.state in ("starting", "loading") or (rt.state != "failed" and not rt.health()[0]):
-        time.sleep(0.1)
+    rt.wait_started()
     params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
     rt.generate(prompts[:clients], params)  # warm-up at full batch
 

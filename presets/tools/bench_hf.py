@@ -23,8 +23,7 @@ def run(model_dir: str, batch: int, requests: int, clients: int, new_tokens: int
 
     rt = build_runtime(HFSettings(model_id=model_dir, max_batch_size=batch))
     rt.start()
-    while rt.state in ("starting", "loading") or (rt.state != "failed" and not rt.health()[0]):
-        time.sleep(0.1)
+    rt.wait_started()
     params = hf_params.DEFAULTS | hf_params.EXTRAS | {"do_sample": False, "ignore_eos": True, "max_length": 1024}
     words = "the river flows past the old mill under the stone bridge".split()
     prompts = [" ".join(words[j % len(words)] for j in range(8 + (i * 7) % 33)) for i in range(requests)]
