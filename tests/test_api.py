@@ -177,6 +177,10 @@ BAD_GENERATE = [
     ({"prompts": ["x"], "parameters": {"seed": -3}}, "parameters.seed must be >= 0"),
     ({"prompts": ["x"], "parameters": {"max_seq_len": 4096}}, "parameters.max_seq_len is a server setting"),
     ({"prompts": ["x"], "parameters": {"top_k": 4}}, "unknown field(s) ['top_k']"),
+    (
+        '{"prompts": ["x"], "parameters": {"temperature": 1' + "0" * 400 + "}}",
+        "parameters.temperature must be a finite",
+    ),
     ({"prompts": ["x"], "prompt": "y"}, "body: unknown field(s) ['prompt']"),
 ]
 
@@ -237,3 +241,26 @@ def test_oversized_body_wrong_method_and_unknown_route_are_json(completion_clien
     assert r.status_code == 405 and "Method Not Allowed" in r.get_json()["detail"]
     r = completion_client.post("/chat", json={})
     assert r.status_code == 404 and "Not Found" in r.get_json()["detail"]
+
+
+def test_tiny_temperature_is_greedy_not_nan(completion_client):
+    tiny = completion_client.post(
+        "/generate", json=greedy(["The river flows"]) | {"parameters": {"temperature": 1e-40, "max_gen_len": 16}}
+    )
+    assert tiny.status_code == 200
+    assert tiny.get_json() == completion_client.post("/generate", json=greedy(["The river flows"])).get_json()
+
+
+def test_seed_routes_answer_503_while_loading():
+    import threading as th
+
+    from presets.llama2.routes import completion
+    from presets.serving.app import create_app
+    from presets.serving.runtime import Runtime
+
+    release = th.Event()
+    rt = Runtime(lambda progress: release.wait() and None, max_seq_len=64, max_batch_size=2, max_waiting=4)
+    rt.start()
+    r = create_app(rt, [completion]).test_client().post("/generate", json={"prompts": ["x"]})
+    release.set()
+    assert r.status_code == 503 and r.headers["Retry-After"] == "5" and "model loading" in r.get_json()["detail"]

@@ -116,7 +116,7 @@ BAD = [
     ({"prompt": "x", "temprature": 0.5}, "unknown field(s) ['temprature']"),
     ({"prompt": "x", "top_k": "ten"}, "top_k must be an integer"),
     ({"prompt": "x", "do_sample": "yes"}, "do_sample must be true or false"),
-    ({"prompt": "x", "temperature": 0}, "temperature must be > 0"),
+    ({"prompt": "x", "temperature": 0}, "temperature must be >= 1e-05"),
     ({"prompt": "x", "top_p": 1.5}, "top_p must be > 0 and <= 1"),
     ({"prompt": "x", "max_length": True}, "max_length must be an integer"),
     ({"prompt": "x", "repetition_penalty": float("nan")}, "repetition_penalty must be a finite number"),
@@ -129,6 +129,9 @@ BAD = [
     ({}, "give exactly one of prompt"),
     ({"prompt": "x", "messages": []}, "give exactly one of prompt"),
     ({"prompt": "x", "max_length": 1}, "leaves no room to generate"),
+    ({"prompt": ""}, "prompt is empty"),
+    ({"prompt": "x", "num_return_sequences": 17}, "num_return_sequences must be >= 1 and <= 16"),
+    ({"prompt": "x", "temperature": 1e-40}, "temperature must be >= 1e-05"),
 ]
 
 
@@ -176,5 +179,22 @@ def test_cancelled_streamed_job_stops_generating(falcon_dir):
         job.streamer = CancelAfterThree()
         ((ids, _),) = rt.engine.run_batch(None, [job])[0]
         assert 3 <= len(ids) <= 4  # not the 50 asked for
+    finally:
+        rt.shutdown()
+
+
+def test_ignore_eos_generates_the_full_length(falcon_client):
+    body = {"prompt": "Hello", "max_tokens": 30, "temperature": 0, "ignore_eos": True}
+    r = falcon_client.post("/v1/completions", json=body)
+    assert r.status_code == 200 and r.get_json()["usage"]["completion_tokens"] == 30
+
+
+def test_ignore_eos_is_not_undone_by_the_models_generation_config(falcon_dir):
+    # generate() fills unset fields from model.generation_config: had the model's EOS stayed there,
+    # passing eos_token_id=None for ignore_eos would still stop at EOS.
+    client, rt = hf_client(falcon_dir)
+    try:
+        assert rt.engine.model.generation_config.eos_token_id is None
+        assert rt.engine.eos_id == rt.tokenizer.eos_token_id  # read before it was cleared
     finally:
         rt.shutdown()

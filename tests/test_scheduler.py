@@ -102,6 +102,10 @@ def test_failed_step_fails_its_sequences_not_the_server():
         rt.generate([[BOS, 10]], GREEDY)
     assert e.value.status == 500 and rt.health() == (False, "the last engine step failed")
     engine.decode = real
+    deadline = time.time() + 5  # when idle, the engine probes the device again: health recovers without traffic
+    while rt.health() != (True, "Healthy"):
+        assert time.time() < deadline
+        time.sleep(0.1)
     (seq,) = rt.generate([[BOS, 10]], SamplingParams(temperature=0, max_tokens=2))
     assert seq.output == [11, 12] and rt.health() == (True, "Healthy")
     rt.shutdown()

@@ -47,10 +47,15 @@ class HFEngine:
         self.vocab_size = len(tokenizer)
         self.eos_id = model.generation_config.eos_token_id or tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else _first(self.eos_id)
+        # generate() fills unset fields from the model's own config; EOS is passed explicitly per batch,
+        # so clear it there, or ignore_eos could not turn it off.
+        model.generation_config.eos_token_id = None
 
     def job(self, prompt_text: str, params: dict, add_special_tokens: bool = True) -> HFJob:
         """Tokenize and size one request; 400 when the prompt leaves no room to generate."""
         ids = self.tokenizer(prompt_text, add_special_tokens=add_special_tokens).input_ids
+        if not ids:
+            raise ApiError(400, "prompt is empty: it has no tokens for this model")
         limit = min(params["max_length"], self.context) if self.context else params["max_length"]
         if self.context and len(ids) >= self.context:
             raise ApiError(400, f"prompt is {len(ids)} tokens; the model's context is {self.context} tokens")

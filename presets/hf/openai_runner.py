@@ -36,7 +36,7 @@ class HFRunner:
 
     @staticmethod
     def _params(params: SamplingParams, n: int) -> dict:
-        sampling = params.temperature > 0
+        sampling = not params.greedy
         return DEFAULTS | EXTRAS | {
             "do_sample": sampling, "temperature": params.temperature if sampling else 1.0, "top_p": params.top_p,
             "top_k": 0, "num_return_sequences": n if sampling else 1, "ignore_eos": params.ignore_eos,
@@ -46,6 +46,8 @@ class HFRunner:
     def generate(self, prompts, params: SamplingParams, n: int, stops) -> list[tuple[str, str, int]]:
         """(text, finish_reason, completion tokens) per choice, n per prompt."""
         p = self._params(params, n)
+        if any(not ids for ids in prompts):
+            raise ApiError(400, "prompt is empty: it has no tokens for this model")
         t0 = time.perf_counter()
         jobs = self.rt.run([Job(batch_key(p), HFJob("", ids, p, params.max_tokens)) for ids in prompts])
         choices = []
@@ -61,6 +63,8 @@ class HFRunner:
     def stream(self, prompts, params: SamplingParams, n: int, stops):
         """Yield (choice index, new text or None, finish_reason or None); each choice is its own job, in turn."""
         hold = max((len(s) for s in stops), default=1) - 1
+        if any(not ids for ids in prompts):
+            raise ApiError(400, "prompt is empty: it has no tokens for this model")
         for pi, ids in enumerate(prompts):
             for c in range(n):
                 seed = None if params.seed is None else params.seed + c
@@ -94,6 +98,8 @@ class HFRunner:
             raise ApiError(503, job.error)
         ((final_ids, eos),) = job.result
         text, stopped = cut_at_stop(self.rt.engine.text(final_ids), stops)
-        if text.startswith(sent) and len(text) > len(sent):
+        if not text.startswith(sent):  # never silently shorter than non-streamed
+            raise ApiError(500, "streamed text diverged from the final text; retry without stream")
+        if len(text) > len(sent):
             yield index, text[len(sent) :], None
         yield index, None, "stop" if eos or stopped else "length"

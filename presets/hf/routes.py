@@ -48,6 +48,7 @@ def chat_route():
     body = json_object(request)
     reject_unknown(body, ALLOWED, "body")
     rt = runtime()
+    rt.require_ready()
     engine = rt.engine
     params = hf_params.parse(body, engine.vocab_size)
     text, special = prompt_text(body, rt.tokenizer)

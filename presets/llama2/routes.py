@@ -21,6 +21,7 @@ def generate():
     body = json_object(request)
     reject_unknown(body, ("prompts", "parameters"), "body")
     rt = runtime()
+    rt.require_ready()
     prompts = string_list(body.get("prompts"), "prompts", rt.max_waiting)
     params = SamplingParams.from_seed_parameters(body.get("parameters"), "parameters", COMPLETION_MAX_GEN_LEN)
     ids = [rt.tokenizer.encode(p, bos=True, eos=False) for p in prompts]
@@ -40,6 +41,7 @@ def chat_completion():
         raise ApiError(400, "input_data must be an object with input_string (a list of dialogs)")
     reject_unknown(data, ("input_string", "parameters"), "input_data")
     rt = runtime()
+    rt.require_ready()
     dialogs = data.get("input_string")
     if not isinstance(dialogs, list) or not dialogs:
         raise ApiError(400, "input_data.input_string must be a non-empty list of dialogs")

@@ -62,7 +62,8 @@ class EngineLoop(EngineThread):
             while True:
                 with self.cv:
                     if not self.scheduler.has_work() and not self.stopping:
-                        self.cv.wait(timeout=self.heartbeat_s)
+                        probe = self.last_step_failed and self.heartbeat_s is None
+                        self.cv.wait(timeout=1.0 if probe else self.heartbeat_s)
                     if self.stopping:
                         break
                     for seq in [s for s in (*self.scheduler.waiting, *self.scheduler.running) if s.cancelled]:
@@ -72,6 +73,8 @@ class EngineLoop(EngineThread):
                     self._step(new)
                 elif self.heartbeat_s is not None:
                     self.engine.heartbeat()  # idle: tell the other ranks we are alive
+                elif self.last_step_failed:
+                    self._probe()
             self._end("server is shutting down")
             if hasattr(self.engine, "close"):
                 self.engine.close()
@@ -88,6 +91,14 @@ class EngineLoop(EngineThread):
         with self.cv:
             for seq in list(self.scheduler.waiting) + list(self.scheduler.running):
                 self.scheduler.finish(seq, None, error)
+
+    def _probe(self) -> None:
+        """After a failed step, when idle: one real step again, so health recovers without traffic."""
+        try:
+            self.engine.prefill([0], [[self.eos_id]])  # slot 0 is free: nothing is running
+            self.last_step_failed = False
+        except Exception:
+            log.exception("engine probe failed")
 
     def _prefill_groups(self, new: list[Sequence]):
         """Split new sequences into prefill steps of at most max_prefill_tokens prompt tokens (>= 1 each)."""

@@ -68,11 +68,16 @@ def _request(body: dict, prompts: list[list[int]], default_max: int | None):
     if body.get("user") is not None and not isinstance(body["user"], str):
         raise ApiError(400, "user must be a string")
     n = integer(body, "n", "", 1, lo=1, hi=MAX_N)
+    if len(prompts) * n > runtime().max_waiting:
+        raise ApiError(400, f"{len(prompts)} prompt(s) x n={n} is more than the {runtime().max_waiting} "
+                       "sequences this server queues; split the request")  # fmt: skip
     longest = max(len(p) for p in prompts)
+    context = m.context()
+    if longest >= context:
+        raise ApiError(400, f"this model's maximum context length is {context} tokens; the prompt has {longest}")
     max_tokens = integer(body, "max_tokens", "", default_max, lo=1)
     if max_tokens is None:
-        max_tokens = m.context() - longest
-    context = m.context()
+        max_tokens = context - longest
     if longest + max_tokens > context:
         raise ApiError(
             400,
@@ -146,6 +151,8 @@ class StepRunner:
                     if text.startswith(sent[i]) and len(text) > len(sent[i]):
                         yield i, text[len(sent[i]) :], None
                         sent[i] = text
+                    elif done and not text.startswith(sent[i]):  # never silently shorter than non-streamed
+                        raise ApiError(500, "streamed text diverged from the final text; retry without stream")
                     if done:
                         finished[i] = True
                         yield i, None, seq.finish_reason

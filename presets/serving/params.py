@@ -8,6 +8,7 @@ from presets.serving.validation import boolean, integer, number, reject_unknown
 # Server settings that clients sometimes send as parameters (the seed docs list them with the
 # request parameters); they are fixed when the server starts.
 SERVER_SETTINGS = ("max_seq_len", "max_batch_size")
+GREEDY_BELOW = 1e-5  # temperatures under this are treated as 0 (greedy)
 
 
 @dataclass(frozen=True)
@@ -20,7 +21,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW  # dividing logits by less would overflow to inf/NaN
 
     @classmethod
     def from_seed_parameters(cls, params, where: str, default_max_gen_len: int | None) -> "SamplingParams":

@@ -32,6 +32,7 @@ class Runtime:
         self.state = "starting"
         self.progress = "not started"
         self.tokenizer = None
+        self.engine = None  # a family may keep its engine here (the HF server does)
         self.loop: EngineLoop | None = None
         self.on_failure = None  # called when loading fails (the launcher makes the process exit non-zero)
         self.metrics = Metrics(lambda: self.loop.counts() if self.loop else (0, 0))

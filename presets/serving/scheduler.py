@@ -87,7 +87,9 @@ class Scheduler:
                 seq.notify.set()
 
     def finish(self, seq: Sequence, reason: str | None, error: str | None = None) -> None:
-        """Retire `seq` (from any state), free its slot and wake its waiter."""
+        """Retire `seq` (from any state), free its slot and wake its waiter; a finished one stays as it is."""
+        if seq.status is Status.FINISHED:
+            return
         if seq.status is Status.RUNNING:
             self.running.remove(seq)
             heapq.heappush(self.free_slots, seq.slot)

@@ -31,8 +31,12 @@ def number(d: dict, key: str, where: str, default, lo=None, hi=None, lo_open=Fal
     if v is _MISSING or v is None:
         return default
     name = f"{where}.{key}" if where else key
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise ApiError(400, f"{name} must be a finite number, got {v!r}")
+    try:
+        finite = not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+    except OverflowError:  # an integer too large for a float
+        finite = False
+    if not finite:
+        raise ApiError(400, f"{name} must be a finite number, got {str(v)[:40]!r}")
     too_low = lo is not None and (v <= lo if lo_open else v < lo)
     if too_low or (hi is not None and v > hi):
         lo_txt = "" if lo is None else f"{'>' if lo_open else '>='} {lo}"
