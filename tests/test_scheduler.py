@@ -162,3 +162,33 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     out = top_p_filter(probs, torch.tensor([0.4, 0.75]))
     assert torch.allclose(out[0], torch.tensor([1.0, 0.0, 0.0]))
     assert torch.allclose(out[1], torch.tensor([0.625, 0.375, 0.0]))
+
+
+def test_batch_loop_failed_batch_fails_its_jobs_and_health_recovers_without_traffic():
+    from presets.serving.batch_loop import BatchLoop, Job
+
+    broken = {"now": False}
+
+    def run_batch(key, payloads):
+        if broken["now"]:
+            raise RuntimeError("device lost")
+        return [p * 2 for p in payloads]
+
+    def make_loop(engine, tokenizer):
+        return BatchLoop(run_batch, 4, 8, warm_up_job=lambda: Job(None, 0))
+
+    rt = Runtime(lambda progress: (None, ByteTokenizer()), 64, 4, 8, make_loop=make_loop)
+    rt.start(background=False)
+    try:
+        assert [j.result for j in rt.run([Job("k", 1), Job("k", 2)])] == [2, 4]
+        broken["now"] = True
+        with pytest.raises(ApiError, match="generation failed: RuntimeError: device lost") as e:
+            rt.run([Job(None, 3)])
+        assert e.value.status == 500 and rt.health() == (False, "the last engine step failed")
+        broken["now"] = False
+        deadline = time.time() + 5
+        while rt.health() != (True, "Healthy"):
+            assert time.time() < deadline
+            time.sleep(0.1)
+    finally:
+        rt.shutdown()

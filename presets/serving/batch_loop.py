@@ -63,7 +63,10 @@ class BatchLoop(EngineThread):
         while True:
             with self.cv:
                 while not self.waiting and not self.stopping:
-                    self.cv.wait()
+                    if not self.cv.wait(timeout=1.0 if self.last_step_failed else None) and self.last_step_failed:
+                        break  # idle after a failed batch: probe the device below
+                if self.last_step_failed and not self.waiting and not self.stopping:
+                    self.waiting.append(self.warm_up_job())  # one real batch again: health recovers without traffic
                 if self.stopping:
                     for job in self.waiting:
                         job.error = "server is shutting down"
