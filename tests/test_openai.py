@@ -207,6 +207,10 @@ def test_openai_routes_on_a_huggingface_model(request, hf_llama_dir, falcon_clie
             == answer
         )
         assert len(c.completions.create(model=name, prompt="Once", max_tokens=5, n=2, seed=1).choices) == 2
+        stop = whole[10:13]  # a stop string ends generation, not just the text
+        stopped = c.completions.create(**args, stop=stop)
+        assert stopped.choices[0].text == whole[: whole.index(stop)] and stopped.choices[0].finish_reason == "stop"
+        assert stopped.usage.completion_tokens < 40
         assert requests.post(f"{url}/shutdown", timeout=5).json() == {}
         code, out = finish(proc)
     assert code == 0, out

@@ -22,6 +22,7 @@ class HFJob:
     max_new_tokens: int
     streamer: object = None  # a transformers streamer; a streamed job runs alone
     cancelled: bool = False  # its client went away: generate stops at the next token
+    stops: tuple[str, ...] = ()  # stop strings (OpenAI routes): its rows stop once one appears
 
 
 def batch_key(params: dict):
@@ -86,7 +87,7 @@ class HFEngine:
         if p["seed"] is not None:
             torch.manual_seed(p["seed"])  # the job runs alone (see batch_key): reproducible
         streamer = jobs[0].streamer if len(jobs) == 1 else None
-        stop = StoppingCriteriaList([_Cancelled(jobs)])
+        stop = StoppingCriteriaList([_StopWhen(jobs, width, self.text)])
         out = self.model.generate(
             input_ids=ids, attention_mask=mask, generation_config=config, streamer=streamer, stopping_criteria=stop
         )
@@ -106,15 +107,20 @@ class HFEngine:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
 
-class _Cancelled(StoppingCriteria):
-    """Ends generation once every job of the batch has been cancelled (its clients left)."""
+class _StopWhen(StoppingCriteria):
+    """Per row: stop once its job is cancelled (the client left) or its text holds one of the job's stops."""
 
-    def __init__(self, jobs):
-        self.jobs = jobs
+    def __init__(self, jobs, width: int, text):
+        self.jobs, self.width, self.text = jobs, width, text
 
     def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
-        done = all(job.cancelled for job in self.jobs)
-        return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
+        per_job = input_ids.shape[0] // len(self.jobs)  # return sequences or beams of each job
+        done = []
+        for row, ids in enumerate(input_ids):
+            job = self.jobs[row // per_job]
+            text = self.text(ids[self.width :].tolist()) if job.stops else ""
+            done.append(job.cancelled or any(s in text for s in job.stops))
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
 def _first(ids):

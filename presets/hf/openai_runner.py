@@ -49,7 +49,9 @@ class HFRunner:
         if any(not ids for ids in prompts):
             raise ApiError(400, "prompt is empty: it has no tokens for this model")
         t0 = time.perf_counter()
-        jobs = self.rt.run([Job(batch_key(p), HFJob("", ids, p, params.max_tokens)) for ids in prompts])
+        jobs = self.rt.run(
+            [Job(batch_key(p), HFJob("", ids, p, params.max_tokens, stops=tuple(stops))) for ids in prompts]
+        )
         choices = []
         for job in jobs:
             sequences = job.result if len(job.result) == n else job.result * n  # greedy: n equal choices
@@ -70,7 +72,7 @@ class HFRunner:
                 seed = None if params.seed is None else params.seed + c
                 streamer = _QueueStreamer()
                 p = self._params(SamplingParams(**{**vars(params), "seed": seed}), 1)
-                job = Job(None, HFJob("", ids, p, params.max_tokens, streamer))  # streamed jobs run alone
+                job = Job(None, HFJob("", ids, p, params.max_tokens, streamer, stops=tuple(stops)))  # runs alone
                 self.rt.run_async([job])
                 try:
                     yield from self._follow(job, streamer, pi * n + c, stops, hold)
