@@ -11,7 +11,6 @@ import argparse
 import multiprocessing
 import os
 import tempfile
-import threading
 import time
 
 
@@ -20,6 +19,7 @@ def run(model_dir: str, batch: int, requests: int, clients: int, new_tokens: int
     from presets.hf.engine import batch_key
     from presets.hf.server import HFSettings, build_runtime
     from presets.serving.batch_loop import Job
+    from presets.tools.bench import closed_loop
 
     rt = build_runtime(HFSettings(model_id=model_dir, max_batch_size=batch))
     rt.start()
@@ -27,25 +27,14 @@ def run(model_dir: str, batch: int, requests: int, clients: int, new_tokens: int
     params = hf_params.DEFAULTS | hf_params.EXTRAS | {"do_sample": False, "ignore_eos": True, "max_length": 1024}
     words = "the river flows past the old mill under the stone bridge".split()
     prompts = [" ".join(words[j % len(words)] for j in range(8 + (i * 7) % 33)) for i in range(requests)]
-    todo, lock = list(prompts), threading.Lock()
 
-    def client():
-        while True:
-            with lock:
-                if not todo:
-                    return
-                prompt = todo.pop()
-            job = rt.engine.job(prompt, params)
-            job.max_new_tokens = new_tokens
-            rt.run([Job(batch_key(params), job)])
+    def serve(prompt):
+        job = rt.engine.job(prompt, params)
+        job.max_new_tokens = new_tokens
+        rt.run([Job(batch_key(params), job)])
+        return [time.perf_counter()] * new_tokens  # closed_loop wants token times; only the total is used
 
-    t0 = time.perf_counter()
-    threads = [threading.Thread(target=client) for _ in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    seconds = time.perf_counter() - t0
+    seconds, _ = closed_loop(prompts, clients, serve)
     rt.shutdown()
     return requests * new_tokens / seconds
 
