@@ -6,6 +6,7 @@ import torch
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
 from presets.serving.errors import ApiError
+from presets.serving.openai_api import stop_window
 
 # Parameters passed to generate as they are; the others are handled here (lengths, ids, seed).
 SAMPLING = ("temperature", "top_k", "top_p", "typical_p")
@@ -118,7 +119,7 @@ class _StopWhen(StoppingCriteria):
         done = []
         for row, ids in enumerate(input_ids):
             job = self.jobs[row // per_job]
-            text = self.text(ids[self.width :].tolist()) if job.stops else ""
+            text = self.text(ids[self.width :][-stop_window(job.stops) :].tolist()) if job.stops else ""
             done.append(job.cancelled or any(s in text for s in job.stops))
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 

@@ -14,8 +14,6 @@ DEFAULTS = {
 }  # fmt: skip
 # Ours, on every server: a fixed token count for benchmarks, and reproducible sampling.
 EXTRAS = {"ignore_eos": False, "seed": None}
-# Accepted for compatibility; the answer is {"Result": text} either way.
-NO_EFFECT = ("output_scores", "return_dict_in_generate")
 
 
 def _token_id(body: dict, key: str, vocab_size: int):

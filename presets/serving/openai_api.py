@@ -94,6 +94,12 @@ def _request(body: dict, prompts: list[list[int]], default_max: int | None):
     return params, n, _stops(body), boolean(body, "stream", "", False)
 
 
+def stop_window(stops) -> int:
+    """Tokens whose text holds any stop string that the newest token completed: a character takes at most
+    4 byte tokens, plus slack for the window's own first token, whose decoding may differ."""
+    return 4 * max(len(s) for s in stops) + 8
+
+
 def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
     """(text before the first stop string, whether one was found)."""
     cut = min((text.find(s) for s in stops if s in text), default=-1)
@@ -114,7 +120,7 @@ class StepRunner:
                 p = params if params.seed is None else SamplingParams(**{**vars(params), "seed": params.seed + i})
                 seq = Sequence(ids, p, params.max_tokens)
                 if stops:
-                    seq.stop_check = lambda out, _s=stops: any(s in self.decode(out) for s in _s)
+                    seq.stop_check = lambda out, _s=stops: any(s in self.decode(out[-stop_window(_s) :]) for s in _s)
                 seqs.append(seq)
         return seqs
 
