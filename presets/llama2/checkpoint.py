@@ -15,6 +15,17 @@ log = logging.getLogger(__name__)
 # Keys Meta's files carry that the model does not use (it recomputes the rotary table).
 IGNORED_KEYS = {"rope.freqs"}
 
+# How Meta splits each weight over model-parallel ranks: dim 0 for column-parallel layers,
+# dim 1 for row-parallel layers and the embedding; None means every shard holds it whole.
+SPLIT_DIM = {
+    "tok_embeddings": 1, "output": 0, "wq": 0, "wk": 0, "wv": 0, "wo": 1, "w1": 0, "w3": 0, "w2": 1,
+}  # fmt: skip
+
+
+def split_dim(key: str) -> int | None:
+    """The dimension along which Meta's shards split the weight `key` (None: each shard has it whole)."""
+    return SPLIT_DIM.get(key.split(".")[-2] if key.endswith(".weight") else key)
+
 
 class CheckpointError(Exception):
     """A checkpoint folder that cannot be served; the message says what is wrong."""
@@ -99,3 +110,15 @@ def load_model(ckpt_dir, tokenizer, mp_rank, mp_size, device, dtype, progress=lo
             progress(f"loaded {done / 1e6:.1f} of {total / 1e6:.1f} MB from {os.path.basename(path)}")
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval()
+
+
+def merge_shards(ckpt_dir: str) -> dict[str, torch.Tensor]:
+    """The full (unsharded) state dict of a checkpoint folder, its shards joined as Meta split them."""
+    shards = [torch.load(p, map_location="cpu", mmap=True, weights_only=True) for p in shard_paths(ckpt_dir)]
+    if not shards:
+        raise CheckpointError(f"no consolidated.NN.pth shard found in {ckpt_dir}")
+    full = {}
+    for key in shards[0].keys() - IGNORED_KEYS:
+        dim = split_dim(key)
+        full[key] = shards[0][key] if dim is None or len(shards) == 1 else torch.cat([s[key] for s in shards], dim)
+    return full

@@ -15,15 +15,10 @@ import os
 import sentencepiece as spm
 import torch
 
+from presets.llama2.checkpoint import split_dim
 from presets.llama2.model import ModelArgs
 
 CORPUS = os.path.join(os.path.dirname(__file__), "corpus.txt")
-
-# How Meta splits each weight over model-parallel ranks: dim 0 for column-parallel layers,
-# dim 1 for row-parallel layers and the embedding; None means every shard holds it whole.
-SPLIT_DIM = {
-    "tok_embeddings": 1, "output": 0, "wq": 0, "wk": 0, "wv": 0, "wo": 1, "w1": 0, "w3": 0, "w2": 1,
-}  # fmt: skip
 
 
 def train_tokenizer(vocab_size: int) -> bytes:
@@ -89,8 +84,7 @@ def shard(weights: dict[str, torch.Tensor], n: int) -> list[dict[str, torch.Tens
     """Split full weights into `n` model-parallel shards the way Meta's consolidated files are split."""
     shards = [{} for _ in range(n)]
     for key, t in weights.items():
-        module = key.split(".")[-2] if key.endswith(".weight") else key
-        dim = SPLIT_DIM.get(module)
+        dim = split_dim(key)
         parts = t.chunk(n, dim=dim) if dim is not None else [t] * n
         for s, part in zip(shards, parts):
             s[key] = part.clone()
