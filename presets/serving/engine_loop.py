@@ -1,6 +1,9 @@
 """The engine thread: the only thread that touches the model. HTTP threads submit sequences and wait."""
 
 import logging
+import threading
+from collections import deque
+from dataclasses import dataclass, field
 
 from presets.serving.engine_thread import EngineThread
 from presets.serving.params import SamplingParams
@@ -8,6 +11,16 @@ from presets.serving.sampling import make_rng, sample
 from presets.serving.scheduler import Scheduler, Sequence
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class Call:
+    """Work on the model that is not generation (an embedding), run by the engine thread between steps."""
+
+    fn: object  # () -> result
+    result: object = None
+    error: str | None = None
+    done: threading.Event = field(default_factory=threading.Event)
 
 
 class EngineLoop(EngineThread):
@@ -30,6 +43,7 @@ class EngineLoop(EngineThread):
         # (the ranks may no longer agree on the cache), so the job stops and is restarted.
         self.heartbeat_s = heartbeat_s
         self.on_fatal = on_fatal
+        self.calls: deque[Call] = deque()
 
     def counts(self) -> tuple[int, int]:
         """(running, waiting) sequences."""
@@ -44,6 +58,13 @@ class EngineLoop(EngineThread):
         with self.cv:
             self._admit_or_refuse(len(self.scheduler.waiting), len(seqs), "sequences")
             self.scheduler.add(seqs)
+            self.cv.notify()
+
+    def submit_call(self, call: Call) -> None:
+        """Queue a Call for the engine thread, or answer 503 when too many wait."""
+        with self.cv:
+            self._admit_or_refuse(len(self.calls), 1, "calls")
+            self.calls.append(call)
             self.cv.notify()
 
     def cancel(self, seqs: list[Sequence]) -> None:
@@ -61,16 +82,22 @@ class EngineLoop(EngineThread):
         try:
             while True:
                 with self.cv:
-                    if not self.scheduler.has_work() and not self.stopping:
+                    if not self.scheduler.has_work() and not self.calls and not self.stopping:
                         probe = self.last_step_failed and self.heartbeat_s is None
                         self.cv.wait(timeout=1.0 if probe else self.heartbeat_s)
                     if self.stopping:
                         break
+                    calls = list(self.calls)
+                    self.calls.clear()
                     for seq in [s for s in (*self.scheduler.waiting, *self.scheduler.running) if s.cancelled]:
                         self.scheduler.finish(seq, None, "cancelled: the client disconnected")  # frees its slot
                     new = self.scheduler.admit() if self.scheduler.has_work() else None
+                for call in calls:
+                    self._call(call)
                 if new is not None:
                     self._step(new)
+                elif calls:
+                    continue  # the calls were this round's work
                 elif self.heartbeat_s is not None:
                     self.engine.heartbeat()  # idle: tell the other ranks we are alive
                 elif self.last_step_failed:
@@ -91,6 +118,19 @@ class EngineLoop(EngineThread):
         with self.cv:
             for seq in list(self.scheduler.waiting) + list(self.scheduler.running):
                 self.scheduler.finish(seq, None, error)
+            for call in self.calls:
+                call.error = error
+                call.done.set()
+            self.calls.clear()
+
+    @staticmethod
+    def _call(call: Call) -> None:
+        try:
+            call.result = call.fn()
+        except Exception as e:  # a failed call fails its request, not the server
+            log.exception("engine call failed")
+            call.error = f"{type(e).__name__}: {e}"
+        call.done.set()
 
     def _probe(self) -> None:
         """After a failed step, when idle: one real step again, so health recovers without traffic."""

@@ -18,6 +18,9 @@ class SamplingParams:
     max_tokens: int | None = None  # None: all the room left in max_seq_len
     ignore_eos: bool = False
     seed: int | None = None
+    top_k: int = 0  # keep the k most likely tokens before sampling; 0: all
+    repeat_penalty: float = 1.0  # llama.cpp's: logits of tokens among the last repeat_last_n are pushed down
+    repeat_last_n: int = 64
 
     @property
     def greedy(self) -> bool:

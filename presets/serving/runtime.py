@@ -4,7 +4,7 @@ import logging
 import threading
 import time
 
-from presets.serving.engine_loop import EngineLoop
+from presets.serving.engine_loop import Call, EngineLoop
 from presets.serving.errors import ApiError
 from presets.serving.metrics import Metrics
 from presets.serving.params import SamplingParams
@@ -141,12 +141,24 @@ class Runtime:
         """Submit items (sequences or jobs) to the loop and wait for all of them; errors become ApiErrors."""
         self.run_async(items)
         for item in items:
-            while not item.done.wait(0.5):
-                if not self.loop.alive:
-                    failed = self.loop.failed
-                    raise ApiError(
-                        503, f"engine failed: {failed}" if failed else "engine stopped before the request finished"
-                    )
+            self._wait(item)
             if item.error:
                 raise ApiError(500 if item.error.startswith("generation failed") else 503, item.error)
         return items
+
+    def call(self, fn):
+        """fn() run by the engine thread between steps (the only thread that touches the model); its result."""
+        self.require_ready()
+        call = Call(fn)
+        self.loop.submit_call(call)
+        self._wait(call)
+        if call.error:
+            raise ApiError(503 if self.loop.stopping else 500, call.error)
+        return call.result
+
+    def _wait(self, item) -> None:
+        while not item.done.wait(0.5):
+            if not self.loop.alive:
+                failed = self.loop.failed
+                why = f"engine failed: {failed}" if failed else "engine stopped before the request finished"
+                raise ApiError(503, why)
