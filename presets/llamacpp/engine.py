@@ -1,0 +1,163 @@
+"""Step engine on llama.cpp (through llama-cpp-python's C bindings): the EngineLoop's prefill/decode.
+
+Slot i of the scheduler is llama.cpp sequence i of one context; each sequence has its own KV stream
+of ctx_size positions, so up to max_batch_size requests decode together in one llama_decode call.
+One more sequence, after the slots, is used by embeddings. Only the engine thread calls into it.
+"""
+
+import ctypes
+import logging
+
+import llama_cpp
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+_GGML_LOG_WARN, _GGML_LOG_ERROR = 3, 4  # ggml_log_level; DEBUG/INFO (the loading chatter) are dropped
+
+
+@llama_cpp.llama_log_callback
+def _log_to_python(level, text, _user_data):
+    if level in (_GGML_LOG_WARN, _GGML_LOG_ERROR) and text:
+        log.warning("llama.cpp: %s", text.decode("utf-8", "replace").rstrip())
+
+
+class LlamaCppError(Exception):
+    """The model file cannot be loaded, or llama.cpp refused a step."""
+
+
+class LlamaCppTokenizer:
+    """The GGUF file's own vocabulary: what the EngineLoop and routes need of a tokenizer."""
+
+    def __init__(self, model):
+        self.vocab = llama_cpp.llama_model_get_vocab(model)
+        self.n_words = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        self.bos_id = llama_cpp.llama_vocab_bos(self.vocab)
+        self.eos_id = llama_cpp.llama_vocab_eos(self.vocab)
+        self.add_bos = llama_cpp.llama_vocab_get_add_bos(self.vocab)
+        self._pieces: dict[int, bytes] = {}
+
+    def encode(self, text: str, bos: bool = True, special: bool = False) -> list[int]:
+        """Token ids of `text`, after BOS when the model adds one; special: "<s>" in the text is BOS."""
+        data = text.encode("utf-8")
+        size = len(data) + 8
+        while True:
+            buf = (llama_cpp.llama_token * size)()
+            n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, size, bos and self.add_bos, special)
+            if n >= 0:
+                return list(buf[:n])
+            size = -n
+
+    def piece(self, token: int) -> bytes:
+        cached = self._pieces.get(token)
+        if cached is None:
+            buf = ctypes.create_string_buffer(64)
+            n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, 64, 0, False)
+            if n < 0:
+                buf = ctypes.create_string_buffer(-n)
+                n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, -n, 0, False)
+            cached = self._pieces[token] = buf.raw[:n]
+        return cached
+
+    def decode(self, ids: list[int]) -> str:
+        """The text of `ids` as a continuation (a leading space is kept; BOS/EOS render as nothing)."""
+        return b"".join(self.piece(t) for t in ids).decode("utf-8", "replace")
+
+
+class LlamaCppEngine:
+    def __init__(self, path: str, ctx_size: int, max_batch_size: int, n_threads: int, n_batch: int,
+                 use_mmap: bool = True, use_mlock: bool = False):  # fmt: skip
+        llama_cpp.llama_log_set(_log_to_python, None)
+        llama_cpp.llama_backend_init()
+        mp = llama_cpp.llama_model_default_params()
+        mp.use_mmap, mp.use_mlock = use_mmap, use_mlock
+        self.model = llama_cpp.llama_model_load_from_file(path.encode(), mp)
+        if not self.model:
+            raise LlamaCppError(f"llama.cpp cannot load {path} (see the llama.cpp messages above)")
+        self.tokenizer = LlamaCppTokenizer(self.model)
+        self.n_vocab = self.tokenizer.n_words
+        self.n_embd = llama_cpp.llama_model_n_embd(self.model)
+        self.ctx_size = ctx_size
+        self.embed_seq = max_batch_size  # the sequence embeddings use
+        self.n_batch = n_batch
+        cp = llama_cpp.llama_context_default_params()
+        cp.n_seq_max = max_batch_size + 1
+        per_seq = -(-ctx_size // 256) * 256  # llama.cpp pads the cache to 256 positions
+        cp.n_ctx = per_seq * cp.n_seq_max  # each sequence gets ctx_size positions (or more) of its own
+        cp.kv_unified = False
+        cp.n_batch = n_batch
+        cp.n_ubatch = min(n_batch, 512)
+        cp.n_threads = cp.n_threads_batch = n_threads
+        cp.embeddings = False
+        self.ctx = llama_cpp.llama_init_from_model(self.model, cp)
+        if not self.ctx:
+            raise LlamaCppError(f"llama.cpp cannot create a context of {cp.n_ctx} tokens for {path}")
+        if llama_cpp.llama_n_ctx_seq(self.ctx) < ctx_size:
+            got = llama_cpp.llama_n_ctx_seq(self.ctx)
+            raise LlamaCppError(f"llama.cpp gave each sequence {got} positions, not ctx_size {ctx_size}")
+        self.memory = llama_cpp.llama_get_memory(self.ctx)
+        self.batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
+        self.device = torch.device("cpu")
+
+    def chat_template(self) -> str | None:
+        """The file's tokenizer.chat_template (Jinja), if it has one."""
+        raw = llama_cpp.llama_model_chat_template(self.model, None)
+        return raw.decode("utf-8") if raw else None
+
+    def close(self) -> None:
+        if self.ctx:
+            llama_cpp.llama_batch_free(self.batch)
+            llama_cpp.llama_free(self.ctx)
+            llama_cpp.llama_model_free(self.model)
+            self.ctx = self.model = None
+
+    # -- the step engine interface of EngineLoop ---------------------------------------------------
+
+    def prefill(self, slots: list[int], prompts: list[list[int]]) -> torch.Tensor:
+        """Run whole prompts into their sequences from position 0; (S, V) last-token logits."""
+        items = []
+        for slot, prompt in zip(slots, prompts):
+            llama_cpp.llama_memory_seq_rm(self.memory, slot, -1, -1)  # what the slot held before
+            last = len(prompt) - 1
+            items += [(tok, pos, slot, pos == last) for pos, tok in enumerate(prompt)]
+        return torch.from_numpy(self._run(items, logits=True))
+
+    def decode(self, slots: list[int], tokens: list[int], positions: list[int]) -> torch.Tensor:
+        """One token for each running sequence at its own position; logits (B, V)."""
+        return torch.from_numpy(self._run(list(zip(tokens, positions, slots, [True] * len(slots))), logits=True))
+
+    def embed(self, ids: list[int]) -> np.ndarray:
+        """Mean over the tokens of the final normalized hidden states, L2-normalized; shape (n_embd,)."""
+        seq = self.embed_seq
+        llama_cpp.llama_memory_seq_rm(self.memory, seq, -1, -1)
+        llama_cpp.llama_set_embeddings(self.ctx, True)
+        try:
+            rows = self._run([(tok, pos, seq, True) for pos, tok in enumerate(ids)], logits=False)
+        finally:
+            llama_cpp.llama_set_embeddings(self.ctx, False)
+            llama_cpp.llama_memory_seq_rm(self.memory, seq, -1, -1)
+        mean = rows.mean(axis=0)
+        return mean / max(float(np.linalg.norm(mean)), 1e-12)
+
+    # -- llama_decode over a list of (token, position, sequence, output) ----------------------------
+
+    def _run(self, items: list[tuple[int, int, int, bool]], logits: bool) -> np.ndarray:
+        """Decode `items` in chunks of at most n_batch; the outputs (logits or embeddings) of the flagged rows."""
+        width = self.n_vocab if logits else self.n_embd
+        out = []
+        b = self.batch
+        for start in range(0, len(items), self.n_batch):
+            chunk = items[start : start + self.n_batch]
+            for i, (tok, pos, seq, want) in enumerate(chunk):
+                b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = tok, pos, 1, want
+                b.seq_id[i][0] = seq
+            b.n_tokens = len(chunk)
+            rc = llama_cpp.llama_decode(self.ctx, b)
+            if rc != 0:
+                raise LlamaCppError(f"llama_decode returned {rc} for a batch of {len(chunk)} tokens")
+            get = llama_cpp.llama_get_logits_ith if logits else llama_cpp.llama_get_embeddings_ith
+            for i, (_, _, _, want) in enumerate(chunk):
+                if want:
+                    out.append(np.ctypeslib.as_array(get(self.ctx, i), shape=(width,)).copy())
+        return np.stack(out) if out else np.zeros((0, width), dtype=np.float32)
