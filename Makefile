@@ -11,8 +11,9 @@ PYTEST_ARGS ?=
 
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+LLAMA_CPP_STAMP := $(VENV)/.installed-llama-cpp
 
-.PHONY: help install run run-chat run-falcon demo system-deps test lint format bench bench-hf image-llama2 image-falcon clean
+.PHONY: help install install-llama-cpp run-llama-cpp run run-chat run-falcon demo system-deps test lint format bench bench-hf image-llama2 image-falcon image-llm-api clean
 
 help: ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-13s %s\n", $$1, $$2}'
@@ -23,6 +24,12 @@ $(STAMP): requirements.txt requirements-dev.txt constraints.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet -c constraints.txt -r requirements.txt -r requirements-dev.txt
 	$(BIN)/pip install --quiet --no-deps -e .
+	touch $@
+
+install-llama-cpp: $(LLAMA_CPP_STAMP) ## add the llm-api server's packages (llama-cpp-python compiles ~4 min once; pip caches it)
+
+$(LLAMA_CPP_STAMP): requirements-llama-cpp.txt constraints.txt | $(STAMP)
+	$(BIN)/pip install --quiet -c constraints.txt -r requirements-llama-cpp.txt
 	touch $@
 
 demo: $(DEMO_DIR)/params.json ## generate the random-weight demo checkpoint (cached)
@@ -47,16 +54,27 @@ $(FALCON_DEMO_DIR)/config.json: | $(STAMP)
 run-falcon: $(FALCON_DEMO_DIR)/config.json ## start the Falcon server (POST /chat) on a tiny random-weight Falcon, port $(PORT)
 	cd presets/inference/falcon && $(abspath $(BIN))/python inference_api.py --model_id $(abspath $(FALCON_DEMO_DIR)) --port $(PORT)
 
+LLAMA_CPP_DEMO ?= .cache/demo-llm-api
+
+$(LLAMA_CPP_DEMO)/models/ggml-llama-demo-q4.bin: $(DEMO_DIR)/params.json | $(LLAMA_CPP_STAMP)
+	$(BIN)/python -m presets.tools.gguf_export $(DEMO_DIR) $@
+	printf 'models_dir: %s\nmodel_family: llama\nmodel_name: demo\nport: %s\n' \
+		"$(abspath $(LLAMA_CPP_DEMO))/models" 8000 > $(LLAMA_CPP_DEMO)/config.yaml
+
+run-llama-cpp: $(LLAMA_CPP_DEMO)/models/ggml-llama-demo-q4.bin ## start the llm-api server (POST /generate, /agenerate, /embeddings) on the demo model as GGUF, port 8000
+	cd $(LLAMA_CPP_DEMO) && $(abspath $(BIN))/python $(abspath presets/inference/llama-cpp/inference_api.py)
+
 # Debian packages the tests use: the Docker engine and debootstrap (image builds), iproute2 (network
 # namespaces as test hosts). Installed only when missing; needs root, as on CI.
-SYSTEM_TOOLS ?= docker:docker.io dockerd:docker.io debootstrap:debootstrap ip:iproute2
+SYSTEM_TOOLS ?= docker:docker.io dockerd:docker.io docker-compose:docker-compose debootstrap:debootstrap ip:iproute2 \
+	cmake:cmake g++:g++
 
-system-deps: ## install the Debian packages the tests need when missing (docker.io, debootstrap, iproute2)
+system-deps: ## install the Debian packages the tests need when missing (docker, compose, debootstrap, iproute2, cmake, g++)
 	@missing=""; for t in $(SYSTEM_TOOLS); do command -v $${t%%:*} >/dev/null || missing="$$missing $${t##*:}"; done; \
 	if [ -n "$$missing" ]; then echo "installing:$$missing"; apt-get update -qq && \
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; fi
 
-test: lint system-deps ## run the whole test suite (CPU, no network; builds Docker images, needs root)
+test: lint system-deps $(LLAMA_CPP_STAMP) ## run the whole test suite (CPU, no network; builds Docker images, needs root)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/pytest $(PYTEST_ARGS)
 
 lint: $(STAMP) ## ruff lint and format check
@@ -85,6 +103,9 @@ image-llama2: ## docker build the Llama-2 image: WEIGHTS_PATH=weights/llama-2-7b
 image-falcon: ## docker build the Falcon image: WEIGHTS_PATH=weights/falcon-7b-instruct VERSION=0.0.1
 	docker build -f docker/presets/inference/falcon/Dockerfile --build-arg WEIGHTS_PATH=$(WEIGHTS_PATH) \
 		--build-arg VERSION=$(VERSION) -t $(IMAGE) .
+
+image-llm-api: ## docker build the llm-api image (GGUF on llama.cpp, CPU); then `docker compose up` or the README's docker run
+	docker build -f docker/presets/inference/llama-cpp/Dockerfile -t llm-api .
 
 clean: ## remove .venv/ and cached checkpoints
 	rm -rf $(VENV) .cache

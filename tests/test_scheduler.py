@@ -9,7 +9,8 @@ import torch
 from presets.serving.errors import ApiError
 from presets.serving.params import SamplingParams
 from presets.serving.runtime import Runtime
-from presets.serving.sampling import top_p_filter
+from presets.serving.sampling import make_rng, sample, top_p_filter
+from presets.serving.scheduler import Sequence
 from tests.fakes import BOS, ByteTokenizer, FakeEngine
 
 GREEDY = SamplingParams(temperature=0)
@@ -162,6 +163,27 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     out = top_p_filter(probs, torch.tensor([0.4, 0.75]))
     assert torch.allclose(out[0], torch.tensor([1.0, 0.0, 0.0]))
     assert torch.allclose(out[1], torch.tensor([0.625, 0.375, 0.0]))
+
+
+def test_repeat_penalty_pushes_down_recent_tokens_only():
+    """llama.cpp's rule: a seen token's logit is divided by the penalty when positive, multiplied when negative."""
+    logits = torch.tensor([[3.0, 2.9, -1.0, 0.5]])
+    seq = Sequence([0, 2], SamplingParams(temperature=0, repeat_penalty=1.5, repeat_last_n=2), 8)
+    assert sample(logits, [seq]) == [1]  # token 0 (3.0 -> 2.0) is in the window, so 1 (2.9) wins
+    far = Sequence([0, 3, 3], SamplingParams(temperature=0, repeat_penalty=1.5, repeat_last_n=2), 8)
+    assert sample(logits, [far]) == [0]  # token 0 is outside the last 2 tokens
+    off = Sequence([0, 2], SamplingParams(temperature=0), 8)
+    assert sample(logits, [off]) == [0] and logits[0, 0] == 3.0  # no penalty by default; logits untouched
+
+
+def test_top_k_samples_only_among_the_k_most_likely():
+    logits = torch.tensor([[2.0, 1.9, 1.8, 1.7, -5.0]])
+    seen = set()
+    for i in range(200):
+        seq = Sequence([0], SamplingParams(temperature=5.0, top_p=1.0, top_k=2), 8)
+        seq.rng = make_rng(i, "cpu")
+        seen.update(sample(logits, [seq]))
+    assert seen == {0, 1}
 
 
 def test_batch_loop_failed_batch_fails_its_jobs_and_health_recovers_without_traffic():

@@ -1,0 +1,377 @@
+"""The llm-api family: a tiny GGUF written from our tiny checkpoint, served by llama.cpp.
+
+Reference: our PyTorch Llama (and transformers' LlamaForCausalLM) on the same weights.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGUFReader
+
+from presets.llama2.checkpoint import merge_shards, read_args
+from presets.llama2.hf_convert import to_hf
+from presets.llama2.tokenizer import Tokenizer
+from presets.llamacpp.config import ConfigError, load_config
+from presets.llamacpp.engine import LlamaCppEngine
+from presets.llamacpp.server import build_app
+from presets.serving.params import SamplingParams
+from presets.tools.gguf_export import export
+from presets.tools.tiny_checkpoint import write_checkpoint
+from tests.conftest import TINY, real_client
+from tests.launch import ROOT, finish, free_port, get, post, running
+
+ENTRY = os.path.join(ROOT, "presets", "inference", "llama-cpp", "inference_api.py")
+PROMPTS = ["What is the capital of France?", "Hello world", "the quick brown fox", "Once upon a time, "]
+GREEDY = {"temp": 0, "repeat_penalty": 1.0}
+SEED_GENERATE = """{
+    "prompt": "What is the capital of paris",
+    "params": {
+        "n_predict": 300,
+        "temp": 0.1,
+        "top_k": 40,
+        "top_p": 0.95,
+        "stop": ["\\Q"],
+        "repeat_penalty": 1.3
+    }
+}"""  # llm-api's README example, verbatim: "\Q" is not a JSON escape
+
+
+@pytest.fixture(scope="module")
+def models_dir(tiny_ckpt, tmp_path_factory):
+    """models_dir holding the tiny checkpoint as GGUF under llm-api's name for family llama, name tiny."""
+    path = tmp_path_factory.mktemp("models")
+    export(tiny_ckpt, str(path / "ggml-llama-tiny-q4.bin"))
+    return str(path)
+
+
+def write_config(folder, models_dir: str, **extra) -> str:
+    cfg = {"models_dir": models_dir, "model_family": "llama", "model_name": "tiny",
+           "setup_params": {"convert": False, "migrate": False},
+           "model_params": {"ctx_size": 128, "seed": -1, "n_threads": 2, "n_batch": 64, "n_parts": -1,
+                            "last_n_tokens_size": 16}} | extra  # fmt: skip
+    path = os.path.join(folder, "config.yaml")
+    with open(path, "w") as f:
+        json.dump(cfg, f)  # JSON is YAML
+    return path
+
+
+@pytest.fixture(scope="module")
+def llm(models_dir, tmp_path_factory):
+    """A test client of the llm-api app, model loaded and warmed up (4 sequences at once)."""
+    cfg = load_config(write_config(tmp_path_factory.mktemp("cfg"), models_dir), environ={})
+    app = build_app(cfg, cfg.model_file, start=False)
+    rt = app.extensions["runtime"]
+    rt.start(background=False)
+    yield app.test_client()
+    rt.shutdown()
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_ckpt):
+    """Our PyTorch Llama on the same checkpoint: (runtime, SentencePiece tokenizer)."""
+    client, rt = real_client(tiny_ckpt, "completion", max_seq_len=128, max_batch_size=4)
+    yield rt, rt.tokenizer
+    rt.shutdown()
+
+
+def continuation(tok: Tokenizer, prompt_ids: list[int], out: list[int]) -> str:
+    """The text `out` adds after the prompt (prompt + it = the whole text), by SentencePiece."""
+    whole, head = tok.decode(prompt_ids + out), tok.decode(prompt_ids)
+    assert whole.startswith(head)
+    return whole[len(head) :]
+
+
+def reference_greedy(reference, prompt: str, n: int) -> tuple[list[int], str]:
+    """Our PyTorch Llama's greedy output: (token ids, text by SentencePiece)."""
+    rt, tok = reference
+    ids = tok.encode(prompt, bos=True, eos=False)
+    (seq,) = rt.generate([ids], SamplingParams(temperature=0, max_tokens=n))
+    return seq.output, continuation(tok, ids, seq.output)
+
+
+def generate(client, prompt: str, **params):
+    r = client.post("/generate", json={"prompt": prompt, "params": params})
+    return r.status_code, r.get_json()
+
+
+def sse_text(raw: str) -> tuple[str, list[str]]:
+    """Concatenated data of the message events of an event stream (data lines joined by \\n), and error events."""
+    text, errors = "", []
+    for block in raw.split("\n\n"):
+        lines = [ln for ln in block.split("\n") if ln]
+        if not lines:
+            continue
+        data = "\n".join(ln[len("data: ") :] for ln in lines if ln.startswith("data: "))
+        if any(ln == "event: error" for ln in lines):
+            errors.append(data)
+        else:
+            text += data
+    return text, errors
+
+
+# -- the GGUF file and llama.cpp against the references ---------------------------------------------
+
+
+def test_gguf_logits_match_transformers(tiny_ckpt, models_dir):
+    tok = Tokenizer(os.path.join(tiny_ckpt, "tokenizer.model"))
+    hf = to_hf(read_args(tiny_ckpt, tok), merge_shards(tiny_ckpt))
+    engine = LlamaCppEngine(os.path.join(models_dir, "ggml-llama-tiny-q4.bin"), 64, 2, 2, 16)
+    try:
+        ids = tok.encode("The capital of France is a city of light", True, False)
+        assert len(ids) > 16  # the prompt spans several llama_decode chunks of n_batch 16
+        with torch.no_grad():
+            ref = hf(torch.tensor([ids])).logits[0, -1]
+        got = engine.prefill([0], [ids])[0]
+        rel = ((got - ref).abs().max() / ref.abs().max()).item()
+        assert rel < 5e-3, rel  # llama.cpp keeps the KV cache in f16
+        assert got.argmax() == ref.argmax()
+    finally:
+        engine.close()
+
+
+def test_sharded_checkpoint_exports_the_same_model(tmp_path):
+    """Two model-parallel shards are joined as Meta split them: the same file content as one shard."""
+    one = write_checkpoint(str(tmp_path / "one"), TINY, shards=1)
+    two = write_checkpoint(str(tmp_path / "two"), TINY, shards=2)
+    a, b = merge_shards(one), merge_shards(two)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    files = [GGUFReader(export(ckpt, str(tmp_path / f"{i}.gguf"))) for i, ckpt in enumerate((one, two))]
+    tensors = [{t.name: np.array(t.data) for t in f.tensors} for f in files]
+    assert len(tensors[0]) == 2 + 9 * TINY.n_layers + 1 and tensors[0].keys() == tensors[1].keys()
+    assert all(np.array_equal(tensors[0][k], tensors[1][k]) for k in tensors[0])
+
+
+def test_llama_cpp_tokenizes_as_sentencepiece(tiny_ckpt, models_dir):
+    tok = Tokenizer(os.path.join(tiny_ckpt, "tokenizer.model"))
+    engine = LlamaCppEngine(os.path.join(models_dir, "ggml-llama-tiny-q4.bin"), 64, 1, 1, 64)
+    try:
+        for text in [*PROMPTS, "  two  spaces\nand lines\n", "digits 12345, ünïcödé and 😀", ""]:
+            assert engine.tokenizer.encode(text) == tok.encode(text, True, False), text
+    finally:
+        engine.close()
+
+
+def test_greedy_generate_equals_our_pytorch_llama(llm, reference):
+    rt = llm.application.extensions["runtime"]
+    for prompt in PROMPTS:
+        status, text = generate(llm, prompt, n_predict=24, **GREEDY)
+        assert status == 200 and isinstance(text, str)
+        ids, sp_text = reference_greedy(reference, prompt, 24)
+        (seq,) = rt.generate([rt.tokenizer.encode(prompt)], SamplingParams(temperature=0, max_tokens=24))
+        assert seq.output == ids, prompt  # token for token
+        assert text == rt.tokenizer.decode(ids), prompt
+        if "\ufffd" not in sp_text:  # random weights emit stray bytes, which the two decoders replace differently
+            assert text == sp_text, prompt
+
+
+def test_concurrent_requests_equal_sequential(llm):
+    """Requests decoded together (llama.cpp sequences in one batch) give what they give one at a time."""
+    prompts = PROMPTS * 2
+    alone = [generate(llm, p, n_predict=20, **GREEDY)[1] for p in prompts]
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(lambda p: generate(llm, p, n_predict=20, **GREEDY)[1], prompts))
+    assert together == alone
+
+
+def test_agenerate_chunks_concatenate_to_generate(llm):
+    for params in (dict(n_predict=30, **GREEDY), dict(n_predict=30, temp=0.8, seed=7, stop=["e"])):
+        _, whole = generate(llm, "Once upon a time", **params)
+        r = llm.post("/agenerate", json={"prompt": "Once upon a time", "params": params})
+        assert r.status_code == 200 and r.mimetype == "text/event-stream"
+        text, errors = sse_text(r.get_data(as_text=True))
+        assert not errors and text == whole
+    assert "e" not in whole  # the stop string ended the text, which stops before it
+
+
+def test_sampling_is_reproducible_with_a_seed_and_respects_stop(llm):
+    params = {"n_predict": 40, "temp": 0.9, "top_k": 20, "top_p": 0.9, "seed": 1234}
+    first, second = generate(llm, "Hello", **params), generate(llm, "Hello", **params)
+    assert first == second and first[0] == 200
+    assert generate(llm, "Hello", **{**params, "seed": 99})[1] != first[1]
+
+
+def test_embeddings_are_the_models_mean_hidden_state(llm, tiny_ckpt):
+    r1 = llm.post("/embeddings", json={"text": "What is the capital of France?"})
+    r2 = llm.post("/embeddings", json={"text": "What is the capital of France?"})
+    r3 = llm.post("/embeddings", json={"text": "Something else entirely"})
+    v1, v2, v3 = r1.get_json(), r2.get_json(), r3.get_json()
+    assert r1.status_code == 200 and len(v1) == TINY.dim and all(isinstance(x, float) for x in v1)
+    assert v1 == v2 and v1 != v3
+    tok = Tokenizer(os.path.join(tiny_ckpt, "tokenizer.model"))
+    hf = to_hf(read_args(tiny_ckpt, tok), merge_shards(tiny_ckpt))
+    with torch.no_grad():
+        hidden = hf(
+            torch.tensor([tok.encode("What is the capital of France?", True, False)]), output_hidden_states=True
+        )
+    mean = hidden.hidden_states[-1][0].mean(0)  # after the final norm
+    np.testing.assert_allclose(v1, (mean / mean.norm()).numpy(), atol=2e-3)
+
+
+def test_embeddings_between_generations_leave_them_unchanged(llm):
+    expected = [generate(llm, p, n_predict=16, **GREEDY)[1] for p in PROMPTS]
+
+    def one(i):
+        if i % 2:
+            return llm.post("/embeddings", json={"text": PROMPTS[i // 2 % 4]}).status_code
+        return generate(llm, PROMPTS[i // 2], n_predict=16, **GREEDY)[1]
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(one, range(8)))
+    assert results[0::2] == expected and results[1::2] == [200] * 4
+
+
+# -- the API: seed shapes, bad input, shared routes -------------------------------------------------
+
+
+def test_seed_request_verbatim(llm):
+    r = llm.post("/generate", data=SEED_GENERATE, content_type="application/json")
+    assert r.status_code == 200 and isinstance(r.get_json(), str)
+    r = llm.post("/agenerate", data=SEED_GENERATE, content_type="application/json")
+    assert r.status_code == 200 and not sse_text(r.get_data(as_text=True))[1]
+    assert llm.post("/embeddings", json={"text": "What is the capital of France?"}).status_code == 200
+    assert llm.get("/check").get_json() == "Ok"
+    assert llm.get("/healthz").status_code == 200
+
+
+BAD = [
+    ("/generate", {"params": {}}, "prompt"),
+    ("/generate", {"prompt": 5}, "prompt"),
+    ("/generate", {"prompt": "x", "params": []}, "params"),
+    ("/generate", {"prompt": "x", "params": {"n_predicts": 3}}, "n_predicts"),
+    ("/generate", {"prompt": "x", "params": {"temp": -1}}, "params.temp"),
+    ("/generate", {"prompt": "x", "params": {"temp": "hot"}}, "params.temp"),
+    ("/generate", {"prompt": "x", "params": {"top_k": 1.5}}, "params.top_k"),
+    ("/generate", {"prompt": "x", "params": {"top_p": 0}}, "params.top_p"),
+    ("/generate", {"prompt": "x", "params": {"n_predict": 0}}, "params.n_predict"),
+    ("/generate", {"prompt": "x", "params": {"n_predict": True}}, "params.n_predict"),
+    ("/generate", {"prompt": "x", "params": {"stop": [1]}}, "params.stop"),
+    ("/generate", {"prompt": "x", "params": {"repeat_penalty": 0}}, "params.repeat_penalty"),
+    ("/generate", {"prompt": "x", "params": {"seed": -5}}, "params.seed"),
+    ("/generate", {"prompt": "x", "extra": 1}, "extra"),
+    ("/generate", {"prompt": "hello " * 200}, "ctx_size is 128"),
+    ("/agenerate", {"prompt": "x", "params": {"top_k": -1}}, "params.top_k"),
+    ("/embeddings", {"prompt": "x"}, "prompt"),
+    ("/embeddings", {"text": ["x"]}, "text"),
+    ("/embeddings", {"text": "hello " * 200}, "ctx_size is 128"),
+]
+
+
+@pytest.mark.parametrize("route,body,named", BAD)
+def test_bad_input_is_a_400_naming_the_problem(llm, route, body, named):
+    r = llm.post(route, json=body)
+    assert r.status_code == 400 and named in r.get_json()["detail"], r.get_json()
+    assert generate(llm, "Hello", n_predict=4, **GREEDY)[0] == 200  # and the server still works
+
+
+def test_not_json_is_a_400(llm):
+    r = llm.post("/generate", data="{not json", content_type="application/json")
+    assert r.status_code == 400 and "JSON" in r.get_json()["detail"]
+
+
+def test_openai_routes_on_llama_cpp(llm):
+    _, text = generate(llm, "Hello world", n_predict=12, **GREEDY)
+    r = llm.post("/v1/completions", json={"prompt": "Hello world", "max_tokens": 12, "temperature": 0})
+    body = r.get_json()
+    assert r.status_code == 200 and body["model"] == "llama-tiny" and body["choices"][0]["text"] == text
+    r = llm.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 400 and "chat template" in r.get_json()["detail"]  # the tiny file has none
+    metrics = llm.get("/metrics").get_data(as_text=True)
+    assert "vllm:generation_tokens_total" in metrics
+
+
+# -- configuration --------------------------------------------------------------------------------
+
+
+def test_environment_overrides_the_file(tmp_path):
+    path = write_config(tmp_path, "/from/file", model_name="7b", port=8000)
+    env = {"LLM_API_MODELS_DIR": "/models", "LLM_API_PORT": "9001", "LLM_API_MODEL_PARAMS__CTX_SIZE": "4096",
+           "LLM_API_SETUP_PARAMS__REPO_ID": "user/repo", "LLM_API_SETUP_PARAMS__FILENAME": "m.gguf",
+           "UNRELATED": "1"}  # fmt: skip
+    cfg = load_config(str(path), env)
+    assert (cfg.models_dir, cfg.port, cfg.model_name) == ("/models", 9001, "7b")
+    assert cfg.model_params["ctx_size"] == 4096 and cfg.model_params["n_threads"] == 2  # the rest of the file stays
+    assert cfg.setup_params == {"convert": False, "migrate": False, "repo_id": "user/repo", "filename": "m.gguf"}
+    assert cfg.model_file == "/models/ggml-llama-7b-q4.bin"
+    assert cfg.llama_params()["n_ctx"] == 4096
+    whole = load_config(str(path), {"LLM_API_MODEL_PARAMS": '{"ctx_size": 512}'})
+    assert whole.model_params == {"ctx_size": 512}  # the whole mapping is replaced, as llm-api did
+    only_env = {"LLM_API_MODEL_FAMILY": "vicuna", "LLM_API_MODEL_NAME": "13b"}
+    assert load_config(str(tmp_path / "absent.yaml"), only_env).model_family == "vicuna"
+
+
+@pytest.mark.parametrize(
+    "extra,env,named",
+    [
+        ({"model_famly": "llama"}, {}, "model_famly: unknown key"),
+        ({"model_family": "gptq_llama"}, {}, "model_family: 'gptq_llama' is not served"),
+        ({"model_name": ""}, {}, "model_name: required"),
+        ({"port": "eighty"}, {}, "port: must be an integer"),
+        ({"model_params": {"ctx_size": "big"}}, {}, "model_params.ctx_size: must be an integer"),
+        ({"model_params": {"ctx_size": 2}}, {}, "model_params.ctx_size: must be >= 8"),
+        ({"model_params": {"n_gpu": 1}}, {}, "model_params.n_gpu: unknown key"),
+        ({"setup_params": {"convert": True}}, {}, "setup_params.convert: true is not supported"),
+        ({"setup_params": {"migrate": "yes"}}, {}, "setup_params.migrate: must be true or false"),
+        ({"setup_params": {"repo_id": "a/b"}}, {}, "repo_id and filename go together"),
+        ({}, {"LLM_API_MODEL_PARAMS__N_THREADZ": "4"}, "model_params.n_threadz: unknown key"),
+        ({}, {"LLM_API_PORTT": "1"}, "portt: unknown key"),
+        ({}, {"LLM_API_MODEL_PARAMS": "[1, 2]"}, "LLM_API_MODEL_PARAMS: must be a mapping"),
+        ({}, {"LLM_API_HOST__X": "1"}, "only setup_params and model_params have nested keys"),
+    ],
+)
+def test_bad_config_is_refused_naming_the_key(tmp_path, extra, env, named):
+    path = write_config(tmp_path, "/models", **extra)
+    with pytest.raises(ConfigError, match=named.replace("(", r"\(").replace(")", r"\)")):
+        load_config(str(path), env)
+
+
+def run_server(folder, env=None, timeout=30):
+    proc = subprocess.Popen([sys.executable, ENTRY], cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env={**os.environ, **(env or {})})  # fmt: skip
+    return proc
+
+
+@pytest.mark.parametrize(
+    "extra,env,message",
+    [
+        ({"model_params": {"n_ctx": 1}}, {}, "config error: model_params.n_ctx: unknown key"),
+        (
+            {"model_name": "missing", "setup_params": {"repo_id": "user/repo", "filename": "model.gguf"}},
+            {"HF_HUB_OFFLINE": "1"},
+            "error: cannot download model.gguf from user/repo: the HuggingFace Hub cannot be reached here",
+        ),  # fmt: skip
+        ({"model_name": "missing"}, {}, "error: model file not found:"),
+        ({"model_name": "notgguf"}, {}, "is not a GGUF file"),
+    ],
+)
+def test_start_errors_are_one_clear_line(tmp_path, models_dir, extra, env, message):
+    with open(os.path.join(models_dir, "ggml-llama-notgguf-q4.bin"), "wb") as f:
+        f.write(b"ggjt" + bytes(64))  # an old ggml file
+    write_config(tmp_path, models_dir, **extra)
+    with running(run_server(tmp_path, env)) as (proc,):
+        code, out = finish(proc)
+    assert code != 0 and message in out and "Traceback" not in out, out
+
+
+def test_real_server_process(tmp_path, models_dir):
+    """inference_api.py in a folder with config.yaml, as the image runs it; the port from LLM_API_PORT."""
+    port = free_port()
+    write_config(tmp_path, models_dir, host="127.0.0.1")
+    url = f"http://127.0.0.1:{port}"
+    with running(run_server(tmp_path, {"LLM_API_PORT": str(port)})) as (proc,):
+        from tests.launch import wait_healthy
+
+        wait_healthy(proc, url)
+        assert get(f"{url}/check") == (200, "Ok")
+        status, text = post(f"{url}/generate", {"prompt": "Hello", "params": {"n_predict": 8, **GREEDY}})
+        assert status == 200 and isinstance(text, str)
+        assert post(f"{url}/embeddings", {"text": "Hello"})[0] == 200
+        assert post(f"{url}/shutdown", None) == (200, {})
+        code, out = finish(proc)
+    assert code == 0, out
+    assert "POST /generate 200 sequences=1" in out
