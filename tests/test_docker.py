@@ -6,6 +6,7 @@ user would build.
 """
 
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -14,20 +15,26 @@ import tempfile
 import time
 
 import pytest
+import requests
+import yaml
 from dockerfile_parse import DockerfileParser
 
+from presets.tools.gguf_export import export
 from presets.tools.tiny_checkpoint import write_checkpoint
 from presets.tools.tiny_hf import write_falcon
 from tests.conftest import TINY
 from tests.launch import ROOT, free_port, get, post
 from tests.test_api import SEED_CHATS, SEED_GENERATE
 from tests.test_hf import SEED_ADVANCED
+from tests.test_llama_cpp import GREEDY, sse_text
+from tests.test_llama_cpp import SEED_GENERATE as SEED_LLM_API
 
-BASE = "presets-test-base:bookworm"
+BASE = "presets-test-base:bookworm-gomp"
 DOCKERFILES = {
     "llama": os.path.join(ROOT, "docker", "presets", "inference", "llama-2", "Dockerfile"),
     "falcon": os.path.join(ROOT, "docker", "presets", "inference", "falcon", "Dockerfile"),
 }
+LLM_API_DOCKERFILE = os.path.join(ROOT, "docker", "presets", "inference", "llama-cpp", "Dockerfile")
 KAITO_LLAMA = ("cd /workspace/llama/llama-2 && torchrun --nnodes 1 --nproc_per_node 1 "
                "inference_api.py --max_seq_len 512 --max_batch_size 8")  # fmt: skip
 
@@ -59,11 +66,11 @@ def docker():
 
 @pytest.fixture(scope="module")
 def base_image(docker):
-    """Debian bookworm with python3 and venv, made by debootstrap and imported; kept between runs."""
+    """Debian bookworm with python3, venv and OpenMP's runtime (llama.cpp), made by debootstrap; kept between runs."""
     if subprocess.run(["docker", "image", "inspect", BASE], capture_output=True).returncode != 0:
         with tempfile.TemporaryDirectory() as rootfs:
-            sh("debootstrap", "--variant=minbase", "--include=python3,python3-venv,ca-certificates", "bookworm",
-               rootfs, "http://deb.debian.org/debian")  # fmt: skip
+            sh("debootstrap", "--variant=minbase", "--include=python3,python3-venv,ca-certificates,libgomp1",
+               "bookworm", rootfs, "http://deb.debian.org/debian")  # fmt: skip
             with subprocess.Popen(["tar", "-C", rootfs, "-c", "."], stdout=subprocess.PIPE) as tar:
                 sh("docker", "import", "-", BASE, stdin=tar.stdout)
     return BASE
@@ -71,10 +78,11 @@ def base_image(docker):
 
 @pytest.fixture(scope="module")
 def wheelhouse():
-    """The pinned requirements as wheels in .wheelhouse/ (inside the build context)."""
+    """The pinned requirements as wheels in .wheelhouse/ (inside the build context). llama-cpp-python's
+    wheel comes from pip's cache of the one `make install-llama-cpp` compiled."""
     path = os.path.join(ROOT, ".wheelhouse")
-    pip = [sys.executable, "-m", "pip", "wheel", "-q", "-w", path]
-    sh(*pip, "-c", os.path.join(ROOT, "constraints.txt"), "-r", os.path.join(ROOT, "requirements.txt"))
+    pip = [sys.executable, "-m", "pip", "wheel", "-q", "-w", path, "-c", os.path.join(ROOT, "constraints.txt")]
+    sh(*pip, "-r", os.path.join(ROOT, "requirements.txt"), "-r", os.path.join(ROOT, "requirements-llama-cpp.txt"))
     return path
 
 
@@ -130,7 +138,7 @@ def remove(name: str) -> None:
 
 def test_dockerfiles_lint_and_layer_order():
     hadolint = os.path.join(os.path.dirname(sys.executable), "hadolint")
-    sh(hadolint, *DOCKERFILES.values())
+    sh(hadolint, *DOCKERFILES.values(), LLM_API_DOCKERFILE)
     for path in DOCKERFILES.values():
         parser = DockerfileParser(path=path)
         steps = [(i["instruction"], i["value"]) for i in parser.structure if i["instruction"] != "COMMENT"]
@@ -185,6 +193,55 @@ def test_llama_image_default_command_and_falcon_image(base_image, wheelhouse, we
         status, body = post(f"{url}/chat", SEED_ADVANCED)
         assert status == 200 and body["Result"].startswith("YOUR_PROMPT_HERE")
         assert sh("docker", "exec", name, "cat", "/workspace/tfs/version.txt").stdout.strip() == "0.0.3"
+        shutdown_exits_0(name, url)
+    finally:
+        remove(name)
+
+
+def test_compose_file_runs_the_image_as_llm_api_did():
+    """docker-compose validates the file; its service mounts, port and environment are seed 004's."""
+    out = sh("docker-compose", "-f", os.path.join(ROOT, "docker-compose.yaml"), "config").stdout
+    app = yaml.safe_load(out)["services"]["app"]
+    assert app["build"]["dockerfile"] == os.path.relpath(LLM_API_DOCKERFILE, ROOT)
+    assert [(int(p["published"]), p["target"]) for p in app["ports"]] == [(8000, 8000)]
+    assert sorted(app["volumes"]) == [f"{ROOT}/config.yaml:/llm-api/config.yaml:ro", f"{ROOT}/models:/models:rw"]
+    assert app["environment"] == {"LLM_API_MODELS_DIR": "/models"}
+    assert app["ulimits"]["memlock"] == 16000000000
+
+
+def test_llm_api_image_runs_as_seed_004_says(base_image, wheelhouse, tmp_path):
+    """docker run -v models:/models:rw -v config.yaml:/llm-api/config.yaml:ro -p 8000 --ulimit memlock=..."""
+    models = tmp_path / "models"
+    models.mkdir()
+    export(write_checkpoint(str(tmp_path / "ckpt"), TINY), str(models / "ggml-llama-tiny-q4.bin"))
+    config = tmp_path / "config.yaml"
+    config.write_text("models_dir: /models\nmodel_family: llama\nmodel_name: tiny\n"
+                      "setup_params:\n  convert: false\n  migrate: false\n"
+                      "model_params:\n  ctx_size: 256\n  seed: -1\n  n_threads: 2\n")  # fmt: skip
+    tag = "presets-test-llm-api:latest"
+    flags = [f"--build-arg=BASE_IMAGE={base_image}", "--build-arg=PIP_FLAGS=--no-index --find-links /tmp/build"]
+    sh("docker", "build", "-q", "--network", "none", "-f", LLM_API_DOCKERFILE, *flags, "-t", tag, ROOT,
+       env={**os.environ, "DOCKER_BUILDKIT": "0"})  # fmt: skip
+    port = free_port()
+    name = f"presets-test-{port}"
+    # The seed's memlock=16000000000 where this machine allows it; a sandbox may cap the hard limit lower.
+    hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)[1]
+    memlock = 16000000000 if hard == resource.RLIM_INFINITY else min(16000000000, hard)
+    sh("docker", "run", "-d", "--name", name, "-v", f"{models}/:/models:rw", "-v", f"{config}:/llm-api/config.yaml:ro",
+       "-p", f"127.0.0.1:{port}:8000", "--ulimit", f"memlock={memlock}", tag)  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(name, url)
+        r = requests.post(
+            f"{url}/generate", data=SEED_LLM_API, headers={"Content-Type": "application/json"}, timeout=60
+        )
+        assert r.status_code == 200 and isinstance(r.json(), str)
+        status, text = post(f"{url}/generate", {"prompt": "Hello", "params": {"n_predict": 12, **GREEDY}})
+        stream = requests.post(f"{url}/agenerate", json={"prompt": "Hello", "params": {"n_predict": 12, **GREEDY}},
+                               timeout=60)  # fmt: skip
+        assert status == 200 and sse_text(stream.text) == (text, [])
+        status, vector = post(f"{url}/embeddings", {"text": "Hello"})
+        assert status == 200 and len(vector) == TINY.dim
         shutdown_exits_0(name, url)
     finally:
         remove(name)

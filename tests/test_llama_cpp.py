@@ -375,3 +375,38 @@ def test_real_server_process(tmp_path, models_dir):
         code, out = finish(proc)
     assert code == 0, out
     assert "POST /generate 200 sequences=1" in out
+
+
+LLAMA2_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'user' %}{{ bos_token }}[INST] {{ m['content'].strip() }} [/INST]"
+    "{% elif m['role'] == 'assistant' %} {{ m['content'].strip() }} {{ eos_token }}"
+    "{% else %}{{ raise_exception('roles must alternate user/assistant') }}{% endif %}{% endfor %}"
+)
+
+
+def test_chat_uses_the_files_chat_template(tiny_ckpt, tmp_path):
+    """A GGUF with Llama-2's chat template: /v1/chat/completions sends exactly Meta's chat token ids."""
+    from presets.llama2.chat_format import encode_dialog
+    from presets.llamacpp.server import _encode_messages
+
+    models = tmp_path / "models"
+    models.mkdir()
+    export(tiny_ckpt, str(models / "ggml-llama-chat-q4.bin"), chat_template=LLAMA2_TEMPLATE)
+    cfg = load_config(write_config(tmp_path, str(models), model_name="chat"), environ={})
+    app = build_app(cfg, cfg.model_file, start=False)
+    rt = app.extensions["runtime"]
+    rt.start(background=False)
+    try:
+        dialog = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"},
+                  {"role": "user", "content": "What is the capital of France?"}]  # fmt: skip
+        expected = encode_dialog(Tokenizer(os.path.join(tiny_ckpt, "tokenizer.model")), dialog)
+        assert _encode_messages(rt, dialog) == expected
+        client = app.test_client()
+        r = client.post("/v1/chat/completions", json={"messages": dialog, "max_tokens": 8, "temperature": 0})
+        assert r.status_code == 200 and r.get_json()["usage"]["prompt_tokens"] == len(expected)
+        (seq,) = rt.generate([expected], SamplingParams(temperature=0, max_tokens=8))
+        assert r.get_json()["choices"][0]["message"]["content"] == rt.tokenizer.decode(seq.output)
+        r = client.post("/v1/chat/completions", json={"messages": [{"role": "system", "content": "x"}]})
+        assert r.status_code == 400 and "roles must alternate" in r.get_json()["detail"]
+    finally:
+        rt.shutdown()

@@ -38,6 +38,12 @@ class LlamaCppTokenizer:
         self.add_bos = llama_cpp.llama_vocab_get_add_bos(self.vocab)
         self._pieces: dict[int, bytes] = {}
 
+    def special_text(self, token: int) -> str:
+        """How a control token (BOS, EOS) is written in text, e.g. "<s>" (for chat templates)."""
+        buf = ctypes.create_string_buffer(64)
+        n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, 64, 0, True)
+        return buf.raw[: max(n, 0)].decode("utf-8", "replace")
+
     def encode(self, text: str, bos: bool = True, special: bool = False) -> list[int]:
         """Token ids of `text`, after BOS when the model adds one; special: "<s>" in the text is BOS."""
         data = text.encode("utf-8")

@@ -47,7 +47,8 @@ def vocab(tok: Tokenizer) -> tuple[list[bytes], list[float], list[int]]:
     return pieces, scores, types
 
 
-def export(ckpt_dir: str, out_path: str, tokenizer_path: str | None = None, ftype: str = "f32") -> str:
+def export(ckpt_dir: str, out_path: str, tokenizer_path: str | None = None, ftype: str = "f32",
+           chat_template: str | None = None) -> str:  # fmt: skip
     tok = Tokenizer(tokenizer_path or os.path.join(ckpt_dir, "tokenizer.model"))
     args = read_args(ckpt_dir, tok)
     state = merge_shards(ckpt_dir)
@@ -73,6 +74,8 @@ def export(ckpt_dir: str, out_path: str, tokenizer_path: str | None = None, ftyp
     w.add_unk_token_id(tok.sp.unk_id())
     w.add_add_bos_token(True)
     w.add_add_eos_token(False)
+    if chat_template:
+        w.add_chat_template(chat_template)
     for key, t in sorted(state.items()):
         name = key.removesuffix(".weight")
         if name.startswith("layers."):
@@ -97,9 +100,14 @@ def main(argv=None):
     ap.add_argument("out_path")
     ap.add_argument("--tokenizer_path", default=None, help="default: CKPT_DIR/tokenizer.model")
     ap.add_argument("--type", choices=["f32", "f16"], default="f32", dest="ftype")
+    ap.add_argument("--chat_template_file", default=None, help="a Jinja chat template to store in the file")
     a = ap.parse_args(argv)
     os.makedirs(os.path.dirname(os.path.abspath(a.out_path)), exist_ok=True)
-    export(a.ckpt_dir, a.out_path, a.tokenizer_path, a.ftype)
+    template = None
+    if a.chat_template_file:
+        with open(a.chat_template_file, encoding="utf-8") as f:
+            template = f.read()
+    export(a.ckpt_dir, a.out_path, a.tokenizer_path, a.ftype, template)
     print(f"wrote {a.out_path}")
 
 
