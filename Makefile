@@ -13,7 +13,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 LLAMA_CPP_STAMP := $(VENV)/.installed-llama-cpp
 
-.PHONY: help install install-llama-cpp run-llama-cpp run run-chat run-falcon demo system-deps test lint format bench bench-hf image-llama2 image-falcon image-llm-api clean
+.PHONY: help install install-llama-cpp run-llama-cpp run run-chat run-falcon demo system-deps test lint format bench bench-hf bench-llama-cpp image-llama2 image-falcon image-llm-api clean
 
 help: ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-13s %s\n", $$1, $$2}'
@@ -90,6 +90,9 @@ bench: $(STAMP) ## run the benchmark of DESIGN.md (this server vs transformers b
 
 bench-hf: $(STAMP) ## measure the HuggingFace server's batching gain (batch 1 vs batched) and print it
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m presets.tools.bench_hf
+
+bench-llama-cpp: $(LLAMA_CPP_STAMP) ## measure the llm-api server (batched and batch 1) against llama-cpp-python one request at a time
+	$(BIN)/python -m presets.tools.bench_llama_cpp
 
 WEIGHTS_PATH ?= weights/llama-2-7b
 MODEL_TYPE ?= llama2-completion
