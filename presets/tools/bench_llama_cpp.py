@@ -40,7 +40,9 @@ def run_ours(path: str, prompts, clients: int, batch: int, new_tokens: int):
 
 
 def run_llama_cpp_python(path: str, prompts, clients: int, new_tokens: int):
-    """llama-cpp-python's high-level Llama, one request at a time (a lock), as llm-api served requests."""
+    """llama-cpp-python's high-level Llama, one request at a time in arrival order (one worker thread
+    takes requests from a FIFO queue), as llm-api served requests."""
+    import queue
     import threading
 
     from llama_cpp import Llama
@@ -48,19 +50,29 @@ def run_llama_cpp_python(path: str, prompts, clients: int, new_tokens: int):
     from presets.tools.bench import closed_loop, summarize
 
     llm = Llama(path, n_ctx=max(map(len, prompts)) + new_tokens, n_threads=os.cpu_count(), n_batch=512, verbose=False)
-    lock = threading.Lock()
+    requests: queue.Queue = queue.Queue()
 
-    def serve(prompt):
-        times = []
-        with lock:
-            llm.reset()
+    def worker():
+        while (item := requests.get()) is not None:
+            prompt, times, done = item
             for _token in llm.generate(prompt, top_k=1, temp=0.0, repeat_penalty=1.0, reset=True):
                 times.append(time.perf_counter())
                 if len(times) == new_tokens:
                     break
+            done.set()
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+
+    def serve(prompt):
+        times, done = [], threading.Event()
+        requests.put((prompt, times, done))
+        done.wait()
         return times
 
     seconds, records = closed_loop(prompts, clients, serve)
+    requests.put(None)
+    thread.join()
     return summarize("llama-cpp-python Llama, one request at a time (llm-api)", seconds, records, new_tokens)
 
 
