@@ -7,10 +7,12 @@ import json
 import os
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+import requests
 import torch
 from gguf import GGUFReader
 
@@ -132,7 +134,7 @@ def test_gguf_logits_match_transformers(tiny_ckpt, models_dir):
         assert rel < 5e-3, rel  # llama.cpp keeps the KV cache in f16
         assert got.argmax() == ref.argmax()
     finally:
-        engine.close()
+        engine.free()
 
 
 def test_sharded_checkpoint_exports_the_same_model(tmp_path):
@@ -154,7 +156,7 @@ def test_llama_cpp_tokenizes_as_sentencepiece(tiny_ckpt, models_dir):
         for text in [*PROMPTS, "  two  spaces\nand lines\n", "digits 12345, ünïcödé and 😀", ""]:
             assert engine.tokenizer.encode(text) == tok.encode(text, True, False), text
     finally:
-        engine.close()
+        engine.free()
 
 
 def test_greedy_generate_equals_our_pytorch_llama(llm, reference):
@@ -245,6 +247,8 @@ BAD = [
     ("/generate", {"prompt": "x", "params": []}, "params"),
     ("/generate", {"prompt": "x", "params": {"n_predicts": 3}}, "n_predicts"),
     ("/generate", {"prompt": "x", "params": {"temp": -1}}, "params.temp"),
+    ("/generate", {"prompt": "x", "params": {"temp": 1e308}}, "params.temp"),
+    ("/generate", {"prompt": "x", "params": {"temp": 0.5, "repeat_penalty": 1e-300}}, "params.repeat_penalty"),
     ("/generate", {"prompt": "x", "params": {"temp": "hot"}}, "params.temp"),
     ("/generate", {"prompt": "x", "params": {"top_k": 1.5}}, "params.top_k"),
     ("/generate", {"prompt": "x", "params": {"top_p": 0}}, "params.top_p"),
@@ -272,6 +276,39 @@ def test_bad_input_is_a_400_naming_the_problem(llm, route, body, named):
 def test_not_json_is_a_400(llm):
     r = llm.post("/generate", data="{not json", content_type="application/json")
     assert r.status_code == 400 and "JSON" in r.get_json()["detail"]
+    for route, key in (("/generate", "prompt"), ("/embeddings", "text"), ("/v1/completions", "prompt")):
+        r = llm.post(route, data=f'{{"{key}": "a\\ud800b"}}', content_type="application/json")  # a lone surrogate
+        assert r.status_code == 400 and "not valid Unicode" in r.get_json()["detail"]
+    deep = '{"prompt": ' + "[" * 100000 + "]" * 100000 + "}"
+    for route in ("/generate", "/v1/completions"):
+        r = llm.post(route, data=deep, content_type="application/json")
+        assert r.status_code == 400 and "nested too deeply" in r.get_json()["detail"]
+
+
+def test_event_stream_lines():
+    """Every kind of line break in a piece becomes a data line (SSE cannot carry a carriage return)."""
+    from presets.llamacpp.routes import _event
+
+    assert sse_text(_event("a\r\nb\rc\nd") + _event(" e")) == ("a\nb\nc\nd e", [])
+
+
+def test_empty_prompt_of_a_model_without_bos_is_a_400(tiny_ckpt, tmp_path):
+    models = tmp_path / "models"
+    models.mkdir()
+    export(tiny_ckpt, str(models / "ggml-llama-nobos-q4.bin"), add_bos=False)
+    cfg = load_config(write_config(tmp_path, str(models), model_name="nobos"), environ={})
+    app = build_app(cfg, cfg.model_file, start=False)
+    rt = app.extensions["runtime"]
+    rt.start(background=False)
+    try:
+        client = app.test_client()
+        for route, body in (("/generate", {"prompt": ""}), ("/agenerate", {"prompt": ""}),
+                            ("/embeddings", {"text": ""}), ("/v1/completions", {"prompt": ""})):  # fmt: skip
+            r = client.post(route, json=body)
+            assert r.status_code == 400 and "empty" in r.get_json()["detail"], route
+        assert client.post("/generate", json={"prompt": "Hello", "params": {"n_predict": 3}}).status_code == 200
+    finally:
+        rt.shutdown()
 
 
 def test_openai_routes_on_llama_cpp(llm):
@@ -301,6 +338,8 @@ def test_environment_overrides_the_file(tmp_path):
     assert cfg.llama_params()["n_ctx"] == 4096
     whole = load_config(str(path), {"LLM_API_MODEL_PARAMS": '{"ctx_size": 512}'})
     assert whole.model_params == {"ctx_size": 512}  # the whole mapping is replaced, as llm-api did
+    octal = load_config(str(path), {"LLM_API_SETUP_PARAMS__REPO_ID": "a/b", "LLM_API_SETUP_PARAMS__FILENAME": "0123"})
+    assert octal.setup_params["filename"] == "0123"  # a string key keeps the text as written
     only_env = {"LLM_API_MODEL_FAMILY": "vicuna", "LLM_API_MODEL_NAME": "13b"}
     assert load_config(str(tmp_path / "absent.yaml"), only_env).model_family == "vicuna"
 
@@ -322,6 +361,11 @@ def test_environment_overrides_the_file(tmp_path):
         ({}, {"LLM_API_PORTT": "1"}, "portt: unknown key"),
         ({}, {"LLM_API_MODEL_PARAMS": "[1, 2]"}, "LLM_API_MODEL_PARAMS: must be a mapping"),
         ({}, {"LLM_API_HOST__X": "1"}, "only setup_params and model_params have nested keys"),
+        ({"model_params": {"n_batch": 4}}, {}, "model_params.n_batch: must be more than max_batch_size (4)"),
+        ({"max_batch_size": 300}, {}, "max_batch_size: at most 255"),
+        ({"max_request_bytes": -1}, {}, "max_request_bytes: must be >= 1024"),
+        ({"model_name": "../../etc"}, {}, "model_name: '../../etc' must be a plain file name part"),
+        ({"setup_params": {"repo_id": "a/b", "filename": "/etc/passwd"}}, {}, "setup_params.filename: '/etc/passwd'"),
     ],
 )
 def test_bad_config_is_refused_naming_the_key(tmp_path, extra, env, named):
@@ -371,10 +415,20 @@ def test_real_server_process(tmp_path, models_dir):
         status, text = post(f"{url}/generate", {"prompt": "Hello", "params": {"n_predict": 8, **GREEDY}})
         assert status == 200 and isinstance(text, str)
         assert post(f"{url}/embeddings", {"text": "Hello"})[0] == 200
-        assert post(f"{url}/shutdown", None) == (200, {})
+        busy = {"prompt": "Hello " * 60, "params": {"n_predict": -1, "ignore_eos": True, **GREEDY}}
+        with ThreadPoolExecutor(12) as pool:  # shutdown while requests generate and wait in the queue
+            calls = [pool.submit(post, f"{url}/{route}", body) for route, body in
+                     [("generate", busy)] * 8 + [("embeddings", {"text": "Hello " * 60})] * 4]  # fmt: skip
+            time.sleep(0.5)
+            assert post(f"{url}/shutdown", None) == (200, {})
+            for c in calls:
+                try:
+                    c.result()
+                except requests.ConnectionError:
+                    pass  # the server may close before answering; it must not crash or restart
         code, out = finish(proc)
     assert code == 0, out
-    assert "POST /generate 200 sequences=1" in out
+    assert "POST /generate 200 sequences=1" in out and "Booting worker" in out and out.count("Booting worker") == 1
 
 
 LLAMA2_TEMPLATE = (

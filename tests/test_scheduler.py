@@ -174,6 +174,16 @@ def test_repeat_penalty_pushes_down_recent_tokens_only():
     assert sample(logits, [far]) == [0]  # token 0 is outside the last 2 tokens
     off = Sequence([0, 2], SamplingParams(temperature=0), 8)
     assert sample(logits, [off]) == [0] and logits[0, 0] == 3.0  # no penalty by default; logits untouched
+    short = Sequence([0, 1], SamplingParams(temperature=0, repeat_penalty=10.0, repeat_last_n=7), 8)
+    assert sample(logits, [short]) == [3]  # a window longer than the prompt covers all of it
+
+
+def test_sampling_overflow_keeps_the_greedy_token_instead_of_failing_the_batch():
+    logits = torch.tensor([[float("inf"), 1.0, 0.0], [0.0, 2.0, 0.0]])
+    hot = Sequence([0], SamplingParams(temperature=0.5), 8)
+    hot.rng = make_rng(0, "cpu")
+    greedy = Sequence([0], SamplingParams(temperature=0), 8)
+    assert sample(logits, [hot, greedy]) == [0, 1]
 
 
 def test_top_k_samples_only_among_the_k_most_likely():

@@ -46,8 +46,6 @@ class HFRunner:
     def generate(self, prompts, params: SamplingParams, n: int, stops) -> list[tuple[str, str, int]]:
         """(text, finish_reason, completion tokens) per choice, n per prompt."""
         p = self._params(params, n)
-        if any(not ids for ids in prompts):
-            raise ApiError(400, "prompt is empty: it has no tokens for this model")
         t0 = time.perf_counter()
         jobs = self.rt.run(
             [Job(batch_key(p), HFJob("", ids, p, params.max_tokens, stops=tuple(stops))) for ids in prompts]
@@ -65,8 +63,6 @@ class HFRunner:
     def stream(self, prompts, params: SamplingParams, n: int, stops):
         """Yield (choice index, new text or None, finish_reason or None); each choice is its own job, in turn."""
         hold = max((len(s) for s in stops), default=1) - 1
-        if any(not ids for ids in prompts):
-            raise ApiError(400, "prompt is empty: it has no tokens for this model")
         for pi, ids in enumerate(prompts):
             for c in range(n):
                 seed = None if params.seed is None else params.seed + c

@@ -104,7 +104,8 @@ def _from_environment(environ) -> tuple[dict, dict]:
         if sub:
             if section not in SECTIONS:
                 raise ConfigError(f"{name}: only {' and '.join(SECTIONS)} have nested keys")
-            nested.setdefault(section, {})[sub] = _scalar(environ[name])
+            raw = environ[name]  # a string key keeps the text as written (a filename 0123 is not octal 83)
+            nested.setdefault(section, {})[sub] = raw if SETUP_PARAMS.get(sub) is str else _scalar(raw)
         elif key in SECTIONS:
             value = _scalar(environ[name])
             if not isinstance(value, dict):
@@ -215,6 +216,19 @@ def load_config(path: str = "config.yaml", environ=None) -> LlmApiConfig:
         )
     if not cfg.model_name:
         raise ConfigError(f"model_name: required (it names the local model file, {cfg.model_file})")
+    for key, value in (("model_name", cfg.model_name), ("setup_params.filename", cfg.setup_params.get("filename"))):
+        if value and ("/" in value or "\\" in value or value in (".", "..")):
+            raise ConfigError(f"{key}: {value!r} must be a plain file name part, without a folder")
+    if cfg.max_batch_size > 255:
+        raise ConfigError(f"max_batch_size: at most 255 (llama.cpp runs 256 sequences, one is for embeddings), "
+                          f"got {cfg.max_batch_size}")  # fmt: skip
+    n_batch = cfg.llama_params()["n_batch"]
+    if n_batch <= cfg.max_batch_size:
+        key = "batch_size" if "batch_size" in cfg.model_params else "n_batch"
+        raise ConfigError(f"model_params.{key}: must be more than max_batch_size ({cfg.max_batch_size}): llama.cpp "
+                          f"decodes one token of every running sequence in one batch; got {n_batch}")  # fmt: skip
+    if cfg.max_request_bytes < 1024:
+        raise ConfigError(f"max_request_bytes: must be >= 1024, got {cfg.max_request_bytes}")
     if not 0 <= cfg.port < 65536:
         raise ConfigError(f"port: must be 0..65535, got {cfg.port}")
     for key in ("max_batch_size", "max_queue_size", "http_threads"):

@@ -2,7 +2,9 @@
 
 Slot i of the scheduler is llama.cpp sequence i of one context; each sequence has its own KV stream
 of ctx_size positions, so up to max_batch_size requests decode together in one llama_decode call.
-One more sequence, after the slots, is used by embeddings. Only the engine thread calls into it.
+One more sequence, after the slots, is used by embeddings. Only the engine thread calls the model;
+HTTP threads tokenize with a vocabulary-only copy of the file (llama.cpp's tokenizer is read-only,
+and llama.cpp's own server tokenizes on its HTTP threads too).
 """
 
 import ctypes
@@ -28,10 +30,16 @@ class LlamaCppError(Exception):
 
 
 class LlamaCppTokenizer:
-    """The GGUF file's own vocabulary: what the EngineLoop and routes need of a tokenizer."""
+    """The GGUF file's own vocabulary (loaded alone, without weights): what the routes need of a tokenizer.
+    Never freed: HTTP threads may use it until the process exits."""
 
-    def __init__(self, model):
-        self.vocab = llama_cpp.llama_model_get_vocab(model)
+    def __init__(self, path: str):
+        mp = llama_cpp.llama_model_default_params()
+        mp.vocab_only = True
+        self.model = llama_cpp.llama_model_load_from_file(path.encode(), mp)
+        if not self.model:
+            raise LlamaCppError(f"llama.cpp cannot read the vocabulary of {path} (see the llama.cpp messages above)")
+        self.vocab = llama_cpp.llama_model_get_vocab(self.model)
         self.n_words = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self.bos_id = llama_cpp.llama_vocab_bos(self.vocab)
         self.eos_id = llama_cpp.llama_vocab_eos(self.vocab)
@@ -46,7 +54,7 @@ class LlamaCppTokenizer:
 
     def encode(self, text: str, bos: bool = True, special: bool = False) -> list[int]:
         """Token ids of `text`, after BOS when the model adds one; special: "<s>" in the text is BOS."""
-        data = text.encode("utf-8")
+        data = text.encode("utf-8", "replace")  # (request bodies with lone surrogates are refused earlier)
         size = len(data) + 8
         while True:
             buf = (llama_cpp.llama_token * size)()
@@ -70,6 +78,11 @@ class LlamaCppTokenizer:
         """The text of `ids` as a continuation (a leading space is kept; BOS/EOS render as nothing)."""
         return b"".join(self.piece(t) for t in ids).decode("utf-8", "replace")
 
+    def chat_template(self) -> str | None:
+        """The file's tokenizer.chat_template (Jinja), if it has one."""
+        raw = llama_cpp.llama_model_chat_template(self.model, None)
+        return raw.decode("utf-8") if raw else None
+
 
 class LlamaCppEngine:
     def __init__(self, path: str, ctx_size: int, max_batch_size: int, n_threads: int, n_batch: int,
@@ -81,7 +94,7 @@ class LlamaCppEngine:
         self.model = llama_cpp.llama_model_load_from_file(path.encode(), mp)
         if not self.model:
             raise LlamaCppError(f"llama.cpp cannot load {path} (see the llama.cpp messages above)")
-        self.tokenizer = LlamaCppTokenizer(self.model)
+        self.tokenizer = LlamaCppTokenizer(path)
         self.n_vocab = self.tokenizer.n_words
         self.n_embd = llama_cpp.llama_model_n_embd(self.model)
         self.ctx_size = ctx_size
@@ -106,12 +119,9 @@ class LlamaCppEngine:
         self.batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
         self.device = torch.device("cpu")
 
-    def chat_template(self) -> str | None:
-        """The file's tokenizer.chat_template (Jinja), if it has one."""
-        raw = llama_cpp.llama_model_chat_template(self.model, None)
-        return raw.decode("utf-8") if raw else None
-
-    def close(self) -> None:
+    def free(self) -> None:
+        """Free the context and the weights (tests; a server leaves them to the process exit, since a
+        request thread may still be between its last check and its call)."""
         if self.ctx:
             llama_cpp.llama_batch_free(self.batch)
             llama_cpp.llama_free(self.ctx)

@@ -45,7 +45,7 @@ def _download(cfg: LlmApiConfig, repo_id: str, filename: str, target: str) -> st
     except (OfflineModeIsEnabled, LocalEntryNotFoundError) as e:
         raise ConfigError(
             f"cannot download {filename} from {repo_id}: the HuggingFace Hub cannot be reached here "
-            f"({type(e).__name__}); unset HF_HUB_OFFLINE or put the file at {target}"
+            f"({type(e).__name__}: offline mode or no network); put the file at {target}"
         ) from e
     except (HfHubHTTPError, OSError, ValueError) as e:
         raise ConfigError(f"cannot download {filename} from {repo_id}: {type(e).__name__}: {e}") from e

@@ -8,7 +8,6 @@ The generated text continues the prompt (prompt + text is the whole text, so it 
 space). Parameters and defaults are llm-api's; unknown ones are a 400 that names them.
 """
 
-import json
 import random
 import re
 import threading
@@ -18,7 +17,7 @@ from flask import Blueprint, Response, current_app, jsonify, request
 from presets.serving.app import record_counts, runtime
 from presets.serving.errors import ApiError
 from presets.serving.params import SamplingParams
-from presets.serving.validation import boolean, integer, number, reject_unknown
+from presets.serving.validation import boolean, integer, json_object, number, reject_unknown
 
 llm_api = Blueprint("llm_api", __name__)
 
@@ -28,26 +27,8 @@ PARAMS = (*DEFAULTS, "repeat_last_n", "seed", "ignore_eos")
 MAX_STOPS = 16
 
 
-def _lenient_json(raw: bytes):
-    """The body as JSON; a backslash JSON does not define (llm-api's README sends "stop": ["\\Q"]) is taken
-    literally, as a person typing it meant, instead of failing the whole request."""
-    text = raw.decode("utf-8", "replace")
-    try:
-        return json.loads(text)
-    except ValueError:
-        pass
-    fixed = re.sub(r"\\(.)", lambda m: m.group(0) if m.group(1) in '"\\/bfnrtu' else "\\\\" + m.group(1), text,
-                   flags=re.DOTALL)  # fmt: skip
-    try:
-        return json.loads(fixed)
-    except ValueError as e:
-        raise ApiError(400, f"request body must be valid JSON (a JSON object): {e}") from e
-
-
 def _body(allowed) -> dict:
-    data = _lenient_json(request.get_data(cache=True))
-    if not isinstance(data, dict):
-        raise ApiError(400, f"request body must be a JSON object, got {type(data).__name__}")
+    data = json_object(request, lenient_escapes=True)
     reject_unknown(data, allowed, "body")
     return data
 
@@ -75,16 +56,19 @@ def parse(body: dict, settings) -> tuple[list[int], SamplingParams, list[str]]:
         raise ApiError(400, "params.n_predict must be >= 1, or -1 for as many as the context holds")
     seed = integer(params, "seed", "params", None, lo=0, hi=2**63 - 1)
     sampling = SamplingParams(
-        temperature=number(params, "temp", "params", DEFAULTS["temp"], lo=0),
+        temperature=number(params, "temp", "params", DEFAULTS["temp"], lo=0, hi=100),
         top_p=number(params, "top_p", "params", DEFAULTS["top_p"], lo=0, hi=1, lo_open=True),
         top_k=integer(params, "top_k", "params", DEFAULTS["top_k"], lo=0),
-        repeat_penalty=number(params, "repeat_penalty", "params", DEFAULTS["repeat_penalty"], lo=0, lo_open=True),
+        repeat_penalty=number(params, "repeat_penalty", "params", DEFAULTS["repeat_penalty"], lo=0.01, hi=100),
         repeat_last_n=integer(params, "repeat_last_n", "params", settings.repeat_last_n, lo=0),
         max_tokens=None if n_predict == -1 else n_predict,
         ignore_eos=boolean(params, "ignore_eos", "params", False),
         seed=settings.next_seed() if seed is None else seed,
     )
-    return settings.encode(prompt), sampling, _stops(params.get("stop", DEFAULTS["stop"]))
+    ids = settings.encode(prompt)
+    if not ids:
+        raise ApiError(400, "prompt is empty: it has no tokens for this model (whose file adds no BOS)")
+    return ids, sampling, _stops(params.get("stop", DEFAULTS["stop"]))
 
 
 def _prepared():
@@ -109,9 +93,10 @@ def generate():
 
 
 def _event(text: str, event: str | None = None) -> str:
-    """One server-sent event; a multi-line text is several data lines, which a client joins with \\n."""
+    """One server-sent event; a multi-line text is several data lines, which a client joins with \\n
+    (SSE has no way to send a carriage return: one arrives as a line break)."""
     head = f"event: {event}\n" if event else ""
-    return head + "".join(f"data: {line}\n" for line in text.split("\n")) + "\n"
+    return head + "".join(f"data: {line}\n" for line in re.split(r"\r\n|\r|\n", text)) + "\n"
 
 
 @llm_api.post("/agenerate")
@@ -146,6 +131,8 @@ def embeddings():
     rt = runtime()
     rt.require_ready()
     ids = current_app.extensions["llm_api"].encode(text)
+    if not ids:
+        raise ApiError(400, "text is empty: it has no tokens for this model (whose file adds no BOS)")
     if len(ids) > rt.max_seq_len:
         raise ApiError(400, f"text is {len(ids)} tokens; ctx_size is {rt.max_seq_len}")
     vector = rt.call(lambda: rt.engine.embed(ids))

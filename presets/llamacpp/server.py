@@ -44,7 +44,7 @@ def build_runtime(cfg: LlmApiConfig, path: str) -> Runtime:
 
 def _encode_messages(rt: Runtime, messages) -> list[int]:
     """Chat messages in the GGUF file's own chat template (tokenizer.chat_template), as token ids."""
-    template = rt.engine.chat_template()
+    template = rt.tokenizer.chat_template()
     if not template:
         raise ApiError(400, "this model file has no chat template: use /v1/completions with your own prompt format")
     if not isinstance(messages, list) or not all(

@@ -71,6 +71,8 @@ def _request(body: dict, prompts: list[list[int]], default_max: int | None):
     if len(prompts) * n > runtime().max_waiting:
         raise ApiError(400, f"{len(prompts)} prompt(s) x n={n} is more than the {runtime().max_waiting} "
                        "sequences this server queues; split the request")  # fmt: skip
+    if any(not p for p in prompts):
+        raise ApiError(400, "prompt is empty: it has no tokens for this model")
     longest = max(len(p) for p in prompts)
     context = m.context()
     if longest >= context:

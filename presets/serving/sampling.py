@@ -23,7 +23,7 @@ def repeat_penalty(logits: torch.Tensor, seqs) -> torch.Tensor:
         s, n = seqs[i], seqs[i].params.repeat_last_n
         window = s.output[-n:]
         if len(window) < n:
-            window = s.prompt[len(s.prompt) - (n - len(window)) :] + window
+            window = s.prompt[max(0, len(s.prompt) - (n - len(window))) :] + window
         ids = torch.tensor(sorted(set(window)), device=logits.device, dtype=torch.long)
         seen = logits[i, ids]
         penalty = s.params.repeat_penalty
@@ -51,8 +51,10 @@ def sample(logits: torch.Tensor, seqs) -> list[int]:
         if any(seqs[i].params.top_k for i in rows):
             picked = torch.stack([top_k_filter(logits[i], seqs[i].params.top_k) for i in rows])
         probs = top_p_filter(torch.softmax(picked / temp[:, None], dim=-1), top_p)
+        finite = torch.isfinite(probs).all(-1).tolist()
         for j, i in enumerate(rows):
-            tokens[i] = torch.multinomial(probs[j], 1, generator=seqs[i].rng)[0]
+            if finite[j]:  # else (an overflow): the row keeps its greedy token rather than fail the batch
+                tokens[i] = torch.multinomial(probs[j], 1, generator=seqs[i].rng)[0]
     return tokens.tolist()
 
 

@@ -1,6 +1,8 @@
 """Request validation helpers: each failure is an ApiError(400) that names the field and the rule."""
 
+import json
 import math
+import re
 
 from flask import Request
 
@@ -9,11 +11,35 @@ from presets.serving.errors import ApiError
 _MISSING = object()
 
 
-def json_object(request: Request) -> dict:
-    """The request body as a JSON object, or a 400 that says why it is not one."""
-    data = request.get_json(force=True, silent=True)
-    if data is None:
-        raise ApiError(400, "request body must be valid JSON (a JSON object)")
+def _loads(text: str):
+    try:
+        data = json.loads(text)
+        json.dumps(data, ensure_ascii=False).encode("utf-8")  # a lone surrogate (\\ud800) cannot be text
+    except RecursionError:
+        raise ApiError(400, "request body is nested too deeply") from None
+    except UnicodeEncodeError:
+        raise ApiError(400, "request body has a string that is not valid Unicode (a lone surrogate)") from None
+    return data
+
+
+def json_object(request: Request, lenient_escapes: bool = False) -> dict:
+    """The request body as a JSON object, or a 400 that says why it is not one.
+
+    lenient_escapes: a backslash JSON does not define (llm-api's README sends "stop": ["\\Q"]) is
+    taken literally, as the person typing it meant, instead of failing the request.
+    """
+    text = request.get_data(cache=True).decode("utf-8", "replace")  # over the size limit: 413
+    try:
+        data = _loads(text)
+    except ValueError as e:
+        if not lenient_escapes:
+            raise ApiError(400, f"request body must be valid JSON (a JSON object): {e}") from None
+        valid = '"\\/bfnrtu'
+        fixed = re.sub(r"\\(.)", lambda m: m.group(0) if m.group(1) in valid else "\\\\" + m.group(1), text, flags=re.S)
+        try:
+            data = _loads(fixed)
+        except ValueError as e:
+            raise ApiError(400, f"request body must be valid JSON (a JSON object): {e}") from None
     if not isinstance(data, dict):
         raise ApiError(400, f"request body must be a JSON object, got {type(data).__name__}")
     return data

@@ -48,7 +48,7 @@ def vocab(tok: Tokenizer) -> tuple[list[bytes], list[float], list[int]]:
 
 
 def export(ckpt_dir: str, out_path: str, tokenizer_path: str | None = None, ftype: str = "f32",
-           chat_template: str | None = None) -> str:  # fmt: skip
+           chat_template: str | None = None, add_bos: bool = True) -> str:  # fmt: skip
     tok = Tokenizer(tokenizer_path or os.path.join(ckpt_dir, "tokenizer.model"))
     args = read_args(ckpt_dir, tok)
     state = merge_shards(ckpt_dir)
@@ -72,7 +72,7 @@ def export(ckpt_dir: str, out_path: str, tokenizer_path: str | None = None, ftyp
     w.add_bos_token_id(tok.bos_id)
     w.add_eos_token_id(tok.eos_id)
     w.add_unk_token_id(tok.sp.unk_id())
-    w.add_add_bos_token(True)
+    w.add_add_bos_token(add_bos)  # Llama's tokenizer adds BOS; tests also make files that do not
     w.add_add_eos_token(False)
     if chat_template:
         w.add_chat_template(chat_template)
