@@ -41,13 +41,16 @@ class LlamaCppTokenizer:
             raise LlamaCppError(f"llama.cpp cannot read the vocabulary of {path} (see the llama.cpp messages above)")
         self.vocab = llama_cpp.llama_model_get_vocab(self.model)
         self.n_words = llama_cpp.llama_vocab_n_tokens(self.vocab)
-        self.bos_id = llama_cpp.llama_vocab_bos(self.vocab)
-        self.eos_id = llama_cpp.llama_vocab_eos(self.vocab)
+        bos, self.eos_id = llama_cpp.llama_vocab_bos(self.vocab), llama_cpp.llama_vocab_eos(self.vocab)
+        self.bos_text, self.eos_text = self.special_text(bos), self.special_text(self.eos_id)  # for chat templates
+        self.bos_id = bos if bos >= 0 else self.eos_id  # a model without BOS: the warm-up step starts from EOS
         self.add_bos = llama_cpp.llama_vocab_get_add_bos(self.vocab)
         self._pieces: dict[int, bytes] = {}
 
     def special_text(self, token: int) -> str:
-        """How a control token (BOS, EOS) is written in text, e.g. "<s>" (for chat templates)."""
+        """How a control token (BOS, EOS) is written in text, e.g. "<s>"; "" for none (-1)."""
+        if token < 0:
+            return ""
         buf = ctypes.create_string_buffer(64)
         n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, 64, 0, True)
         return buf.raw[: max(n, 0)].decode("utf-8", "replace")

@@ -61,7 +61,7 @@ def _encode_messages(rt: Runtime, messages) -> list[int]:
     try:
         text = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(template).render(
             messages=messages, add_generation_prompt=True, raise_exception=refuse,
-            bos_token=tok.special_text(tok.bos_id), eos_token=tok.special_text(tok.eos_id),
+            bos_token=tok.bos_text, eos_token=tok.eos_text,
         )  # fmt: skip
     except TemplateError as e:
         raise ApiError(400, f"messages do not fit the model's chat template: {e}") from e
