@@ -285,6 +285,17 @@ def test_not_json_is_a_400(llm):
         assert r.status_code == 400 and "nested too deeply" in r.get_json()["detail"]
 
 
+def test_body_encodings(llm):
+    """JSON's own encoding detection: UTF-8 with a BOM and UTF-16 parse; bytes that are no Unicode are a 400."""
+    body = {"prompt": "café", "params": {"n_predict": 2, **GREEDY}}
+    plain = llm.post("/generate", json=body).get_json()
+    for data in (b"\xef\xbb\xbf" + json.dumps(body).encode(), json.dumps(body).encode("utf-16")):
+        r = llm.post("/generate", data=data, content_type="application/json")
+        assert r.status_code == 200 and r.get_json() == plain
+    r = llm.post("/generate", data='{"prompt": "caf\xe9"}'.encode("latin-1"), content_type="application/json")
+    assert r.status_code == 400 and "valid JSON" in r.get_json()["detail"]
+
+
 def test_event_stream_lines():
     """Every kind of line break in a piece becomes a data line (SSE cannot carry a carriage return)."""
     from presets.llamacpp.routes import _event
@@ -356,7 +367,7 @@ def test_environment_overrides_the_file(tmp_path):
         ({"model_params": {"n_gpu": 1}}, {}, "model_params.n_gpu: unknown key"),
         ({"setup_params": {"convert": True}}, {}, "setup_params.convert: true is not supported"),
         ({"setup_params": {"migrate": "yes"}}, {}, "setup_params.migrate: must be true or false"),
-        ({"setup_params": {"repo_id": "a/b"}}, {}, "repo_id and filename go together"),
+        ({"setup_params": {"repo_id": "a/b"}}, {}, "setup_params.repo_id: needs setup_params.filename"),
         ({}, {"LLM_API_MODEL_PARAMS__N_THREADZ": "4"}, "model_params.n_threadz: unknown key"),
         ({}, {"LLM_API_PORTT": "1"}, "portt: unknown key"),
         ({}, {"LLM_API_MODEL_PARAMS": "[1, 2]"}, "LLM_API_MODEL_PARAMS: must be a mapping"),
@@ -372,6 +383,17 @@ def test_bad_config_is_refused_naming_the_key(tmp_path, extra, env, named):
     path = write_config(tmp_path, "/models", **extra)
     with pytest.raises(ConfigError, match=named.replace("(", r"\(").replace(")", r"\)")):
         load_config(str(path), env)
+
+
+def test_model_file_under_its_own_name_in_models_dir(tmp_path, models_dir):
+    """setup_params.filename alone names a file already in models_dir; llm-api's derived name comes first."""
+    from presets.llamacpp.model_file import resolve
+
+    cfg = load_config(write_config(tmp_path, models_dir, model_name="other",
+                                   setup_params={"filename": "ggml-llama-tiny-q4.bin"}), environ={})  # fmt: skip
+    assert resolve(cfg) == os.path.join(models_dir, "ggml-llama-tiny-q4.bin")
+    cfg = load_config(write_config(tmp_path, models_dir, setup_params={"filename": "absent.gguf"}), environ={})
+    assert resolve(cfg) == os.path.join(models_dir, "ggml-llama-tiny-q4.bin")
 
 
 def run_server(folder, env=None, timeout=30):
@@ -415,6 +437,8 @@ def test_real_server_process(tmp_path, models_dir):
         status, text = post(f"{url}/generate", {"prompt": "Hello", "params": {"n_predict": 8, **GREEDY}})
         assert status == 200 and isinstance(text, str)
         assert post(f"{url}/embeddings", {"text": "Hello"})[0] == 200
+        chunked = requests.post(f"{url}/generate", data=iter([b'{"prompt": "', b"x" * (2 << 20), b'"}']), timeout=30)
+        assert chunked.status_code == 413  # a chunked body over max_request_bytes, as with a Content-Length
         busy = {"prompt": "Hello " * 60, "params": {"n_predict": -1, "ignore_eos": True, **GREEDY}}
         with ThreadPoolExecutor(12) as pool:  # shutdown while requests generate and wait in the queue
             calls = [pool.submit(post, f"{url}/{route}", body) for route, body in

@@ -155,8 +155,8 @@ def _check_setup(params: dict) -> dict:
                 "reads GGUF only. Convert the model to GGUF with llama.cpp's convert_hf_to_gguf.py (or download "
                 f"a .gguf file) and set {key}: false"
             )
-    if ("repo_id" in out) != ("filename" in out):
-        raise ConfigError("setup_params: repo_id and filename go together (the file to download from the repo)")
+    if "repo_id" in out and "filename" not in out:
+        raise ConfigError("setup_params.repo_id: needs setup_params.filename, the file to download from the repo")
     return out
 
 

@@ -5,15 +5,16 @@ import math
 import re
 
 from flask import Request
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from presets.serving.errors import ApiError
 
 _MISSING = object()
 
 
-def _loads(text: str):
+def _loads(body: bytes | str):
     try:
-        data = json.loads(text)
+        data = json.loads(body)  # bytes: JSON's own encoding detection (UTF-8 with or without BOM, UTF-16/32)
         json.dumps(data, ensure_ascii=False).encode("utf-8")  # a lone surrogate (\\ud800) cannot be text
     except RecursionError:
         raise ApiError(400, "request body is nested too deeply") from None
@@ -22,24 +23,37 @@ def _loads(text: str):
     return data
 
 
+def _not_json(e: ValueError) -> ApiError:
+    return ApiError(400, f"request body must be valid JSON (a JSON object): {e}")
+
+
 def json_object(request: Request, lenient_escapes: bool = False) -> dict:
-    """The request body as a JSON object, or a 400 that says why it is not one.
+    """The request body as a JSON object, or a 400 that says why it is not one (413 when too large).
 
     lenient_escapes: a backslash JSON does not define (llm-api's README sends "stop": ["\\Q"]) is
     taken literally, as the person typing it meant, instead of failing the request.
     """
-    text = request.get_data(cache=True).decode("utf-8", "replace")  # over the size limit: 413
+    raw = request.get_data(cache=True)  # with a Content-Length over the limit this raises 413
+    limit = request.max_content_length
+    if request.content_length is None and limit is not None and len(raw) >= limit:
+        raise RequestEntityTooLarge(f"the request body is over {limit} bytes")  # a chunked body, cut at the limit
     try:
-        data = _loads(text)
+        data = _loads(raw)
+    except UnicodeDecodeError as e:
+        raise _not_json(e) from None
     except ValueError as e:
         if not lenient_escapes:
-            raise ApiError(400, f"request body must be valid JSON (a JSON object): {e}") from None
+            raise _not_json(e) from None
+        try:
+            text = raw.decode(json.detect_encoding(raw))
+        except UnicodeDecodeError as e2:
+            raise _not_json(e2) from None
         valid = '"\\/bfnrtu'
         fixed = re.sub(r"\\(.)", lambda m: m.group(0) if m.group(1) in valid else "\\\\" + m.group(1), text, flags=re.S)
         try:
             data = _loads(fixed)
-        except ValueError as e:
-            raise ApiError(400, f"request body must be valid JSON (a JSON object): {e}") from None
+        except ValueError as e2:
+            raise _not_json(e2) from None
     if not isinstance(data, dict):
         raise ApiError(400, f"request body must be a JSON object, got {type(data).__name__}")
     return data
