@@ -9,7 +9,7 @@ import torch
 from presets.serving.errors import ApiError
 from presets.serving.params import SamplingParams
 from presets.serving.runtime import Runtime
-from presets.serving.sampling import make_rng, sample, top_p_filter
+from presets.serving.sampling import make_rng, nucleus_sample, sample, top_p_filter
 from presets.serving.scheduler import Sequence
 from tests.fakes import BOS, ByteTokenizer, FakeEngine
 
@@ -178,12 +178,21 @@ def test_repeat_penalty_pushes_down_recent_tokens_only():
     assert sample(logits, [short]) == [3]  # a window longer than the prompt covers all of it
 
 
-def test_sampling_overflow_keeps_the_greedy_token_instead_of_failing_the_batch():
-    logits = torch.tensor([[float("inf"), 1.0, 0.0], [0.0, 2.0, 0.0]])
-    hot = Sequence([0], SamplingParams(temperature=0.5), 8)
-    hot.rng = make_rng(0, "cpu")
-    greedy = Sequence([0], SamplingParams(temperature=0), 8)
-    assert sample(logits, [hot, greedy]) == [0, 1]
+def test_nucleus_sampling_draws_only_from_the_top_p_set_on_both_paths():
+    """Peaked rows take the top-256 shortcut, flat rows the full sort; every draw lies in the exact nucleus."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 32000, generator=g)
+    logits[:3] *= 8  # peaked: the 256 likeliest hold the nucleus
+    probs = torch.softmax(logits, -1)
+    top_p = torch.tensor([0.9, 0.5, 0.99, 0.9, 0.5, 0.2])
+    head = probs.topk(256, -1).values.sum(-1)
+    assert (head[:3] >= top_p[:3]).all() and (head[3:] < top_p[3:]).all()  # both paths are taken
+    nucleus = top_p_filter(probs, top_p) > 0
+    for seed in range(30):
+        drawn = nucleus_sample(probs, top_p, [make_rng(seed * 10 + j, "cpu") for j in range(6)])
+        assert all(nucleus[j, t] for j, t in enumerate(drawn))
+    tiny = torch.tensor([1e-3])  # a nucleus of one token: the most likely one
+    assert nucleus_sample(probs[:1], tiny, [make_rng(0, "cpu")]) == [int(probs[0].argmax())]
 
 
 def test_top_k_samples_only_among_the_k_most_likely():
