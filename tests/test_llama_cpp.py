@@ -3,6 +3,7 @@
 Reference: our PyTorch Llama (and transformers' LlamaForCausalLM) on the same weights.
 """
 
+import contextlib
 import json
 import os
 import subprocess
@@ -87,6 +88,22 @@ def continuation(tok: Tokenizer, prompt_ids: list[int], out: list[int]) -> str:
     whole, head = tok.decode(prompt_ids + out), tok.decode(prompt_ids)
     assert whole.startswith(head)
     return whole[len(head) :]
+
+
+@contextlib.contextmanager
+def serving(ckpt: str, folder, name: str, **export_options):
+    """An app (model loaded) on `ckpt` exported with `export_options` as model `name` in folder/models."""
+    models = folder / "models"
+    models.mkdir()
+    export(ckpt, str(models / f"ggml-llama-{name}-q4.bin"), **export_options)
+    cfg = load_config(write_config(folder, str(models), model_name=name), environ={})
+    app = build_app(cfg, cfg.model_file, start=False)
+    rt = app.extensions["runtime"]
+    rt.start(background=False)
+    try:
+        yield app, rt
+    finally:
+        rt.shutdown()
 
 
 def reference_greedy(reference, prompt: str, n: int) -> tuple[list[int], str]:
@@ -304,22 +321,13 @@ def test_event_stream_lines():
 
 
 def test_empty_prompt_of_a_model_without_bos_is_a_400(tiny_ckpt, tmp_path):
-    models = tmp_path / "models"
-    models.mkdir()
-    export(tiny_ckpt, str(models / "ggml-llama-nobos-q4.bin"), add_bos=False)
-    cfg = load_config(write_config(tmp_path, str(models), model_name="nobos"), environ={})
-    app = build_app(cfg, cfg.model_file, start=False)
-    rt = app.extensions["runtime"]
-    rt.start(background=False)
-    try:
+    with serving(tiny_ckpt, tmp_path, "nobos", add_bos=False) as (app, _):
         client = app.test_client()
         for route, body in (("/generate", {"prompt": ""}), ("/agenerate", {"prompt": ""}),
                             ("/embeddings", {"text": ""}), ("/v1/completions", {"prompt": ""})):  # fmt: skip
             r = client.post(route, json=body)
             assert r.status_code == 400 and "empty" in r.get_json()["detail"], route
         assert client.post("/generate", json={"prompt": "Hello", "params": {"n_predict": 3}}).status_code == 200
-    finally:
-        rt.shutdown()
 
 
 def test_openai_routes_on_llama_cpp(llm):
@@ -467,14 +475,7 @@ def test_chat_uses_the_files_chat_template(tiny_ckpt, tmp_path):
     from presets.llama2.chat_format import encode_dialog
     from presets.llamacpp.server import _encode_messages
 
-    models = tmp_path / "models"
-    models.mkdir()
-    export(tiny_ckpt, str(models / "ggml-llama-chat-q4.bin"), chat_template=LLAMA2_TEMPLATE)
-    cfg = load_config(write_config(tmp_path, str(models), model_name="chat"), environ={})
-    app = build_app(cfg, cfg.model_file, start=False)
-    rt = app.extensions["runtime"]
-    rt.start(background=False)
-    try:
+    with serving(tiny_ckpt, tmp_path, "chat", chat_template=LLAMA2_TEMPLATE) as (app, rt):
         dialog = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"},
                   {"role": "user", "content": "What is the capital of France?"}]  # fmt: skip
         expected = encode_dialog(Tokenizer(os.path.join(tiny_ckpt, "tokenizer.model")), dialog)
@@ -486,5 +487,3 @@ def test_chat_uses_the_files_chat_template(tiny_ckpt, tmp_path):
         assert r.get_json()["choices"][0]["message"]["content"] == rt.tokenizer.decode(seq.output)
         r = client.post("/v1/chat/completions", json={"messages": [{"role": "system", "content": "x"}]})
         assert r.status_code == 400 and "roles must alternate" in r.get_json()["detail"]
-    finally:
-        rt.shutdown()

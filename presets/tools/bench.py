@@ -175,6 +175,17 @@ def run_hf(ckpt, prompts, clients, new_tokens, batch_size: int):
     return summarize(f"transformers generate, {name}", seconds, records, new_tokens)
 
 
+def print_table(rows: list[dict]) -> None:
+    """The systems' summaries as a markdown table."""
+    print("| system | output tokens/s | TTFT p50 (s) | TTFT p99 (s) | ITL p50 (ms) | wall (s) |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['system']} | {r['tokens_per_s']:.1f} | {r['ttft_p50']:.2f} | {r['ttft_p99']:.2f} "
+            f"| {r['itl_p50'] * 1e3:.1f} | {r['seconds']:.1f} |"
+        )
+
+
 def _in_process(fn, *args):
     """Run fn(*args) in a fresh process: each system gets its own threads, memory and OpenMP pool."""
     ctx = multiprocessing.get_context("spawn")
@@ -223,13 +234,7 @@ def main(argv=None):
     print(f"\nmachine: {os.cpu_count()} CPUs ({cpu}), torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"model: dim {args.dim}, {args.n_layers} layers, {args.n_heads} heads, vocab {args.vocab_size}, fp32")
     print(f"workload: {a.requests} requests, {a.clients} clients, prompts 16-128 tokens, {a.new_tokens} new tokens\n")
-    print("| system | output tokens/s | TTFT p50 (s) | TTFT p99 (s) | ITL p50 (ms) | wall (s) |")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        print(
-            f"| {r['system']} | {r['tokens_per_s']:.1f} | {r['ttft_p50']:.2f} | {r['ttft_p99']:.2f} "
-            f"| {r['itl_p50'] * 1e3:.1f} | {r['seconds']:.1f} |"
-        )
+    print_table(rows)
     ours = rows[0]["tokens_per_s"]
     for r in rows[1:]:
         print(f"\nthis server / {r['system']}: {ours / r['tokens_per_s']:.2f}x", end="")

@@ -82,7 +82,7 @@ def main(argv=None):
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--new_tokens", type=int, default=64)
     a = ap.parse_args(argv)
-    from presets.tools.bench import BENCH_ARGS, _in_process, make_prompts
+    from presets.tools.bench import BENCH_ARGS, _in_process, make_prompts, print_table
     from presets.tools.gguf_export import export
     from presets.tools.tiny_checkpoint import write_checkpoint
 
@@ -97,13 +97,7 @@ def main(argv=None):
         ]
     print(f"\nmachine: {os.cpu_count()} CPUs; model: dim 512, 8 layers, vocab 32000, GGUF f32")
     print(f"workload: {a.requests} requests, {a.clients} clients, prompts 16-128 tokens, {a.new_tokens} new tokens\n")
-    print("| system | output tokens/s | TTFT p50 (s) | TTFT p99 (s) | ITL p50 (ms) | wall (s) |")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        print(
-            f"| {r['system']} | {r['tokens_per_s']:.1f} | {r['ttft_p50']:.2f} | {r['ttft_p99']:.2f} "
-            f"| {r['itl_p50'] * 1e3:.1f} | {r['seconds']:.1f} |"
-        )
+    print_table(rows)
     for r in rows[1:]:
         print(
             f"\nthis server (batch {a.clients}) / {r['system']}: {rows[0]['tokens_per_s'] / r['tokens_per_s']:.2f}x",
