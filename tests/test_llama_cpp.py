@@ -232,6 +232,26 @@ def test_embeddings_are_the_models_mean_hidden_state(llm, tiny_ckpt):
     np.testing.assert_allclose(v1, (mean / mean.norm()).numpy(), atol=2e-3)
 
 
+def test_a_failed_engine_call_fails_its_request_only(llm):
+    from presets.serving.errors import ApiError
+
+    rt = llm.application.extensions["runtime"]
+    with pytest.raises(ApiError) as e:
+        rt.call(lambda: 1 / 0)
+    assert e.value.status == 500 and "ZeroDivisionError" in e.value.detail
+    assert rt.call(lambda: 42) == 42 and generate(llm, "Hello", n_predict=3, **GREEDY)[0] == 200
+
+
+def test_model_params_seed_makes_unseeded_sampling_repeat_across_restarts():
+    """model_params.seed seeds the sequence of per-request seeds (as llama.cpp seeded its sampler); -1: random."""
+    from presets.llamacpp.routes import LlmApiSettings
+
+    first, again = LlmApiSettings(None, None, 64, 1337), LlmApiSettings(None, None, 64, 1337)
+    assert [first.next_seed() for _ in range(3)] == [again.next_seed() for _ in range(3)]
+    assert len({first.next_seed() for _ in range(3)}) == 3  # each request its own seed
+    assert LlmApiSettings(None, None, 64, -1).next_seed() is None
+
+
 def test_embeddings_between_generations_leave_them_unchanged(llm):
     expected = [generate(llm, p, n_predict=16, **GREEDY)[1] for p in PROMPTS]
 
