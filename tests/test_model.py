@@ -90,13 +90,16 @@ def test_batched_decode_at_different_positions_equals_single(pair, slots):
     assert rel_err(batched, torch.cat([single_a, single_b])) < 1e-5
 
 
-def test_cpu_packed_linears_match_plain_layers(tiny_ckpt):
+@pytest.mark.parametrize("ckpt", ["tiny_ckpt", "gqa_ckpt"], ids=["mha", "gqa"])
+def test_cpu_packed_linears_match_plain_layers(request, ckpt):
     if not cpu_kernels.available():
         pytest.skip("this torch build has no oneDNN packed linear ops")
-    tok, plain_model, _ = load_pair(tiny_ckpt)
-    _, packed_model, _ = load_pair(tiny_ckpt)
+    tok, plain_model, _ = load_pair(request.getfixturevalue(ckpt))
+    _, packed_model, _ = load_pair(request.getfixturevalue(ckpt))
     plain = LlamaEngine(plain_model, max_batch_size=2, max_seq_len=64, cpu_packed=False)
     packed = LlamaEngine(packed_model, max_batch_size=2, max_seq_len=64)
+    layer = packed_model.layers[0]  # wq|wk|wv and w1|w3 fused; wo, w2 and output packed alone
+    assert hasattr(layer.attention, "packed_qkv") and hasattr(layer.feed_forward, "packed_gate_up")
     assert hasattr(packed_model.output, "packed_weight") and not hasattr(plain_model.output, "packed_weight")
     ids = tok.encode(PROMPT, bos=True, eos=False)
     assert rel_err(packed.prefill([0, 1], [ids, ids[:4]]), plain.prefill([0, 1], [ids, ids[:4]])) < 1e-5

@@ -63,9 +63,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return xf.type_as(x) * self.weight
+        # x * rsqrt(mean(x^2) + eps) in float32, as Meta's, in one fused op instead of five.
+        return F.rms_norm(x.float(), self.weight.shape, eps=self.eps).type_as(x) * self.weight
 
 
 def rope_frequencies(head_dim: int, max_seq_len: int, theta: float) -> torch.Tensor:
@@ -181,11 +180,16 @@ class Attention(nn.Module):
         )
         self.cache: KVCache | None = None
 
+    def project(self, x):
+        """(q, k, v) of x (B, T, dim), each (B, T, heads * hd); cpu_kernels swaps in one fused matmul."""
+        return self.wq(x), self.wk(x), self.wv(x)
+
     def forward(self, x, freqs, step: Prefill | Decode):
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_local_heads, self.head_dim)
-        k = self.wk(x).view(B, T, self.n_local_kv_heads, self.head_dim)
-        v = self.wv(x).view(B, T, self.n_local_kv_heads, self.head_dim)
+        q, k, v = self.project(x)
+        q = q.view(B, T, self.n_local_heads, self.head_dim)
+        k = k.view(B, T, self.n_local_kv_heads, self.head_dim)
+        v = v.view(B, T, self.n_local_kv_heads, self.head_dim)
         q, k = apply_rope(q, freqs), apply_rope(k, freqs)
         out = step.attend(self.cache, q, k, v, gqa=self.n_local_heads != self.n_local_kv_heads)  # (B, h, T, hd)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
@@ -199,8 +203,13 @@ class FeedForward(nn.Module):
         self.w2 = RowParallelLinear(hidden, args.dim, bias=False, input_is_parallel=True, init_method=_keep)
         self.w3 = ColumnParallelLinear(args.dim, hidden, bias=False, gather_output=False, init_method=_keep)
 
+    def gate_up(self, x):
+        """(w1 x, w3 x), each (B, T, hidden); cpu_kernels swaps in one fused matmul."""
+        return self.w1(x), self.w3(x)
+
     def forward(self, x):
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = self.gate_up(x)
+        return self.w2(F.silu(gate) * up)
 
 
 class TransformerBlock(nn.Module):

@@ -207,6 +207,15 @@ def read_bandwidth(n_bytes: int = 1 << 30) -> float:
     return n_bytes / best
 
 
+def cpu_model() -> str:
+    """The CPU's model name (the baselines' speed depends on it: MKL is much slower on AMD than Intel)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ckpt_dir", default=".cache/demo-llama2-random-weights")
@@ -230,7 +239,7 @@ def main(argv=None):
     weight_bytes = 4 * sum(t.numel() for k, t in shard.items() if k != "rope.freqs")  # served in fp32
     bw = read_bandwidth()
 
-    cpu = platform.processor() or platform.machine()
+    cpu = cpu_model()
     print(f"\nmachine: {os.cpu_count()} CPUs ({cpu}), torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"model: dim {args.dim}, {args.n_layers} layers, {args.n_heads} heads, vocab {args.vocab_size}, fp32")
     print(f"workload: {a.requests} requests, {a.clients} clients, prompts 16-128 tokens, {a.new_tokens} new tokens\n")
