@@ -9,7 +9,7 @@ from presets.llama2.model import Decode, Prefill, Transformer
 class LlamaEngine:
     def __init__(self, model: Transformer, max_batch_size: int, max_seq_len: int, cpu_packed: bool = True):
         self.model = model
-        self.device = model.output.weight.device
+        self.device, self.dtype = model.output.weight.device, model.output.weight.dtype
         model.setup_caches(max_batch_size, max_seq_len)
         if cpu_packed and self.device.type == "cpu" and cpu_kernels.available():
             cpu_kernels.pack_linears(model, max_batch_size)
@@ -23,5 +23,5 @@ class LlamaEngine:
     @torch.inference_mode()
     def decode(self, slots: list[int], tokens: list[int], positions: list[int]) -> torch.Tensor:
         """One token for each running slot at its own position; logits (B, V)."""
-        step = Decode.build(slots, positions, self.device)
+        step = Decode.build(slots, positions, self.device, self.dtype)
         return self.model(torch.tensor(tokens, device=self.device)[:, None], step)

@@ -137,18 +137,21 @@ class Decode:
 
     slots: slice | torch.Tensor  # (B,) slot ids, or a slice when they are consecutive (no copies)
     positions: torch.Tensor  # (B, 1)
-    mask: torch.Tensor  # (B, 1, 1, L): True where a key may be attended to
+    mask: torch.Tensor  # (B, 1, 1, L): 0 where a key may be attended to, -inf elsewhere
     length: int  # L: keys needed, the longest sequence's prefix
 
     @classmethod
-    def build(cls, slots: list[int], positions: list[int], device) -> "Decode":
+    def build(cls, slots: list[int], positions: list[int], device, dtype=torch.float32) -> "Decode":
         if slots == list(range(slots[0], slots[0] + len(slots))):
             slot_index = slice(slots[0], slots[0] + len(slots))
         else:
             slot_index = torch.tensor(slots, device=device)
         pos = torch.tensor(positions, device=device)[:, None]
         length = max(positions) + 1
-        mask = torch.arange(length, device=device) <= pos[..., None]  # (B, 1, L)
+        # Additive, in the model's dtype, built once per step: a boolean mask is converted to this
+        # inside every layer's attention call (about 10% of the attention time on CPU).
+        beyond = torch.arange(length, device=device) > pos[..., None]  # (B, 1, L)
+        mask = torch.zeros(beyond.shape, dtype=dtype, device=device).masked_fill_(beyond, float("-inf"))
         return cls(slot_index, pos, mask[:, None], length)
 
     def attend(self, cache: KVCache, q, k, v, gqa: bool) -> torch.Tensor:
