@@ -61,8 +61,25 @@ def test_cached_decode_equals_full_forward(pair):
     with torch.inference_mode():
         full = ours(*Prefill.build([0], [ids], "cpu"), all_logits=True)[0]
         ours(*Prefill.build([1], [ids[:5]], "cpu"))
-        stepped = [ours(torch.tensor([[t]]), Decode.build([1], [p], "cpu"))[0] for p, t in enumerate(ids) if p >= 5]
+        steps = [(t, Decode.build([1], [p], "cpu", torch.float32)) for p, t in enumerate(ids) if p >= 5]
+        stepped = [ours(torch.tensor([[t]]), step)[0] for t, step in steps]
     assert rel_err(torch.stack(stepped), full[5:]) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_half_precision_batched_decode_equals_full_forward(gqa_ckpt, dtype):
+    """The decode mask is in the model's dtype and hides stale keys: a batch at three positions gives
+    each sequence's own last-token logits from a full forward of its whole prompt, in bf16 and fp16."""
+    tok = Tokenizer(f"{gqa_ckpt}/tokenizer.model")
+    engine = LlamaEngine(load_model(gqa_ckpt, tok, 0, 1, torch.device("cpu"), dtype), max_batch_size=3, max_seq_len=64)
+    assert Decode.build([0, 1], [3, 5], "cpu", dtype).mask.dtype == dtype
+    prompts = [tok.encode(t, bos=True, eos=False) for t in (PROMPT, "Hello there", "The river flows past the old mill")]
+    engine.prefill([1], [prompts[0] + prompts[2]])  # slot 1 keeps stale keys beyond the short prompt
+    engine.prefill([0, 1, 2], [p[:-1] for p in prompts])
+    batched = engine.decode([0, 1, 2], [p[-1] for p in prompts], [len(p) - 1 for p in prompts])
+    full = torch.cat([engine.prefill([s], [p]) for s, p in enumerate(prompts)])
+    assert batched.shape == (3, tok.n_words)
+    assert rel_err(batched, full) < 1e-2
 
 
 def test_packed_prefill_equals_one_prompt_at_a_time(pair):

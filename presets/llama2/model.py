@@ -141,7 +141,7 @@ class Decode:
     length: int  # L: keys needed, the longest sequence's prefix
 
     @classmethod
-    def build(cls, slots: list[int], positions: list[int], device, dtype=torch.float32) -> "Decode":
+    def build(cls, slots: list[int], positions: list[int], device, dtype) -> "Decode":
         if slots == list(range(slots[0], slots[0] + len(slots))):
             slot_index = slice(slots[0], slots[0] + len(slots))
         else:
