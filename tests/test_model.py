@@ -1,4 +1,5 @@
-"""Our Llama-2 against transformers' LlamaForCausalLM on the same weights (fp32, CPU)."""
+"""Our Llama-2 against transformers' LlamaForCausalLM on the same weights (fp32, CPU), and against
+itself: cached decode, packed prefill, batched decode (also in bf16 and fp16)."""
 
 import pytest
 import torch
