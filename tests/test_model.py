@@ -4,7 +4,6 @@ itself: cached decode, packed prefill, batched decode (also in bf16 and fp16).""
 import pytest
 import torch
 
-from presets.llama2 import cpu_kernels
 from presets.llama2.checkpoint import load_model, read_args
 from presets.llama2.engine import LlamaEngine
 from presets.llama2.hf_convert import to_hf
@@ -106,19 +105,3 @@ def test_batched_decode_at_different_positions_equals_single(pair, slots):
     single_a = engine.decode(slots[:1], [7], [len(a)])  # rewrites the same cache position: same result
     single_b = engine.decode(slots[1:], [9], [len(b)])
     assert rel_err(batched, torch.cat([single_a, single_b])) < 1e-5
-
-
-@pytest.mark.parametrize("ckpt", ["tiny_ckpt", "gqa_ckpt"], ids=["mha", "gqa"])
-def test_cpu_packed_linears_match_plain_layers(request, ckpt):
-    if not cpu_kernels.available():
-        pytest.skip("this torch build has no oneDNN packed linear ops")
-    tok, plain_model, _ = load_pair(request.getfixturevalue(ckpt))
-    _, packed_model, _ = load_pair(request.getfixturevalue(ckpt))
-    plain = LlamaEngine(plain_model, max_batch_size=2, max_seq_len=64, cpu_packed=False)
-    packed = LlamaEngine(packed_model, max_batch_size=2, max_seq_len=64)
-    layer = packed_model.layers[0]  # wq|wk|wv and w1|w3 fused; wo, w2 and output packed alone
-    assert hasattr(layer.attention, "packed_qkv") and hasattr(layer.feed_forward, "packed_gate_up")
-    assert hasattr(packed_model.output, "packed_weight") and not hasattr(plain_model.output, "packed_weight")
-    ids = tok.encode(PROMPT, bos=True, eos=False)
-    assert rel_err(packed.prefill([0, 1], [ids, ids[:4]]), plain.prefill([0, 1], [ids, ids[:4]])) < 1e-5
-    assert rel_err(packed.decode([0, 1], [3, 4], [len(ids), 4]), plain.decode([0, 1], [3, 4], [len(ids), 4])) < 1e-5

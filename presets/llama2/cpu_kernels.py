@@ -1,26 +1,105 @@
-"""Faster fp32 linear layers on CPU: each weight repacked once into oneDNN's blocked layout.
+"""Faster fp32 inference on CPU: the model's linear layers repacked once, and a decode attention kernel.
 
-At decode batch sizes (a few to a few dozen rows) MKL's plain sgemm streams the weights poorly
-(on AMD EPYC much worse than on Intel Xeon); oneDNN's prepacked kernel is 1.5x (Xeon) to 2-3.5x (EPYC)
-faster on the same math (see README, Benchmark). Projections that read the same input are stacked
-into one matmul (wq|wk|wv, w1|w3): fewer, wider calls are about 10% faster per decode step. These
-ops are PyTorch's own (the ones its CPU compiler uses for frozen weights) but not public API, so
-`available()` guards them and the plain layers remain the fallback. The packed copy replaces the
-original weights to keep memory the same.
+Each linear layer's weight is packed into the first form that applies:
+1. bf16 panels read by `linear_bf16` of cpu_kernels.c, when every weight is exactly a bf16 value (Meta's
+   checkpoints are bf16, so their fp32 upcasts are): the same fp32 math over half the bytes. A decode
+   step streams every weight once for a few rows, so halving the bytes is most of its time.
+2. oneDNN's blocked fp32 layout (PyTorch's own ops for frozen weights, not public API, so guarded):
+   at decode sizes MKL's plain sgemm streams the weights poorly, worst on AMD EPYC.
+3. the plain fp32 weight and F.linear.
+Projections that read the same input are stacked into one matmul (wq|wk|wv, w1|w3): fewer, wider calls
+are about 10% faster per decode step. The packed copy replaces the original weights (same memory or less).
+
+cpu_kernels.c also has `decode_attention`, which reads each sequence's own cache prefix only. The C file
+is compiled on first use with the system's C compiler (`cc`, or $CC) into a cache folder and loaded with
+ctypes; where that is not possible (no compiler, a CPU without AVX2/FMA, PRESETS_CPU_KERNELS=0) the
+engine logs why and uses forms 2 and 3 and PyTorch's attention.
 """
 
+import ctypes
+import functools
+import hashlib
+import logging
+import math
+import os
+import shutil
+import subprocess
+import tempfile
 import types
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from fairscale.nn.model_parallel.initialize import get_model_parallel_group, get_model_parallel_world_size
 from fairscale.nn.model_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from fairscale.nn.model_parallel.mappings import gather_from_model_parallel_region
 
-from presets.llama2.model import Attention, FeedForward
+from presets.llama2.model import Attention, Decode, FeedForward, KVCache
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_kernels.c")
+CFLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-fPIC", "-shared"]
+PANEL = 16  # output rows per bf16 panel (NB in cpu_kernels.c)
 
 
-def available() -> bool:
+def _cache_dirs() -> list[str]:
+    home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return [os.path.join(home, "presets"), tempfile.gettempdir()]
+
+
+def _compile() -> str:
+    """Path of the compiled library, built once per source and flags (a file per version, written atomically)."""
+    cc = os.environ.get("CC", "cc")
+    if shutil.which(cc) is None:
+        raise OSError(f"no C compiler '{cc}' on PATH")
+    tag = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode()).hexdigest()[:16]
+    errors = []
+    for folder in _cache_dirs():
+        path = os.path.join(folder, f"cpu_kernels-{tag}.so")
+        if os.path.exists(path):
+            return path
+        try:
+            os.makedirs(folder, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
+            os.close(fd)
+        except OSError as e:
+            errors.append(str(e))
+            continue
+        try:
+            done = subprocess.run([cc, *CFLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True)
+            if done.returncode != 0:
+                raise OSError(f"{cc} failed: {done.stderr.strip()[-2000:]}")
+            os.replace(tmp, path)  # another process may have won the race: same bytes
+            return path
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    raise OSError(f"no writable cache folder: {'; '.join(errors)}")
+
+
+@functools.cache
+def native() -> ctypes.CDLL | None:
+    """cpu_kernels.c compiled and loaded, or None where it cannot run here (the reason is logged once)."""
+    if os.environ.get("PRESETS_CPU_KERNELS", "1") == "0":
+        log.info("CPU kernels off (PRESETS_CPU_KERNELS=0)")
+        return None
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        log.info("CPU kernels need x86-64 AVX2 and FMA; this CPU offers %s", torch.backends.cpu.get_cpu_capability())
+        return None
+    try:
+        lib = ctypes.CDLL(_compile())
+    except OSError as e:
+        log.warning("CPU kernels unavailable, using oneDNN's matmuls and PyTorch's attention: %s", e)
+        return None
+    ptr, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.linear_bf16.argtypes = [ptr, i64, i64, ptr, i64, ptr, ctypes.c_int]
+    lib.decode_attention.argtypes = [ptr] * 7 + [i64] * 5 + [ctypes.c_float, ptr, ctypes.c_int]
+    return lib
+
+
+def onednn_available() -> bool:
     ops = torch.ops.mkldnn
     return (
         torch.backends.mkldnn.is_available()
@@ -29,19 +108,53 @@ def available() -> bool:
     )
 
 
-def _linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+def bf16_panels(weight: torch.Tensor) -> torch.Tensor:
+    """(N, K) -> (ceil(N/16), K, 16) bf16: panel p holds output rows 16p..16p+15, k-major, zero-padded."""
+    n, k = weight.shape
+    padded = F.pad(weight, (0, 0, 0, -n % PANEL))
+    return padded.view(-1, PANEL, k).transpose(1, 2).to(torch.bfloat16).contiguous()
+
+
+def linear_bf16(x: torch.Tensor, panels: torch.Tensor, out_features: int) -> torch.Tensor:
+    """x (..., K) fp32 times the weight packed by bf16_panels, transposed: (..., out_features) fp32."""
+    rows = x.reshape(-1, x.shape[-1]).contiguous()
+    y = torch.empty(rows.shape[0], out_features)
+    native().linear_bf16(
+        rows.data_ptr(), rows.shape[0], rows.shape[1], panels.data_ptr(), out_features, y.data_ptr(),
+        torch.get_num_threads(),
+    )  # fmt: skip
+    return y.view(*x.shape[:-1], out_features)
+
+
+class PackedLinear:
+    """The stacked weights of one or more linear layers in the fastest form available (module docstring)."""
+
+    def __init__(self, weight: torch.Tensor, batch_hint: int):
+        self.out_features, self.kind = weight.shape[0], "plain"
+        if native() is not None and torch.equal(weight.to(torch.bfloat16).float(), weight):
+            self.weight, self.kind = bf16_panels(weight), "bf16"
+        elif onednn_available():
+            self.weight, self.kind = torch.ops.mkldnn._reorder_linear_weight(weight, batch_hint), "onednn"
+        else:
+            self.weight = weight.contiguous()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "bf16":
+            return linear_bf16(x, self.weight, self.out_features)
+        if self.kind == "onednn":
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, None, "none", [], "")
+        return F.linear(x, self.weight)
 
 
 # The inference half of fairscale's forward methods, with the packed matmul in place of F.linear.
 # Their autograd wrappers (identity on the way forward) cost more than the math at decode sizes.
 def _column_forward(self, x):
-    y = _linear(x, self.packed_weight)
+    y = self.packed(x)
     return gather_from_model_parallel_region(y) if self.gather_output else y
 
 
 def _row_forward(self, x):
-    y = _linear(x, self.packed_weight)
+    y = self.packed(x)
     if get_model_parallel_world_size() > 1:
         dist.all_reduce(y, group=get_model_parallel_group())
     return y
@@ -49,11 +162,11 @@ def _row_forward(self, x):
 
 # wq|wk|wv and w1|w3 read the same input: one matmul over their stacked rows, then split.
 def _fused_project(self, x):
-    return _linear(x, self.packed_qkv).split(self.qkv_sizes, dim=-1)
+    return self.packed_qkv(x).split(self.qkv_sizes, dim=-1)
 
 
 def _fused_gate_up(self, x):
-    return _linear(x, self.packed_gate_up).split(self.gate_up_sizes, dim=-1)
+    return self.packed_gate_up(x).split(self.gate_up_sizes, dim=-1)
 
 
 def _packable(m: torch.nn.Module) -> bool:
@@ -63,29 +176,61 @@ def _packable(m: torch.nn.Module) -> bool:
     return m.weight.dtype == torch.float32 and m.bias is None and (column or m.input_is_parallel)
 
 
-def _pack(linears, batch_hint: int) -> tuple[torch.Tensor, list[int]]:
+def _pack(linears, batch_hint: int) -> tuple[PackedLinear, list[int]]:
     """This rank's weights of `linears` stacked and packed; each original weight is emptied."""
     sizes = [m.weight.shape[0] for m in linears]
-    packed = torch.ops.mkldnn._reorder_linear_weight(torch.cat([m.weight.detach() for m in linears]), batch_hint)
+    packed = PackedLinear(torch.cat([m.weight.detach() for m in linears]), batch_hint)
     for m in linears:
         m.weight.data = torch.empty(0)  # the packed copy is the weight from now on
     return packed, sizes
 
 
-def pack_linears(model: torch.nn.Module, batch_hint: int) -> int:
-    """Repack every fp32 CPU parallel linear layer of `model` in place; returns how many were packed."""
-    n = 0
+def pack_linears(model: torch.nn.Module, batch_hint: int) -> dict[str, int]:
+    """Repack every fp32 CPU parallel linear layer of `model` in place; returns {form: layers packed so}."""
+    counts: dict[str, int] = {}
     for m in list(model.modules()):
         if isinstance(m, Attention) and all(map(_packable, (m.wq, m.wk, m.wv))):
             m.packed_qkv, m.qkv_sizes = _pack([m.wq, m.wk, m.wv], batch_hint)
             m.project = types.MethodType(_fused_project, m)
-            n += 3
+            kind, n = m.packed_qkv.kind, 3
         elif isinstance(m, FeedForward) and all(map(_packable, (m.w1, m.w3))):
             m.packed_gate_up, m.gate_up_sizes = _pack([m.w1, m.w3], batch_hint)
             m.gate_up = types.MethodType(_fused_gate_up, m)
-            n += 2
+            kind, n = m.packed_gate_up.kind, 2
         elif _packable(m) and m.weight.numel():  # one not fused above (wo, w2, output)
-            m.packed_weight = _pack([m], batch_hint)[0]
+            m.packed = _pack([m], batch_hint)[0]
             m.forward = types.MethodType(_column_forward if isinstance(m, ColumnParallelLinear) else _row_forward, m)
-            n += 1
+            kind, n = m.packed.kind, 1
+        else:
+            continue
+        counts[kind] = counts.get(kind, 0) + n
+    return counts
+
+
+def decode_attention(cache: KVCache, step: Decode, q, k, v) -> torch.Tensor:
+    """Decode.attend by cpu_kernels.c: q (B, 1, H, D), k and v (B, 1, KVH, D) -> (B, H, 1, D)."""
+    B, _, H, D = q.shape
+    n_slots, kv_heads, S, _ = cache.k.shape
+    s = step.slots
+    slots = torch.arange(s.start, s.stop) if isinstance(s, slice) else s
+    if step.length > S or int(slots.max()) >= n_slots:  # the kernel trusts its indices: check them here
+        raise IndexError(f"decode step outside the cache: length {step.length} of {S}, slots {slots.tolist()}")
+    q, k, v, positions = q.contiguous(), k.contiguous(), v.contiguous(), step.positions.contiguous()
+    out = torch.empty(B, H, D)
+    native().decode_attention(
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), cache.k.data_ptr(), cache.v.data_ptr(), slots.data_ptr(),
+        positions.data_ptr(), B, H, kv_heads, S, D, 1 / math.sqrt(D), out.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    return out.view(B, H, 1, D)
+
+
+def attach_decode_attention(model: torch.nn.Module) -> int:
+    """Route every fp32 CPU cache's decode steps through decode_attention; returns how many caches."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, Attention) and m.cache is not None:
+            c = m.cache
+            if native() and c.k.device.type == "cpu" and c.k.dtype == torch.float32 and m.head_dim % 8 == 0:
+                c.decode_kernel = decode_attention
+                n += 1
     return n

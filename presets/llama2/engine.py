@@ -1,9 +1,13 @@
 """Step engine for Llama-2: prefill and decode over KV-cache slots. Knows token ids, not text."""
 
+import logging
+
 import torch
 
 from presets.llama2 import cpu_kernels
 from presets.llama2.model import Decode, Prefill, Transformer
+
+log = logging.getLogger(__name__)
 
 
 class LlamaEngine:
@@ -11,8 +15,10 @@ class LlamaEngine:
         self.model = model
         self.device, self.dtype = model.output.weight.device, model.output.weight.dtype
         model.setup_caches(max_batch_size, max_seq_len)
-        if cpu_packed and self.device.type == "cpu" and cpu_kernels.available():
-            cpu_kernels.pack_linears(model, max_batch_size)
+        if cpu_packed and self.device.type == "cpu":
+            forms = cpu_kernels.pack_linears(model, max_batch_size)
+            caches = cpu_kernels.attach_decode_attention(model)
+            log.info("CPU linear layers packed as %s; decode attention kernel on %d layers", forms, caches)
 
     @torch.inference_mode()
     def prefill(self, slots: list[int], prompts: list[list[int]]) -> torch.Tensor:

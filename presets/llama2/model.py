@@ -89,6 +89,8 @@ class KVCache(nn.Module):
         shape = (slots, n_kv_heads, max_seq_len, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        # Optional attention for Decode steps, fn(cache, step, q, k, v); cpu_kernels sets one on CPU.
+        self.decode_kernel = None
 
     def write(self, rows, positions, k, v) -> None:
         """Store k, v (B, T, kvh, hd) at cache (rows, positions); rows broadcasts to positions (B, T)."""
@@ -155,6 +157,8 @@ class Decode:
         return cls(slot_index, pos, mask[:, None], length)
 
     def attend(self, cache: KVCache, q, k, v, gqa: bool) -> torch.Tensor:
+        if cache.decode_kernel is not None:
+            return cache.decode_kernel(cache, self, q, k, v)
         s = self.slots
         rows = torch.arange(s.start, s.stop, device=k.device) if isinstance(s, slice) else s
         cache.write(rows[:, None], self.positions, k, v)

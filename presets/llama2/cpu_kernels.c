@@ -1,0 +1,186 @@
+/* CPU kernels for the decode step (x86-64 with AVX2 and FMA), loaded by cpu_kernels.py through ctypes.
+ *
+ * linear_bf16: y = x W^T with x and y in fp32 and W kept in bf16, converted to fp32 in registers.
+ *   Meta's checkpoints store bf16, so the fp32 weights we would otherwise keep are exact upcasts:
+ *   this is the same fp32 math over half the bytes. A decode step streams every weight once for a
+ *   handful of rows, so its time is memory plus compute; halving the memory is most of the gain.
+ * decode_attention: one query per sequence against its own cache slot, over its own positions only
+ *   (a batched attention call reads every slot up to the longest sequence and masks the rest).
+ *
+ * Threads: OpenMP regions with the thread count passed in (torch's), in the same OpenMP runtime as
+ * torch (libgomp.so.1, already loaded by torch when this library is opened).
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define NB 16  /* output columns per weight panel: two 8-float vectors */
+#define KB 256 /* inner-dimension block: one panel block in fp32 is 16 KiB, stays in L1 */
+#define MR 6   /* rows per micro-kernel: 6 x 2 accumulators + 2 weights + 1 broadcast = 15 registers */
+#define MB 96  /* rows per outer block, so a prefill's rows are reused from cache across panels */
+
+static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+/* 8 bf16 values to 8 fp32 values: a bf16 is the top half of the fp32 with the same value. */
+static inline __m256 bf16x8_to_fp32(const uint16_t *p) {
+    __m128i h = _mm_loadu_si128((const __m128i *)p);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+/* Panel layout: panel p holds output rows p*NB .. p*NB+NB-1 of W (N x K), k-major:
+ * out[(p*K + k)*NB + j] = W[p*NB + j][k], rows past N are zero. out has ceil(N/NB)*NB*K values. */
+void pack_bf16(const uint16_t *w, int64_t n, int64_t k, uint16_t *out) {
+    for (int64_t p = 0; p < (n + NB - 1) / NB; p++)
+        for (int64_t kk = 0; kk < k; kk++)
+            for (int64_t j = 0; j < NB; j++) {
+                int64_t row = p * NB + j;
+                out[(p * k + kk) * NB + j] = row < n ? w[row * k + kk] : 0;
+            }
+}
+
+/* y[0:mr, 0:NB] (+)= x[0:mr, 0:kb] . w[0:kb, 0:NB]; mr is a constant after inlining, so the
+ * accumulators live in registers. */
+static inline __attribute__((always_inline)) void micro(const int mr, const float *x, int64_t ldx, const float *w,
+                                                         int64_t kb, float *y, int64_t ldy, int first) {
+    __m256 acc[MR][2];
+    for (int r = 0; r < mr; r++) {
+        acc[r][0] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(y + r * ldy);
+        acc[r][1] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(y + r * ldy + 8);
+    }
+    for (int64_t k = 0; k < kb; k++) {
+        __m256 w0 = _mm256_load_ps(w + k * NB), w1 = _mm256_load_ps(w + k * NB + 8);
+        for (int r = 0; r < mr; r++) {
+            __m256 b = _mm256_broadcast_ss(x + r * ldx + k);
+            acc[r][0] = _mm256_fmadd_ps(b, w0, acc[r][0]);
+            acc[r][1] = _mm256_fmadd_ps(b, w1, acc[r][1]);
+        }
+    }
+    for (int r = 0; r < mr; r++) {
+        _mm256_storeu_ps(y + r * ldy, acc[r][0]);
+        _mm256_storeu_ps(y + r * ldy + 8, acc[r][1]);
+    }
+}
+
+static void micro_rows(int mr, const float *x, int64_t ldx, const float *w, int64_t kb, float *y, int64_t ldy,
+                       int first) {
+    switch (mr) {
+    case 1: micro(1, x, ldx, w, kb, y, ldy, first); break;
+    case 2: micro(2, x, ldx, w, kb, y, ldy, first); break;
+    case 3: micro(3, x, ldx, w, kb, y, ldy, first); break;
+    case 4: micro(4, x, ldx, w, kb, y, ldy, first); break;
+    case 5: micro(5, x, ldx, w, kb, y, ldy, first); break;
+    default: micro(6, x, ldx, w, kb, y, ldy, first); break;
+    }
+}
+
+/* y (M x N) = x (M x K) . W^T, W packed by pack_bf16; x and y contiguous fp32. */
+void linear_bf16(const float *x, int64_t M, int64_t K, const uint16_t *panels, int64_t N, float *y, int nthreads) {
+    int64_t n_panels = (N + NB - 1) / NB;
+    for (int64_t m_block = 0; m_block < M; m_block += MB) {
+        int64_t m_end = min64(m_block + MB, M);
+#pragma omp parallel num_threads(nthreads)
+        {
+            float w[KB * NB] __attribute__((aligned(32))); /* one panel block, converted */
+            float tail[MR * NB];                            /* the last panel when N % NB != 0 */
+#pragma omp for schedule(static)
+            for (int64_t p = 0; p < n_panels; p++) {
+                int64_t n0 = p * NB, cols = min64(NB, N - n0);
+                for (int64_t k0 = 0; k0 < K; k0 += KB) {
+                    int64_t kb = min64(KB, K - k0);
+                    const uint16_t *src = panels + (p * K + k0) * NB;
+                    for (int64_t i = 0; i < kb * NB; i += 8)
+                        _mm256_store_ps(w + i, bf16x8_to_fp32(src + i));
+                    for (int64_t m0 = m_block; m0 < m_end; m0 += MR) {
+                        int mr = (int)min64(MR, m_end - m0);
+                        const float *xs = x + m0 * K + k0;
+                        if (cols == NB) {
+                            micro_rows(mr, xs, K, w, kb, y + m0 * N + n0, N, k0 == 0);
+                            continue;
+                        }
+                        for (int r = 0; r < mr && k0 > 0; r++)
+                            memcpy(tail + r * NB, y + (m0 + r) * N + n0, cols * sizeof(float));
+                        micro_rows(mr, xs, K, w, kb, tail, NB, k0 == 0);
+                        for (int r = 0; r < mr; r++)
+                            memcpy(y + (m0 + r) * N + n0, tail + r * NB, cols * sizeof(float));
+                    }
+                }
+            }
+        }
+    }
+}
+
+static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* o[0:8*nv] = sum_l p[l] * v[l*D : l*D + 8*nv]; nv is a constant after inlining. */
+static inline __attribute__((always_inline)) void weighted_sum(const int nv, const float *p, const float *v,
+                                                                int64_t L, int64_t D, float *o) {
+    __m256 acc[8];
+    for (int j = 0; j < nv; j++) acc[j] = _mm256_setzero_ps();
+    for (int64_t l = 0; l < L; l++) {
+        __m256 pl = _mm256_set1_ps(p[l]);
+        for (int j = 0; j < nv; j++) acc[j] = _mm256_fmadd_ps(pl, _mm256_loadu_ps(v + l * D + 8 * j), acc[j]);
+    }
+    for (int j = 0; j < nv; j++) _mm256_storeu_ps(o + 8 * j, acc[j]);
+}
+
+static void weighted_sum_any(int nv, const float *p, const float *v, int64_t L, int64_t D, float *o) {
+    switch (nv) {
+    case 1: weighted_sum(1, p, v, L, D, o); break;
+    case 2: weighted_sum(2, p, v, L, D, o); break;
+    case 3: weighted_sum(3, p, v, L, D, o); break;
+    case 4: weighted_sum(4, p, v, L, D, o); break;
+    case 5: weighted_sum(5, p, v, L, D, o); break;
+    case 6: weighted_sum(6, p, v, L, D, o); break;
+    case 7: weighted_sum(7, p, v, L, D, o); break;
+    default: weighted_sum(8, p, v, L, D, o); break;
+    }
+}
+
+/* One decode step of attention for B sequences (D a multiple of 8).
+ * q, out: (B, H, D); k_new, v_new: (B, KVH, D), stored first into the caches at (slot[b], :, pos[b]);
+ * k_cache, v_cache: (slots, KVH, S, D). Sequence b attends to its positions 0..pos[b]; query head h
+ * reads key/value head h / (H / KVH) (grouped-query attention). */
+void decode_attention(const float *q, const float *k_new, const float *v_new, float *k_cache, float *v_cache,
+                      const int64_t *slot, const int64_t *pos, int64_t B, int64_t H, int64_t KVH, int64_t S,
+                      int64_t D, float scale, float *out, int nthreads) {
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t g = 0; g < KVH; g++) {
+            int64_t at = ((slot[b] * KVH + g) * S + pos[b]) * D;
+            memcpy(k_cache + at, k_new + (b * KVH + g) * D, D * sizeof(float));
+            memcpy(v_cache + at, v_new + (b * KVH + g) * D, D * sizeof(float));
+        }
+    int64_t group = H / KVH;
+#pragma omp parallel num_threads(nthreads)
+    {
+        float *p = malloc(S * sizeof(float)); /* this thread's scores, then probabilities */
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < B * H; i++) {
+            int64_t b = i / H, L = pos[b] + 1;
+            int64_t head = (slot[b] * KVH + (i % H) / group) * S * D;
+            const float *qi = q + i * D, *keys = k_cache + head, *values = v_cache + head;
+            float top = -INFINITY, sum = 0;
+            for (int64_t l = 0; l < L; l++) {
+                __m256 acc = _mm256_setzero_ps();
+                for (int64_t d = 0; d < D; d += 8)
+                    acc = _mm256_fmadd_ps(_mm256_loadu_ps(qi + d), _mm256_loadu_ps(keys + l * D + d), acc);
+                p[l] = hsum(acc) * scale;
+                top = p[l] > top ? p[l] : top;
+            }
+            for (int64_t l = 0; l < L; l++) {
+                p[l] = expf(p[l] - top);
+                sum += p[l];
+            }
+            for (int64_t l = 0; l < L; l++) p[l] /= sum;
+            for (int64_t d = 0; d < D; d += 64)
+                weighted_sum_any((int)(min64(64, D - d) / 8), p, values + d, L, D, out + i * D + d);
+        }
+        free(p);
+    }
+}

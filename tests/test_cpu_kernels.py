@@ -1,0 +1,131 @@
+"""cpu_kernels: the C kernels against PyTorch, and every packed form of the model against the plain layers."""
+
+import math
+
+import pytest
+import torch
+
+from presets.llama2 import cpu_kernels
+from presets.llama2.checkpoint import load_model
+from presets.llama2.engine import LlamaEngine
+from presets.llama2.model import Decode, KVCache
+from presets.llama2.tokenizer import Tokenizer
+
+if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):  # then the fallback forms are all there is
+    pytest.skip("cpu_kernels.c needs x86-64 with AVX2 and FMA", allow_module_level=True)
+
+
+def rel_err(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.fixture(scope="module")
+def lib():
+    lib = cpu_kernels.native()
+    assert lib is not None, "cpu_kernels.c did not compile or load here (see the log)"
+    return lib
+
+
+@pytest.mark.parametrize("n,k", [(48, 64), (37, 300), (512, 1536)])  # 37: a part panel; 300: a part K block
+@pytest.mark.parametrize("m", [1, 5, 6, 7, 16, 97, 200])  # row tails of the 6-row kernel and 96-row blocks
+def test_linear_bf16_equals_fp32_matmul(lib, m, n, k):
+    g = torch.Generator().manual_seed(m * n + k)
+    w = torch.randn(n, k, generator=g).bfloat16().float()  # bf16 values held in fp32, as a Meta checkpoint loads
+    x = torch.randn(m, k, generator=g)
+    panels = cpu_kernels.bf16_panels(w)
+    assert panels.dtype == torch.bfloat16 and panels.shape == (math.ceil(n / 16), k, 16)
+    got = cpu_kernels.linear_bf16(x.view(m, 1, k), panels, n)
+    assert got.shape == (m, 1, n)
+    assert rel_err(got[:, 0], x.double() @ w.double().t()) < 1e-5
+
+
+def test_weights_that_are_not_bf16_values_keep_fp32(lib):
+    w = torch.randn(32, 64)  # most fp32 values lose bits in bf16: those layers must not be rounded
+    assert cpu_kernels.PackedLinear(w, 4).kind in ("onednn", "plain")
+    assert cpu_kernels.PackedLinear(w.bfloat16().float(), 4).kind == "bf16"
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 4, 16), (8, 2, 8), (2, 1, 72), (4, 4, 128)])
+def test_decode_attention_equals_masked_sdpa(lib, heads, kv_heads, head_dim):
+    """Gathered slots at different positions, stale keys beyond them, grouped-query heads, head sizes
+    that are one and several 64-wide blocks or neither."""
+    g = torch.Generator().manual_seed(head_dim)
+    cache = KVCache(5, 40, kv_heads, head_dim, torch.float32, "cpu")
+    cache.k.copy_(torch.randn(cache.k.shape, generator=g))  # stale keys everywhere
+    cache.v.copy_(torch.randn(cache.v.shape, generator=g))
+    reference = KVCache(5, 40, kv_heads, head_dim, torch.float32, "cpu")
+    reference.k.copy_(cache.k), reference.v.copy_(cache.v)
+    slots, positions = [4, 0, 2], [0, 17, 39]
+    q = torch.randn(3, 1, heads, head_dim, generator=g)
+    k, v = (torch.randn(3, 1, kv_heads, head_dim, generator=g) for _ in range(2))
+    step = Decode.build(slots, positions, "cpu", torch.float32)
+    got = cpu_kernels.decode_attention(cache, step, q, k, v)
+    ref = step.attend(reference, q, k, v, gqa=heads != kv_heads)  # no kernel on this cache: SDPA with the mask
+    assert got.shape == ref.shape == (3, heads, 1, head_dim)
+    assert rel_err(got, ref) < 1e-5
+    assert torch.equal(cache.k, reference.k) and torch.equal(cache.v, reference.v)  # the new keys were stored
+
+
+def test_decode_attention_refuses_positions_outside_the_cache(lib):
+    cache = KVCache(2, 8, 2, 8, torch.float32, "cpu")
+    q, kv = torch.randn(1, 1, 2, 8), torch.randn(1, 1, 2, 8)
+    with pytest.raises(IndexError, match="outside the cache"):
+        cpu_kernels.decode_attention(cache, Decode.build([0], [8], "cpu", torch.float32), q, kv, kv)
+    with pytest.raises(IndexError, match="outside the cache"):
+        cpu_kernels.decode_attention(cache, Decode.build([2], [1], "cpu", torch.float32), q, kv, kv)
+
+
+def test_compile_failure_is_an_error_the_loader_reports(monkeypatch):
+    monkeypatch.setenv("CC", "no-such-compiler")
+    with pytest.raises(OSError, match="no C compiler 'no-such-compiler'"):
+        cpu_kernels._compile()
+
+
+def _forms(monkeypatch, form):
+    """Make `form` the best one available: bf16 (all there), onednn (no C kernels) or plain (neither)."""
+    if form != "bf16":
+        monkeypatch.setattr(cpu_kernels, "native", lambda: None)
+    if form == "plain":
+        monkeypatch.setattr(cpu_kernels, "onednn_available", lambda: False)
+
+
+@pytest.mark.parametrize("form", ["bf16", "onednn", "plain"])
+@pytest.mark.parametrize("ckpt", ["tiny_ckpt", "gqa_ckpt"], ids=["mha", "gqa"])
+def test_packed_model_matches_plain_layers(request, monkeypatch, lib, ckpt, form):
+    ckpt = request.getfixturevalue(ckpt)
+    tok = Tokenizer(f"{ckpt}/tokenizer.model")
+    plain_model = load_model(ckpt, tok, 0, 1, torch.device("cpu"), torch.float32)
+    plain = LlamaEngine(plain_model, max_batch_size=3, max_seq_len=64, cpu_packed=False)
+    _forms(monkeypatch, form)
+    packed_model = load_model(ckpt, tok, 0, 1, torch.device("cpu"), torch.float32)
+    packed = LlamaEngine(packed_model, max_batch_size=3, max_seq_len=64)
+    kernels = [layer.attention.cache.decode_kernel for layer in packed_model.layers]
+    assert kernels == [cpu_kernels.decode_attention if form == "bf16" else None] * len(kernels)
+    layer = packed_model.layers[0]  # wq|wk|wv and w1|w3 fused; wo, w2 and output packed alone
+    linears = [layer.attention.packed_qkv, layer.attention.wo.packed, layer.feed_forward.packed_gate_up]
+    assert {p.kind for p in linears + [layer.feed_forward.w2.packed, packed_model.output.packed]} == {form}
+    assert layer.attention.wq.weight.numel() == 0  # the packed copy replaced the weights
+    prompts = [tok.encode(t, bos=True, eos=False) for t in ("Simply put, the theory", "Hi", "The river flows past")]
+    for engine in (plain, packed):
+        engine.prefill([2], [prompts[0] + prompts[2]])  # stale keys in slot 2 beyond its next prompt
+    first = [e.prefill([2, 0, 1], prompts) for e in (plain, packed)]
+    assert rel_err(first[1], first[0]) < 1e-5
+    for step in range(3):  # gathered slots, then a consecutive run
+        slots = [2, 0, 1] if step < 2 else [0, 1, 2]
+        order = [prompts[[2, 0, 1].index(s)] for s in slots]
+        args = (slots, [5 + step] * 3, [len(p) + step for p in order])
+        assert rel_err(packed.decode(*args), plain.decode(*args)) < 1e-5
+
+
+def test_engine_runs_without_c_kernels(monkeypatch, tiny_ckpt):
+    """PRESETS_CPU_KERNELS=0 turns them off: the engine packs with oneDNN (or nothing) and still answers."""
+    monkeypatch.setenv("PRESETS_CPU_KERNELS", "0")
+    cpu_kernels.native.cache_clear()
+    try:
+        assert cpu_kernels.native() is None
+        tok = Tokenizer(f"{tiny_ckpt}/tokenizer.model")
+        engine = LlamaEngine(load_model(tiny_ckpt, tok, 0, 1, torch.device("cpu"), torch.float32), 2, 32)
+        assert engine.model.layers[0].attention.cache.decode_kernel is None
+        assert engine.decode([0], [3], [0]).shape == (1, tok.n_words)
+    finally:
+        cpu_kernels.native.cache_clear()
