@@ -23,6 +23,7 @@ import time
 
 import torch
 
+from presets.llama2 import cpu_kernels
 from presets.llama2.checkpoint import read_args
 from presets.llama2.hf_convert import to_hf
 from presets.llama2.model import ModelArgs
@@ -236,7 +237,11 @@ def main(argv=None):
     if not a.skip_one_at_a_time:
         rows.append(_in_process(run_hf, a.ckpt_dir, prompts, a.clients, a.new_tokens, 1))
     shard = torch.load(f"{a.ckpt_dir}/consolidated.00.pth", mmap=True, weights_only=True)
-    weight_bytes = 4 * sum(t.numel() for k, t in shard.items() if k != "rope.freqs")  # served in fp32
+    weight_bytes = 4 * sum(t.numel() for k, t in shard.items() if k != "rope.freqs")  # all of them in fp32
+    # The matmul weights (every 2-D one but the embedding, of which a step reads a few rows): what a
+    # decode step streams. This server keeps them as bf16 when its C kernels run (cpu_kernels.py).
+    matmul = sum(t.numel() for k, t in shard.items() if t.dim() == 2 and k != "tok_embeddings.weight")
+    ours_bytes = matmul * (2 if cpu_kernels.native() is not None else 4)
     bw = read_bandwidth()
 
     cpu = cpu_model()
@@ -252,6 +257,10 @@ def main(argv=None):
         f"\n\nbandwidth floor: {weight_bytes / 1e6:.0f} MB of weights / {bw / 1e9:.1f} GB/s measured read "
         f"bandwidth = {floor * 1e3:.1f} ms per decode step ({1 / floor:.0f} tokens/s at batch 1, "
         f"{a.clients / floor:.0f} tokens/s at batch {a.clients} if memory-bound)"
+    )
+    print(
+        f"this server's decode step streams {ours_bytes / 1e6:.0f} MB of matmul weights "
+        f"({'bf16' if ours_bytes < 4 * matmul else 'fp32'}): {ours_bytes / bw * 1e3:.1f} ms per step"
     )
 
 
