@@ -71,14 +71,38 @@ def test_decode_attention_refuses_positions_outside_the_cache(lib):
     q, kv = torch.randn(1, 1, 2, 8), torch.randn(1, 1, 2, 8)
     with pytest.raises(IndexError, match="outside the cache"):
         cpu_kernels.decode_attention(cache, Decode.build([0], [8], "cpu", torch.float32), q, kv, kv)
-    with pytest.raises(IndexError, match="outside the cache"):
-        cpu_kernels.decode_attention(cache, Decode.build([2], [1], "cpu", torch.float32), q, kv, kv)
+    for slots, positions in (([2], [1]), ([-1], [1]), ([0], [-1])):
+        with pytest.raises(IndexError, match="outside the cache"):
+            cpu_kernels.decode_attention(cache, Decode.build(slots, positions, "cpu", torch.float32), q, kv, kv)
 
 
 def test_compile_failure_is_an_error_the_loader_reports(monkeypatch):
     monkeypatch.setenv("CC", "no-such-compiler")
     with pytest.raises(OSError, match="no C compiler 'no-such-compiler'"):
         cpu_kernels._compile()
+
+
+def test_failed_compile_leaves_the_kernels_off_with_a_warning(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("CC", "false")  # a "compiler" that fails
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(cpu_kernels.tempfile, "tempdir", str(tmp_path / "tmp"))
+    cpu_kernels.native.cache_clear()
+    try:
+        assert cpu_kernels.native() is None
+    finally:
+        cpu_kernels.native.cache_clear()
+    assert "CPU kernels unavailable" in caplog.text and "false failed" in caplog.text
+    assert not list((tmp_path / "presets").iterdir())  # no half-written library left behind
+
+
+def test_library_folder_must_be_private(tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)  # anyone could plant a library here
+    with pytest.raises(OSError, match="not private"):
+        cpu_kernels._private_dir(str(shared))
+    cpu_kernels._private_dir(str(tmp_path / "mine"))
+    assert (tmp_path / "mine").stat().st_mode & 0o077 == 0
 
 
 def _forms(monkeypatch, form):

@@ -8,12 +8,13 @@
  *   (a batched attention call reads every slot up to the longest sequence and masks the rest).
  *
  * Threads: OpenMP regions with the thread count passed in (torch's), in the same OpenMP runtime as
- * torch (libgomp.so.1, already loaded by torch when this library is opened).
+ * torch (libgomp.so.1, already loaded by torch when this library is opened) when built with gcc;
+ * another compiler's OpenMP runtime would give the process a second thread pool.
  */
 #include <immintrin.h>
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
-#include <stdlib.h>
 #include <string.h>
 
 #define NB 16  /* output columns per weight panel: two 8-float vectors */
@@ -29,16 +30,8 @@ static inline __m256 bf16x8_to_fp32(const uint16_t *p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
 
-/* Panel layout: panel p holds output rows p*NB .. p*NB+NB-1 of W (N x K), k-major:
- * out[(p*K + k)*NB + j] = W[p*NB + j][k], rows past N are zero. out has ceil(N/NB)*NB*K values. */
-void pack_bf16(const uint16_t *w, int64_t n, int64_t k, uint16_t *out) {
-    for (int64_t p = 0; p < (n + NB - 1) / NB; p++)
-        for (int64_t kk = 0; kk < k; kk++)
-            for (int64_t j = 0; j < NB; j++) {
-                int64_t row = p * NB + j;
-                out[(p * k + kk) * NB + j] = row < n ? w[row * k + kk] : 0;
-            }
-}
+/* Panel layout (made by bf16_panels in cpu_kernels.py): panel p holds output rows p*NB .. p*NB+NB-1
+ * of W (N x K), k-major: panels[(p*K + k)*NB + j] = W[p*NB + j][k], rows past N are zero. */
 
 /* y[0:mr, 0:NB] (+)= x[0:mr, 0:kb] . w[0:kb, 0:NB]; mr is a constant after inlining, so the
  * accumulators live in registers. */
@@ -75,7 +68,7 @@ static void micro_rows(int mr, const float *x, int64_t ldx, const float *w, int6
     }
 }
 
-/* y (M x N) = x (M x K) . W^T, W packed by pack_bf16; x and y contiguous fp32. */
+/* y (M x N) = x (M x K) . W^T, W in panels; x and y contiguous fp32. */
 void linear_bf16(const float *x, int64_t M, int64_t K, const uint16_t *panels, int64_t N, float *y, int nthreads) {
     int64_t n_panels = (N + NB - 1) / NB;
     for (int64_t m_block = 0; m_block < M; m_block += MB) {
@@ -146,10 +139,10 @@ static void weighted_sum_any(int nv, const float *p, const float *v, int64_t L, 
 /* One decode step of attention for B sequences (D a multiple of 8).
  * q, out: (B, H, D); k_new, v_new: (B, KVH, D), stored first into the caches at (slot[b], :, pos[b]);
  * k_cache, v_cache: (slots, KVH, S, D). Sequence b attends to its positions 0..pos[b]; query head h
- * reads key/value head h / (H / KVH) (grouped-query attention). */
+ * reads key/value head h / (H / KVH) (grouped-query attention). scratch: nthreads x S floats. */
 void decode_attention(const float *q, const float *k_new, const float *v_new, float *k_cache, float *v_cache,
                       const int64_t *slot, const int64_t *pos, int64_t B, int64_t H, int64_t KVH, int64_t S,
-                      int64_t D, float scale, float *out, int nthreads) {
+                      int64_t D, float scale, float *out, float *scratch, int nthreads) {
     for (int64_t b = 0; b < B; b++)
         for (int64_t g = 0; g < KVH; g++) {
             int64_t at = ((slot[b] * KVH + g) * S + pos[b]) * D;
@@ -159,7 +152,7 @@ void decode_attention(const float *q, const float *k_new, const float *v_new, fl
     int64_t group = H / KVH;
 #pragma omp parallel num_threads(nthreads)
     {
-        float *p = malloc(S * sizeof(float)); /* this thread's scores, then probabilities */
+        float *p = scratch + omp_get_thread_num() * S; /* this thread's scores, then probabilities */
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < B * H; i++) {
             int64_t b = i / H, L = pos[b] + 1;
@@ -181,6 +174,5 @@ void decode_attention(const float *q, const float *k_new, const float *v_new, fl
             for (int64_t d = 0; d < D; d += 64)
                 weighted_sum_any((int)(min64(64, D - d) / 8), p, values + d, L, D, out + i * D + d);
         }
-        free(p);
     }
 }

@@ -46,7 +46,15 @@ PANEL = 16  # output rows per bf16 panel (NB in cpu_kernels.c)
 
 def _cache_dirs() -> list[str]:
     home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return [os.path.join(home, "presets"), tempfile.gettempdir()]
+    return [os.path.join(home, "presets"), os.path.join(tempfile.gettempdir(), f"presets-{os.getuid()}")]
+
+
+def _private_dir(folder: str) -> None:
+    """Create `folder` for this user only; refuse one that others could write (a library is loaded from it)."""
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    st = os.stat(folder)
+    if st.st_uid != os.getuid() or st.st_mode & 0o022:
+        raise OSError(f"{folder} is not private to this user")
 
 
 def _compile() -> str:
@@ -54,29 +62,32 @@ def _compile() -> str:
     cc = os.environ.get("CC", "cc")
     if shutil.which(cc) is None:
         raise OSError(f"no C compiler '{cc}' on PATH")
-    tag = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode()).hexdigest()[:16]
+    tag = hashlib.sha256(SOURCE.read_bytes() + " ".join([cc, *CFLAGS]).encode()).hexdigest()[:16]
     errors = []
     for folder in _cache_dirs():
         path = os.path.join(folder, f"cpu_kernels-{tag}.so")
-        if os.path.exists(path):
-            return path
         try:
-            os.makedirs(folder, exist_ok=True)
+            _private_dir(folder)
+            if os.path.exists(path):
+                return path
             fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
             os.close(fd)
         except OSError as e:
             errors.append(str(e))
             continue
         try:
-            done = subprocess.run([cc, *CFLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True)
+            cmd = [cc, *CFLAGS, str(SOURCE), "-o", tmp, "-lm"]
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
             if done.returncode != 0:
                 raise OSError(f"{cc} failed: {done.stderr.strip()[-2000:]}")
             os.replace(tmp, path)  # another process may have won the race: same bytes
             return path
+        except subprocess.TimeoutExpired as e:
+            raise OSError(f"{cc} took over {e.timeout} s") from e
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-    raise OSError(f"no writable cache folder: {'; '.join(errors)}")
+    raise OSError(f"no private writable cache folder: {'; '.join(errors)}")
 
 
 @functools.cache
@@ -95,7 +106,7 @@ def native() -> ctypes.CDLL | None:
         return None
     ptr, i64 = ctypes.c_void_p, ctypes.c_int64
     lib.linear_bf16.argtypes = [ptr, i64, i64, ptr, i64, ptr, ctypes.c_int]
-    lib.decode_attention.argtypes = [ptr] * 7 + [i64] * 5 + [ctypes.c_float, ptr, ctypes.c_int]
+    lib.decode_attention.argtypes = [ptr] * 7 + [i64] * 5 + [ctypes.c_float, ptr, ptr, ctypes.c_int]
     return lib
 
 
@@ -108,17 +119,26 @@ def onednn_available() -> bool:
     )
 
 
+def is_bf16(weight: torch.Tensor) -> bool:
+    """Whether every fp32 value is exactly a bf16 value (its low 16 bits are zero), as Meta's weights are."""
+    return bool((weight.view(torch.int32) & 0xFFFF).eq(0).all())
+
+
 def bf16_panels(weight: torch.Tensor) -> torch.Tensor:
     """(N, K) -> (ceil(N/16), K, 16) bf16: panel p holds output rows 16p..16p+15, k-major, zero-padded."""
     n, k = weight.shape
-    padded = F.pad(weight, (0, 0, 0, -n % PANEL))
-    return padded.view(-1, PANEL, k).transpose(1, 2).to(torch.bfloat16).contiguous()
+    w = weight.to(torch.bfloat16)
+    if n % PANEL:
+        w = F.pad(w, (0, 0, 0, PANEL - n % PANEL))
+    return w.view(-1, PANEL, k).transpose(1, 2).contiguous()
 
 
 def linear_bf16(x: torch.Tensor, panels: torch.Tensor, out_features: int) -> torch.Tensor:
     """x (..., K) fp32 times the weight packed by bf16_panels, transposed: (..., out_features) fp32."""
+    if x.dtype != torch.float32 or x.shape[-1] != panels.shape[1] or panels.dtype != torch.bfloat16:
+        raise ValueError(f"linear_bf16: x {x.dtype} (..., {x.shape[-1]}) does not fit panels {tuple(panels.shape)}")
     rows = x.reshape(-1, x.shape[-1]).contiguous()
-    y = torch.empty(rows.shape[0], out_features)
+    y = torch.empty(rows.shape[0], out_features, dtype=torch.float32, device="cpu")
     native().linear_bf16(
         rows.data_ptr(), rows.shape[0], rows.shape[1], panels.data_ptr(), out_features, y.data_ptr(),
         torch.get_num_threads(),
@@ -131,7 +151,7 @@ class PackedLinear:
 
     def __init__(self, weight: torch.Tensor, batch_hint: int):
         self.out_features, self.kind = weight.shape[0], "plain"
-        if native() is not None and torch.equal(weight.to(torch.bfloat16).float(), weight):
+        if native() is not None and is_bf16(weight):
             self.weight, self.kind = bf16_panels(weight), "bf16"
         elif onednn_available():
             self.weight, self.kind = torch.ops.mkldnn._reorder_linear_weight(weight, batch_hint), "onednn"
@@ -212,14 +232,21 @@ def decode_attention(cache: KVCache, step: Decode, q, k, v) -> torch.Tensor:
     B, _, H, D = q.shape
     n_slots, kv_heads, S, _ = cache.k.shape
     s = step.slots
-    slots = torch.arange(s.start, s.stop) if isinstance(s, slice) else s
-    if step.length > S or int(slots.max()) >= n_slots:  # the kernel trusts its indices: check them here
+    slots = torch.arange(s.start, s.stop) if isinstance(s, slice) else s.to(torch.int64).contiguous()
+    positions = step.positions.to(torch.int64).contiguous()
+    # The kernel trusts its indices and buffers: check them here (a bad one would write outside the cache).
+    if step.length > S or int(positions.min()) < 0 or int(slots.min()) < 0 or int(slots.max()) >= n_slots:
         raise IndexError(f"decode step outside the cache: length {step.length} of {S}, slots {slots.tolist()}")
-    q, k, v, positions = q.contiguous(), k.contiguous(), v.contiguous(), step.positions.contiguous()
-    out = torch.empty(B, H, D)
+    for t in (q, k, v, cache.k, cache.v):
+        if t.dtype != torch.float32 or t.device.type != "cpu":
+            raise ValueError(f"decode_attention works on fp32 CPU tensors, not {t.dtype} on {t.device}")
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    out = torch.empty(B, H, D, dtype=torch.float32, device="cpu")
+    threads = torch.get_num_threads()
+    scratch = torch.empty(threads, S, dtype=torch.float32, device="cpu")
     native().decode_attention(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), cache.k.data_ptr(), cache.v.data_ptr(), slots.data_ptr(),
-        positions.data_ptr(), B, H, kv_heads, S, D, 1 / math.sqrt(D), out.data_ptr(), torch.get_num_threads(),
+        positions.data_ptr(), B, H, kv_heads, S, D, 1 / math.sqrt(D), out.data_ptr(), scratch.data_ptr(), threads,
     )  # fmt: skip
     return out.view(B, H, 1, D)
 
@@ -230,7 +257,7 @@ def attach_decode_attention(model: torch.nn.Module) -> int:
     for m in model.modules():
         if isinstance(m, Attention) and m.cache is not None:
             c = m.cache
-            if native() and c.k.device.type == "cpu" and c.k.dtype == torch.float32 and m.head_dim % 8 == 0:
+            if c.k.device.type == "cpu" and c.k.dtype == torch.float32 and m.head_dim % 8 == 0 and native():
                 c.decode_kernel = decode_attention
                 n += 1
     return n
