@@ -39,6 +39,17 @@ def test_linear_bf16_equals_fp32_matmul(lib, m, n, k):
     assert rel_err(got[:, 0], x.double() @ w.double().t()) < 1e-5
 
 
+def test_kernels_refuse_inputs_they_cannot_read(lib):
+    panels = cpu_kernels.bf16_panels(torch.zeros(16, 8))
+    for x in (torch.zeros(2, 9), torch.zeros(2, 8, dtype=torch.float64)):  # wrong width, wrong dtype
+        with pytest.raises(ValueError, match="does not fit panels"):
+            cpu_kernels.linear_bf16(x, panels, 16)
+    cache = KVCache(2, 8, 2, 8, torch.float32, "cpu")
+    q = torch.zeros(1, 1, 2, 8, dtype=torch.float64)
+    with pytest.raises(ValueError, match="fp32 CPU tensors"):
+        cpu_kernels.decode_attention(cache, Decode.build([0], [1], "cpu", torch.float32), q, q, q)
+
+
 def test_weights_that_are_not_bf16_values_keep_fp32(lib):
     w = torch.randn(32, 64)  # most fp32 values lose bits in bf16: those layers must not be rounded
     assert cpu_kernels.PackedLinear(w, 4).kind in ("onednn", "plain")

@@ -241,7 +241,8 @@ def main(argv=None):
     # The matmul weights (every 2-D one but the embedding, of which a step reads a few rows): what a
     # decode step streams. This server keeps them as bf16 when its C kernels run (cpu_kernels.py).
     matmul = sum(t.numel() for k, t in shard.items() if t.dim() == 2 and k != "tok_embeddings.weight")
-    ours_bytes = matmul * (2 if cpu_kernels.native() is not None else 4)
+    ours_format = "bf16" if cpu_kernels.native() is not None else "fp32"
+    ours_bytes = matmul * (2 if ours_format == "bf16" else 4)
     bw = read_bandwidth()
 
     cpu = cpu_model()
@@ -260,7 +261,7 @@ def main(argv=None):
     )
     print(
         f"this server's decode step streams {ours_bytes / 1e6:.0f} MB of matmul weights "
-        f"({'bf16' if ours_bytes < 4 * matmul else 'fp32'}): {ours_bytes / bw * 1e3:.1f} ms per step"
+        f"({ours_format}): {ours_bytes / bw * 1e3:.1f} ms per step"
     )
 
 
