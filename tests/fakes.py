@@ -21,27 +21,26 @@ class ByteTokenizer:
 
 
 class FakeEngine:
-    """Always predicts last token + 1 (mod vocab); records every step's batch, may sleep per step."""
+    """Always predicts last token + 1 (mod vocab); records every step's items, may sleep per step.
+
+    Its scheduler view: `num_blocks` blocks of `block_size` tokens (default: plenty), with prefix caching."""
 
     device = torch.device("cpu")
 
-    def __init__(self, vocab: int = 256 + OFFSET, step_seconds: float = 0.0):
+    def __init__(self, vocab: int = 256 + OFFSET, step_seconds: float = 0.0, num_blocks: int = 1024,
+                 block_size: int = 16, max_num_batched_tokens: int = 2048, prefix_caching: bool = True):  # fmt: skip
         self.vocab = vocab
         self.step_seconds = step_seconds
-        self.steps: list[tuple[str, list[int]]] = []  # (kind, slots)
+        self.kv_config = (num_blocks, block_size, prefix_caching)
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.steps: list[list[tuple[int, int, int]]] = []  # per step: (slot, start, tokens) of each item
         self.lock = threading.Lock()
 
-    def _logits(self, last_tokens: list[int]) -> torch.Tensor:
+    def run(self, plan) -> torch.Tensor:
+        self.steps.append([(it.slot, it.start, len(it.tokens)) for it in plan.items])
         time.sleep(self.step_seconds)
-        logits = torch.zeros(len(last_tokens), self.vocab)
-        for row, tok in enumerate(last_tokens):
+        last = [it.tokens[-1] for it in plan.items if it.sample]
+        logits = torch.zeros(len(last), self.vocab)
+        for row, tok in enumerate(last):
             logits[row, (tok + 1) % self.vocab] = 10.0
         return logits
-
-    def prefill(self, slots: list[int], prompts: list[list[int]]) -> torch.Tensor:
-        self.steps.append(("prefill", list(slots)))
-        return self._logits([p[-1] for p in prompts])
-
-    def decode(self, slots: list[int], tokens: list[int], positions: list[int]) -> torch.Tensor:
-        self.steps.append(("decode", list(slots)))
-        return self._logits(tokens)

@@ -7,9 +7,10 @@ import torch
 
 from presets.llama2 import cpu_kernels
 from presets.llama2.checkpoint import load_model
-from presets.llama2.engine import LlamaEngine
-from presets.llama2.model import Decode, KVCache
+from presets.llama2.kv_cache import PagedKVCache, PagedStep
 from presets.llama2.tokenizer import Tokenizer
+from presets.serving.scheduler import PlanItem
+from tests.paged import engine_for, item, run
 
 if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):  # then the fallback forms are all there is
     pytest.skip("cpu_kernels.c needs x86-64 with AVX2 and FMA", allow_module_level=True)
@@ -44,10 +45,22 @@ def test_kernels_refuse_inputs_they_cannot_read(lib):
     for x in (torch.zeros(2, 9), torch.zeros(2, 8, dtype=torch.float64)):  # wrong width, wrong dtype
         with pytest.raises(ValueError, match="does not fit panels"):
             cpu_kernels.linear_bf16(x, panels, 16)
-    cache = KVCache(2, 8, 2, 8, torch.float32, "cpu")
-    q = torch.zeros(1, 1, 2, 8, dtype=torch.float64)
+    cache = PagedKVCache(2, 8, 2, 8, torch.float32, "cpu")
+    q = torch.zeros(1, 2, 8, dtype=torch.float64)
     with pytest.raises(ValueError, match="fp32 CPU tensors"):
-        cpu_kernels.decode_attention(cache, Decode.build([0], [1], "cpu", torch.float32), q, q, q)
+        cpu_kernels.decode_attention(cache, singles([([0], 1)], 8), q)
+    with pytest.raises(ValueError, match="decode_attention: q"):
+        cpu_kernels.decode_attention(cache, singles([([0], 1)], 8), torch.zeros(1, 2, 16))
+
+
+def singles(tables_positions, block_size: int) -> PagedStep:
+    """A step of one-token items, ([block ids], position) each, built as given (even outside the tables)."""
+    fits = all(0 <= pos < len(table) * block_size for table, pos in tables_positions)
+    if fits:  # the real builder
+        items = [PlanItem(0, pos, [0], table, True) for table, pos in tables_positions]
+        return PagedStep.build(items, block_size, "cpu")[1]
+    (table, pos), none = tables_positions[0], torch.zeros(0, dtype=torch.long)
+    return PagedStep(none[None], none, none, torch.tensor([table]), torch.tensor([pos]), [], none)
 
 
 def test_weights_that_are_not_bf16_values_keep_fp32(lib):
@@ -57,34 +70,30 @@ def test_weights_that_are_not_bf16_values_keep_fp32(lib):
 
 
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 4, 16), (8, 2, 8), (2, 1, 72), (4, 4, 128)])
-def test_decode_attention_equals_masked_sdpa(lib, heads, kv_heads, head_dim):
-    """Gathered slots at different positions, stale keys beyond them, grouped-query heads, head sizes
-    that are one and several 64-wide blocks or neither."""
+@pytest.mark.parametrize("block_size", [16, 5])
+def test_decode_attention_equals_masked_sdpa(lib, heads, kv_heads, head_dim, block_size):
+    """Scattered block tables at different positions (a part block at the end, a sequence of one
+    position), stale keys beyond them, grouped-query heads, head sizes that are one and several
+    64-wide blocks or neither."""
     g = torch.Generator().manual_seed(head_dim)
-    cache = KVCache(5, 40, kv_heads, head_dim, torch.float32, "cpu")
+    cache = PagedKVCache(12, block_size, kv_heads, head_dim, torch.float32, "cpu")
     cache.k.copy_(torch.randn(cache.k.shape, generator=g))  # stale keys everywhere
     cache.v.copy_(torch.randn(cache.v.shape, generator=g))
-    reference = KVCache(5, 40, kv_heads, head_dim, torch.float32, "cpu")
-    reference.k.copy_(cache.k), reference.v.copy_(cache.v)
-    slots, positions = [4, 0, 2], [0, 17, 39]
-    q = torch.randn(3, 1, heads, head_dim, generator=g)
-    k, v = (torch.randn(3, 1, kv_heads, head_dim, generator=g) for _ in range(2))
-    step = Decode.build(slots, positions, "cpu", torch.float32)
-    got = cpu_kernels.decode_attention(cache, step, q, k, v)
-    ref = step.attend(reference, q, k, v, gqa=heads != kv_heads)  # no kernel on this cache: SDPA with the mask
-    assert got.shape == ref.shape == (3, heads, 1, head_dim)
+    tables = [[7], [3, 0, 11, 5], list(range(11, -1, -1))[: -(-40 // block_size)]]
+    step = singles(list(zip(tables, [0, min(17, 4 * block_size - 1), 39])), block_size)
+    q = torch.randn(3, heads, head_dim, generator=g)
+    got = cpu_kernels.decode_attention(cache, step, q)
+    ref = step.attend_singles(cache, q, gqa=heads != kv_heads)  # no kernel on this cache: SDPA with a mask
+    assert got.shape == ref.shape == (3, heads, head_dim)
     assert rel_err(got, ref) < 1e-5
-    assert torch.equal(cache.k, reference.k) and torch.equal(cache.v, reference.v)  # the new keys were stored
 
 
 def test_decode_attention_refuses_positions_outside_the_cache(lib):
-    cache = KVCache(2, 8, 2, 8, torch.float32, "cpu")
-    q, kv = torch.randn(1, 1, 2, 8), torch.randn(1, 1, 2, 8)
-    with pytest.raises(IndexError, match="outside the cache"):
-        cpu_kernels.decode_attention(cache, Decode.build([0], [8], "cpu", torch.float32), q, kv, kv)
-    for slots, positions in (([2], [1]), ([-1], [1]), ([0], [-1])):
+    cache = PagedKVCache(2, 8, 2, 8, torch.float32, "cpu")
+    q = torch.randn(1, 2, 8)
+    for table, position in (([0], 8), ([2], 1), ([-1], 1), ([0], -1)):
         with pytest.raises(IndexError, match="outside the cache"):
-            cpu_kernels.decode_attention(cache, Decode.build(slots, positions, "cpu", torch.float32), q, kv, kv)
+            cpu_kernels.decode_attention(cache, singles([(table, position)], 8), q)
 
 
 def test_compile_failure_is_an_error_the_loader_reports(monkeypatch):
@@ -130,10 +139,10 @@ def test_packed_model_matches_plain_layers(request, monkeypatch, lib, ckpt, form
     ckpt = request.getfixturevalue(ckpt)
     tok = Tokenizer(f"{ckpt}/tokenizer.model")
     plain_model = load_model(ckpt, tok, 0, 1, torch.device("cpu"), torch.float32)
-    plain = LlamaEngine(plain_model, max_batch_size=3, max_seq_len=64, cpu_packed=False)
+    plain = engine_for(plain_model, cpu_packed=False)
     _forms(monkeypatch, form)
     packed_model = load_model(ckpt, tok, 0, 1, torch.device("cpu"), torch.float32)
-    packed = LlamaEngine(packed_model, max_batch_size=3, max_seq_len=64)
+    packed = engine_for(packed_model)
     kernels = [layer.attention.cache.decode_kernel for layer in packed_model.layers]
     assert kernels == [cpu_kernels.decode_attention if form == "bf16" else None] * len(kernels)
     layer = packed_model.layers[0]  # wq|wk|wv and w1|w3 fused; wo, w2 and output packed alone
@@ -141,15 +150,17 @@ def test_packed_model_matches_plain_layers(request, monkeypatch, lib, ckpt, form
     assert {p.kind for p in linears + [layer.feed_forward.w2.packed, packed_model.output.packed]} == {form}
     assert layer.attention.wq.weight.numel() == 0  # the packed copy replaced the weights
     prompts = [tok.encode(t, bos=True, eos=False) for t in ("Simply put, the theory", "Hi", "The river flows past")]
+    seqs = [2, 0, 1]
     for engine in (plain, packed):
-        engine.prefill([2], [prompts[0] + prompts[2]])  # stale keys in slot 2 beyond its next prompt
-    first = [e.prefill([2, 0, 1], prompts) for e in (plain, packed)]
+        run(engine, item(2, 0, prompts[0] + prompts[2]))  # stale keys in sequence 2's blocks beyond its prompt
+    first = [run(e, *(item(s, 0, p) for s, p in zip(seqs, prompts))) for e in (plain, packed)]
     assert rel_err(first[1], first[0]) < 1e-5
-    for step in range(3):  # gathered slots, then a consecutive run
-        slots = [2, 0, 1] if step < 2 else [0, 1, 2]
-        order = [prompts[[2, 0, 1].index(s)] for s in slots]
-        args = (slots, [5 + step] * 3, [len(p) + step for p in order])
-        assert rel_err(packed.decode(*args), plain.decode(*args)) < 1e-5
+    for step in range(3):
+        work = [item(s, len(p) + step, [5 + step]) for s, p in zip(seqs, prompts)]
+        if step == 2:  # with a prompt chunk after a cached part in the same step
+            work.append(item(3, 0, prompts[0], sample=False))
+            work.append(item(3, len(prompts[0]), prompts[1]))
+        assert rel_err(run(packed, *work), run(plain, *work)) < 1e-5
 
 
 def test_engine_runs_without_c_kernels(monkeypatch, tiny_ckpt):
@@ -159,8 +170,8 @@ def test_engine_runs_without_c_kernels(monkeypatch, tiny_ckpt):
     try:
         assert cpu_kernels.native() is None
         tok = Tokenizer(f"{tiny_ckpt}/tokenizer.model")
-        engine = LlamaEngine(load_model(tiny_ckpt, tok, 0, 1, torch.device("cpu"), torch.float32), 2, 32)
+        engine = engine_for(load_model(tiny_ckpt, tok, 0, 1, torch.device("cpu"), torch.float32), 32, 2)
         assert engine.model.layers[0].attention.cache.decode_kernel is None
-        assert engine.decode([0], [3], [0]).shape == (1, tok.n_words)
+        assert run(engine, item(0, 0, [3])).shape == (1, tok.n_words)
     finally:
         cpu_kernels.native.cache_clear()

@@ -24,6 +24,7 @@ from presets.llamacpp.config import ConfigError, load_config
 from presets.llamacpp.engine import LlamaCppEngine
 from presets.llamacpp.server import build_app
 from presets.serving.params import SamplingParams
+from presets.serving.scheduler import PlanItem, StepPlan
 from presets.tools.gguf_export import export
 from presets.tools.tiny_checkpoint import write_checkpoint
 from tests.conftest import TINY, real_client
@@ -146,10 +147,32 @@ def test_gguf_logits_match_transformers(tiny_ckpt, models_dir):
         assert len(ids) > 16  # the prompt spans several llama_decode chunks of n_batch 16
         with torch.no_grad():
             ref = hf(torch.tensor([ids])).logits[0, -1]
-        got = engine.prefill([0], [ids])[0]
+        got = engine.run(StepPlan([PlanItem(0, 0, ids, [], True)]))[0]
         rel = ((got - ref).abs().max() / ref.abs().max()).item()
         assert rel < 5e-3, rel  # llama.cpp keeps the KV cache in f16
         assert got.argmax() == ref.argmax()
+    finally:
+        engine.free()
+
+
+def test_slot_keeps_the_prompt_prefix_it_holds(tiny_ckpt, models_dir):
+    """llama.cpp's prompt reuse: a prompt that starts with what slot 0 already holds computes only the
+    rest (the last token always), with the logits of computing it all; a chunked prompt matches too."""
+    tok = Tokenizer(os.path.join(tiny_ckpt, "tokenizer.model"))
+    engine = LlamaCppEngine(os.path.join(models_dir, "ggml-llama-tiny-q4.bin"), 64, 2, 2, 16)
+    try:
+        base = tok.encode("The capital of France is a city of light", True, False)
+        longer = base + tok.encode(" and of art", False, False)
+        fresh = engine.run(StepPlan([PlanItem(1, 0, longer, [], True)]))[0]
+        engine.run(StepPlan([PlanItem(0, 0, base, [], True)]))
+        assert engine.reused_tokens == 0
+        reused = engine.run(StepPlan([PlanItem(0, 0, longer, [], True)]))[0]
+        assert engine.reused_tokens == len(base)
+        assert ((reused - fresh).abs().max() / fresh.abs().max()).item() < 1e-4
+        engine.run(StepPlan([PlanItem(1, 0, [tok.bos_id, 5], [], True)]))  # slot 1 now holds something else
+        chunks = [PlanItem(1, 0, longer[:7], [], False)], [PlanItem(1, 7, longer[7:], [], True)]
+        chunked = [engine.run(StepPlan(c)) for c in chunks][1][0]
+        assert ((chunked - fresh).abs().max() / fresh.abs().max()).item() < 1e-4
     finally:
         engine.free()
 

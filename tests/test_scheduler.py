@@ -51,7 +51,8 @@ def test_prompt_longer_than_max_seq_len_names_both_numbers(fake_runtime):
 def test_request_with_n_prompts_is_n_sequences_in_one_batch(fake_runtime):
     seqs = fake_runtime.generate([[BOS, 10], [BOS, 20], [BOS, 30]], SamplingParams(temperature=0, max_tokens=3))
     assert [s.output for s in seqs] == [[11, 12, 13], [21, 22, 23], [31, 32, 33]]
-    assert ("decode", [0, 1, 2]) in fake_runtime.engine.steps
+    assert [(0, 0, 2), (1, 0, 2), (2, 0, 2)] in fake_runtime.engine.steps  # the prompts in one step
+    assert [(0, 2, 1), (1, 2, 1), (2, 2, 1)] in fake_runtime.engine.steps  # then one decode step for all
 
 
 def test_new_sequences_join_between_decode_steps_and_finished_ones_leave():
@@ -67,11 +68,12 @@ def test_new_sequences_join_between_decode_steps_and_finished_ones_leave():
     (short,) = rt.generate([[BOS, 100]], SamplingParams(temperature=0, max_tokens=3))
     assert not long_done, "the short request finished while the long one was still running"
     t.join()
-    kinds = [k for k, _ in engine.steps]
-    joined = kinds.index("prefill", 2)  # the short request's prefill, after the warm-up and the long one's
-    assert 3 <= joined < len(kinds) - 10, "admitted between decode steps, not after the long request"
-    assert engine.steps[joined + 1] == ("decode", [0, 1])  # both run in one batch
-    assert engine.steps[-1] == ("decode", [0])  # the short one left as soon as it finished
+    # The short request's prompt (slot 1, from position 0) joins a step of the long one's decoding.
+    joined = next(i for i, step in enumerate(engine.steps) if (1, 0, 2) in step)
+    assert 3 <= joined < len(engine.steps) - 10, "admitted between decode steps, not after the long request"
+    assert engine.steps[joined][0][0] == 0 and engine.steps[joined][0][2] == 1  # the long one decoded there too
+    assert [slot for slot, _, _ in engine.steps[joined + 1]] == [0, 1]  # both run in one batch
+    assert [slot for slot, _, _ in engine.steps[-1]] == [0]  # the short one left as soon as it finished
     assert short.output == [101, 102, 103] and long_done[0][0].output == list(range(11, 51))
     rt.shutdown()
 
@@ -97,12 +99,12 @@ def test_full_queue_answers_503_with_retry_after():
 def test_failed_step_fails_its_sequences_not_the_server():
     engine = FakeEngine()
     rt = started(engine)
-    real = engine.decode
-    engine.decode = lambda *a: (_ for _ in ()).throw(RuntimeError("device lost"))
+    real = engine.run
+    engine.run = lambda *a: (_ for _ in ()).throw(RuntimeError("device lost"))
     with pytest.raises(ApiError, match="generation failed: RuntimeError: device lost") as e:
         rt.generate([[BOS, 10]], GREEDY)
     assert e.value.status == 500 and rt.health() == (False, "the last engine step failed")
-    engine.decode = real
+    engine.run = real
     deadline = time.time() + 5  # when idle, the engine probes the device again: health recovers without traffic
     while rt.health() != (True, "Healthy"):
         assert time.time() < deadline

@@ -4,8 +4,8 @@
  *   Meta's checkpoints store bf16, so the fp32 weights we would otherwise keep are exact upcasts:
  *   this is the same fp32 math over half the bytes. A decode step streams every weight once for a
  *   handful of rows, so its time is memory plus compute; halving the memory is most of the gain.
- * decode_attention: one query per sequence against its own cache slot, over its own positions only
- *   (a batched attention call reads every slot up to the longest sequence and masks the rest).
+ * decode_attention: one query per sequence over its own blocks of the paged cache, its own positions
+ *   only (a batched attention call would gather every sequence up to the longest and mask the rest).
  *
  * Threads: OpenMP regions with the thread count passed in (torch's), in the same OpenMP runtime as
  * torch (libgomp.so.1, already loaded by torch when this library is opened) when built with gcc;
@@ -111,11 +111,11 @@ static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-/* o[0:8*nv] = sum_l p[l] * v[l*D : l*D + 8*nv]; nv is a constant after inlining. */
+/* o[0:8*nv] (+)= sum_l p[l] * v[l*D : l*D + 8*nv]; nv is a constant after inlining. */
 static inline __attribute__((always_inline)) void weighted_sum(const int nv, const float *p, const float *v,
-                                                                int64_t L, int64_t D, float *o) {
+                                                                int64_t L, int64_t D, float *o, int first) {
     __m256 acc[8];
-    for (int j = 0; j < nv; j++) acc[j] = _mm256_setzero_ps();
+    for (int j = 0; j < nv; j++) acc[j] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(o + 8 * j);
     for (int64_t l = 0; l < L; l++) {
         __m256 pl = _mm256_set1_ps(p[l]);
         for (int j = 0; j < nv; j++) acc[j] = _mm256_fmadd_ps(pl, _mm256_loadu_ps(v + l * D + 8 * j), acc[j]);
@@ -123,56 +123,61 @@ static inline __attribute__((always_inline)) void weighted_sum(const int nv, con
     for (int j = 0; j < nv; j++) _mm256_storeu_ps(o + 8 * j, acc[j]);
 }
 
-static void weighted_sum_any(int nv, const float *p, const float *v, int64_t L, int64_t D, float *o) {
+static void weighted_sum_any(int nv, const float *p, const float *v, int64_t L, int64_t D, float *o, int first) {
     switch (nv) {
-    case 1: weighted_sum(1, p, v, L, D, o); break;
-    case 2: weighted_sum(2, p, v, L, D, o); break;
-    case 3: weighted_sum(3, p, v, L, D, o); break;
-    case 4: weighted_sum(4, p, v, L, D, o); break;
-    case 5: weighted_sum(5, p, v, L, D, o); break;
-    case 6: weighted_sum(6, p, v, L, D, o); break;
-    case 7: weighted_sum(7, p, v, L, D, o); break;
-    default: weighted_sum(8, p, v, L, D, o); break;
+    case 1: weighted_sum(1, p, v, L, D, o, first); break;
+    case 2: weighted_sum(2, p, v, L, D, o, first); break;
+    case 3: weighted_sum(3, p, v, L, D, o, first); break;
+    case 4: weighted_sum(4, p, v, L, D, o, first); break;
+    case 5: weighted_sum(5, p, v, L, D, o, first); break;
+    case 6: weighted_sum(6, p, v, L, D, o, first); break;
+    case 7: weighted_sum(7, p, v, L, D, o, first); break;
+    default: weighted_sum(8, p, v, L, D, o, first); break;
     }
 }
 
-/* One decode step of attention for B sequences (D a multiple of 8).
- * q, out: (B, H, D); k_new, v_new: (B, KVH, D), stored first into the caches at (slot[b], :, pos[b]);
- * k_cache, v_cache: (slots, KVH, S, D). Sequence b attends to its positions 0..pos[b]; query head h
- * reads key/value head h / (H / KVH) (grouped-query attention). scratch: nthreads x S floats. */
-void decode_attention(const float *q, const float *k_new, const float *v_new, float *k_cache, float *v_cache,
-                      const int64_t *slot, const int64_t *pos, int64_t B, int64_t H, int64_t KVH, int64_t S,
-                      int64_t D, float scale, float *out, float *scratch, int nthreads) {
-    for (int64_t b = 0; b < B; b++)
-        for (int64_t g = 0; g < KVH; g++) {
-            int64_t at = ((slot[b] * KVH + g) * S + pos[b]) * D;
-            memcpy(k_cache + at, k_new + (b * KVH + g) * D, D * sizeof(float));
-            memcpy(v_cache + at, v_new + (b * KVH + g) * D, D * sizeof(float));
-        }
+/* Attention of one query per sequence over its own paged cache (D a multiple of 8), after the step
+ * has written its keys and values. q, out: (B, H, D); k_cache, v_cache: (blocks, KVH, BS, D); tables:
+ * (B, M) block ids; sequence b attends to its positions 0..pos[b], position l in block tables[b][l / BS]
+ * at offset l % BS. Query head h reads key/value head h / (H / KVH) (grouped-query attention).
+ * scratch: nthreads x M*BS floats. */
+void decode_attention(const float *q, const float *k_cache, const float *v_cache, const int64_t *tables,
+                      const int64_t *pos, int64_t B, int64_t H, int64_t KVH, int64_t BS, int64_t D, int64_t M,
+                      float scale, float *out, float *scratch, int nthreads) {
     int64_t group = H / KVH;
 #pragma omp parallel num_threads(nthreads)
     {
-        float *p = scratch + omp_get_thread_num() * S; /* this thread's scores, then probabilities */
+        float *p = scratch + omp_get_thread_num() * M * BS; /* this thread's scores, then probabilities */
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < B * H; i++) {
-            int64_t b = i / H, L = pos[b] + 1;
-            int64_t head = (slot[b] * KVH + (i % H) / group) * S * D;
-            const float *qi = q + i * D, *keys = k_cache + head, *values = v_cache + head;
+            int64_t b = i / H, L = pos[b] + 1, g = (i % H) / group;
+            const int64_t *table = tables + b * M;
+            const float *qi = q + i * D;
             float top = -INFINITY, sum = 0;
-            for (int64_t l = 0; l < L; l++) {
-                __m256 acc = _mm256_setzero_ps();
-                for (int64_t d = 0; d < D; d += 8)
-                    acc = _mm256_fmadd_ps(_mm256_loadu_ps(qi + d), _mm256_loadu_ps(keys + l * D + d), acc);
-                p[l] = hsum(acc) * scale;
-                top = p[l] > top ? p[l] : top;
+            for (int64_t l0 = 0; l0 < L; l0 += BS) {
+                const float *keys = k_cache + (table[l0 / BS] * KVH + g) * BS * D;
+                int64_t n = min64(BS, L - l0);
+                for (int64_t l = 0; l < n; l++) {
+                    __m256 acc = _mm256_setzero_ps();
+                    for (int64_t d = 0; d < D; d += 8)
+                        acc = _mm256_fmadd_ps(_mm256_loadu_ps(qi + d), _mm256_loadu_ps(keys + l * D + d), acc);
+                    float s = hsum(acc) * scale;
+                    p[l0 + l] = s;
+                    top = s > top ? s : top;
+                }
             }
             for (int64_t l = 0; l < L; l++) {
                 p[l] = expf(p[l] - top);
                 sum += p[l];
             }
             for (int64_t l = 0; l < L; l++) p[l] /= sum;
-            for (int64_t d = 0; d < D; d += 64)
-                weighted_sum_any((int)(min64(64, D - d) / 8), p, values + d, L, D, out + i * D + d);
+            float *o = out + i * D;
+            for (int64_t l0 = 0; l0 < L; l0 += BS) {
+                const float *values = v_cache + (table[l0 / BS] * KVH + g) * BS * D;
+                int64_t n = min64(BS, L - l0);
+                for (int64_t d = 0; d < D; d += 64)
+                    weighted_sum_any((int)(min64(64, D - d) / 8), p + l0, values + d, n, D, o + d, l0 == 0);
+            }
         }
     }
 }

@@ -10,7 +10,7 @@ Each linear layer's weight is packed into the first form that applies:
 Projections that read the same input are stacked into one matmul (wq|wk|wv, w1|w3): fewer, wider calls
 are about 10% faster per decode step. The packed copy replaces the original weights (same memory or less).
 
-cpu_kernels.c also has `decode_attention`, which reads each sequence's own cache prefix only. The C file
+cpu_kernels.c also has `decode_attention`, which reads each sequence's own cache blocks only. The C file
 is compiled on first use with the system's C compiler (`cc`, or $CC) into a cache folder and loaded with
 ctypes; where that is not possible (no compiler, a CPU without AVX2/FMA, PRESETS_CPU_KERNELS=0) the
 engine logs why and uses forms 2 and 3 and PyTorch's attention.
@@ -35,7 +35,8 @@ from fairscale.nn.model_parallel.initialize import get_model_parallel_group, get
 from fairscale.nn.model_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from fairscale.nn.model_parallel.mappings import gather_from_model_parallel_region
 
-from presets.llama2.model import Attention, Decode, FeedForward, KVCache
+from presets.llama2.kv_cache import PagedKVCache, PagedStep
+from presets.llama2.model import Attention, FeedForward
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +107,7 @@ def native() -> ctypes.CDLL | None:
         return None
     ptr, i64 = ctypes.c_void_p, ctypes.c_int64
     lib.linear_bf16.argtypes = [ptr, i64, i64, ptr, i64, ptr, ctypes.c_int]
-    lib.decode_attention.argtypes = [ptr] * 7 + [i64] * 5 + [ctypes.c_float, ptr, ptr, ctypes.c_int]
+    lib.decode_attention.argtypes = [ptr] * 5 + [i64] * 6 + [ctypes.c_float, ptr, ptr, ctypes.c_int]
     return lib
 
 
@@ -227,32 +228,38 @@ def pack_linears(model: torch.nn.Module, batch_hint: int) -> dict[str, int]:
     return counts
 
 
-def decode_attention(cache: KVCache, step: Decode, q, k, v) -> torch.Tensor:
-    """Decode.attend by cpu_kernels.c: q (B, 1, H, D), k and v (B, 1, KVH, D) -> (B, H, 1, D)."""
-    B, _, H, D = q.shape
-    n_slots, kv_heads, S, _ = cache.k.shape
-    s = step.slots
-    slots = torch.arange(s.start, s.stop) if isinstance(s, slice) else s.to(torch.int64).contiguous()
-    positions = step.positions.to(torch.int64).contiguous()
-    # The kernel trusts its indices and buffers: check them here (a bad one would write outside the cache).
-    if step.length > S or int(positions.min()) < 0 or int(slots.min()) < 0 or int(slots.max()) >= n_slots:
-        raise IndexError(f"decode step outside the cache: length {step.length} of {S}, slots {slots.tolist()}")
-    for t in (q, k, v, cache.k, cache.v):
+def decode_attention(cache: PagedKVCache, step: PagedStep, q: torch.Tensor) -> torch.Tensor:
+    """PagedStep.attend_singles by cpu_kernels.c: q (B, H, D) -> (B, H, D), each over its own blocks."""
+    B, H, D = q.shape
+    n_blocks, kv_heads, bs, _ = cache.k.shape
+    tables = step.single_tables.to(torch.int64).contiguous()
+    positions = step.single_positions.to(torch.int64).contiguous()
+    M = tables.shape[1]
+    # The kernel trusts its indices and buffers: check them here (a bad one would read outside the cache).
+    if tables.shape[0] != B or positions.shape != (B,) or D != cache.k.shape[3] or H % kv_heads:
+        raise ValueError(
+            f"decode_attention: q {tuple(q.shape)}, tables {tuple(tables.shape)}, cache {tuple(cache.k.shape)}"
+        )
+    bad_pos = int(positions.min()) < 0 or int(positions.max()) >= M * bs
+    if bad_pos or int(tables.min()) < 0 or int(tables.max()) >= n_blocks:
+        raise IndexError(f"decode step outside the cache: positions {positions.tolist()} over {M} blocks of {bs}, "
+                         f"block ids {tables.min()}..{tables.max()} of {n_blocks}")  # fmt: skip
+    for t in (q, cache.k, cache.v):
         if t.dtype != torch.float32 or t.device.type != "cpu":
             raise ValueError(f"decode_attention works on fp32 CPU tensors, not {t.dtype} on {t.device}")
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    q = q.contiguous()
     out = torch.empty(B, H, D, dtype=torch.float32, device="cpu")
     threads = torch.get_num_threads()
-    scratch = torch.empty(threads, S, dtype=torch.float32, device="cpu")
+    scratch = torch.empty(threads, M * bs, dtype=torch.float32, device="cpu")
     native().decode_attention(
-        q.data_ptr(), k.data_ptr(), v.data_ptr(), cache.k.data_ptr(), cache.v.data_ptr(), slots.data_ptr(),
-        positions.data_ptr(), B, H, kv_heads, S, D, 1 / math.sqrt(D), out.data_ptr(), scratch.data_ptr(), threads,
+        q.data_ptr(), cache.k.data_ptr(), cache.v.data_ptr(), tables.data_ptr(), positions.data_ptr(),
+        B, H, kv_heads, bs, D, M, 1 / math.sqrt(D), out.data_ptr(), scratch.data_ptr(), threads,
     )  # fmt: skip
-    return out.view(B, H, 1, D)
+    return out
 
 
 def attach_decode_attention(model: torch.nn.Module) -> int:
-    """Route every fp32 CPU cache's decode steps through decode_attention; returns how many caches."""
+    """Route every fp32 CPU cache's one-token items through decode_attention; returns how many caches."""
     n = 0
     for m in model.modules():
         if isinstance(m, Attention) and m.cache is not None:

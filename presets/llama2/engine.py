@@ -1,33 +1,83 @@
-"""Step engine for Llama-2: prefill and decode over KV-cache slots. Knows token ids, not text."""
+"""Step engine for Llama: runs the scheduler's step plans over a paged KV cache. Knows token ids, not text."""
 
 import logging
+from dataclasses import dataclass
 
 import torch
 
 from presets.llama2 import cpu_kernels
-from presets.llama2.model import Decode, Prefill, Transformer
+from presets.llama2.kv_cache import PagedStep
+from presets.llama2.model import Transformer
+from presets.serving.kv_memory import available_cpu_memory, size_pool
+from presets.serving.scheduler import PlanItem, StepPlan
 
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class CacheSettings:
+    max_seq_len: int
+    max_batch_size: int
+    block_size: int = 16
+    memory: int = 0  # bytes; 0: the device's default (engine docstring)
+    gpu_memory_utilization: float = 0.9
+    prefix_caching: bool = True
+    max_num_batched_tokens: int = 2048  # the largest step, for the CUDA memory profile
+
+
 class LlamaEngine:
-    def __init__(self, model: Transformer, max_batch_size: int, max_seq_len: int, cpu_packed: bool = True):
+    """The model with its KV pool. The pool's size: `memory` bytes when given; else on CUDA
+    gpu_memory_utilization of the device's memory less what the weights and a largest step take; else
+    (CPU) max_batch_size x max_seq_len positions, what the slot cache of earlier versions held."""
+
+    def __init__(self, model: Transformer, cache: CacheSettings, cpu_packed: bool = True, agree=None):
+        """`agree(num_blocks)` -> the smallest over the ranks (each rank sizes its own pool; all must match)."""
         self.model = model
+        self.max_num_batched_tokens = cache.max_num_batched_tokens
         self.device, self.dtype = model.output.weight.device, model.output.weight.dtype
-        model.setup_caches(max_batch_size, max_seq_len)
+        self.max_seq_len = cache.max_seq_len
         if cpu_packed and self.device.type == "cpu":
-            forms = cpu_kernels.pack_linears(model, max_batch_size)
-            caches = cpu_kernels.attach_decode_attention(model)
-            log.info("CPU linear layers packed as %s; decode attention kernel on %d layers", forms, caches)
+            forms = cpu_kernels.pack_linears(model, cache.max_batch_size)
+            log.info("CPU linear layers packed as %s", forms)
+        per_token = model.kv_bytes_per_token()
+        default = available = None
+        if self.device.type == "cuda":
+            default, available = self._cuda_budget(cache)
+        else:
+            available = available_cpu_memory()
+        pool = size_pool(per_token, cache.block_size, cache.max_seq_len, cache.max_batch_size, cache.memory,
+                         available, default)  # fmt: skip
+        if agree is not None:
+            pool.num_blocks = agree(pool.num_blocks)
+        model.setup_caches(pool.num_blocks, pool.block_size, cache.max_seq_len)
+        self.pool = pool
+        self.kv_config = (pool.num_blocks, pool.block_size, cache.prefix_caching)
+        log.info("%s", pool.describe(cache.max_seq_len))
+        if cpu_packed and self.device.type == "cpu":
+            log.info("decode attention kernel on %d layers", cpu_kernels.attach_decode_attention(model))
+
+    def _cuda_budget(self, cache: CacheSettings) -> tuple[int | None, int]:
+        """(default pool bytes, bytes free now) on CUDA: a largest step is run on a one-sequence pool first,
+        so what it needs beyond the weights (activations, logits) is measured, then left free."""
+        torch.cuda.empty_cache()
+        self.model.setup_caches(-(-cache.max_seq_len // cache.block_size), cache.block_size, cache.max_seq_len)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        n = min(cache.max_num_batched_tokens, cache.max_seq_len)
+        blocks = list(range(-(-n // cache.block_size)))
+        self.run(StepPlan([PlanItem(0, 0, [0] * n, blocks, True)]))
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device)
+        self.model.setup_caches(0, cache.block_size, cache.max_seq_len)  # drop the profiling pool
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(self.device)
+        in_use = total - free  # weights, the CUDA context, other processes
+        default = int(cache.gpu_memory_utilization * total) - in_use - max(0, peak - torch.cuda.memory_allocated())
+        log.info("CUDA: %.1f GiB in use after the weights, a %d-token step peaks %.1f GiB", in_use / 2**30, n,
+                 peak / 2**30)  # fmt: skip
+        return max(default, 0), free
 
     @torch.inference_mode()
-    def prefill(self, slots: list[int], prompts: list[list[int]]) -> torch.Tensor:
-        """Run whole prompts into their slots from position 0, packed as one row; (S, V) last-token logits."""
-        tokens, step = Prefill.build(slots, prompts, self.device)
+    def run(self, plan: StepPlan) -> torch.Tensor:
+        """Run one step plan; logits (S, V) of the items that sample, in plan order."""
+        tokens, step = PagedStep.build(plan.items, self.model.layers[0].attention.cache.block_size, self.device)
         return self.model(tokens, step)
-
-    @torch.inference_mode()
-    def decode(self, slots: list[int], tokens: list[int], positions: list[int]) -> torch.Tensor:
-        """One token for each running slot at its own position; logits (B, V)."""
-        step = Decode.build(slots, positions, self.device, self.dtype)
-        return self.model(torch.tensor(tokens, device=self.device)[:, None], step)

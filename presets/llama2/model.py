@@ -1,8 +1,9 @@
-"""Llama-2 model math: ModelArgs (the params.json keys), RMSNorm, rotary embeddings, SwiGLU, KV cache.
+"""Llama-2 model math: ModelArgs (the params.json keys), RMSNorm, rotary embeddings, SwiGLU.
 
 Module attribute names are exactly Meta's checkpoint keys, and the parallel layers split their
 weights exactly as Meta's `consolidated.NN.pth` shards do, so one shard loads with one strict
-`load_state_dict`. Loading, sampling and scheduling live elsewhere.
+`load_state_dict`. The paged KV cache and the attention of a step are in kv_cache.py; loading,
+sampling and scheduling live elsewhere.
 """
 
 from dataclasses import dataclass, fields
@@ -16,6 +17,8 @@ from fairscale.nn.model_parallel.layers import (
     RowParallelLinear,
 )
 from torch import nn
+
+from presets.llama2.kv_cache import PagedKVCache, PagedStep
 
 
 @dataclass
@@ -81,94 +84,6 @@ def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     return out.type_as(x)
 
 
-class KVCache(nn.Module):
-    """Keys and values for `max_batch_size` slots of `max_seq_len` positions each."""
-
-    def __init__(self, slots: int, max_seq_len: int, n_kv_heads: int, head_dim: int, dtype, device):
-        super().__init__()
-        shape = (slots, n_kv_heads, max_seq_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        # Optional attention for Decode steps, fn(cache, step, q, k, v); cpu_kernels sets one on CPU.
-        self.decode_kernel = None
-
-    def write(self, rows, positions, k, v) -> None:
-        """Store k, v (B, T, kvh, hd) at cache (rows, positions); rows broadcasts to positions (B, T)."""
-        self.k[rows, :, positions] = k
-        self.v[rows, :, positions] = v
-
-
-@dataclass
-class Prefill:
-    """Whole prompts from position 0, packed into one row of N tokens (no padding)."""
-
-    rows: torch.Tensor  # (1, N): the cache slot of each token
-    positions: torch.Tensor  # (1, N): each token's position in its own prompt
-    lengths: list[int]  # prompt lengths, in packing order
-
-    @classmethod
-    def build(cls, slots: list[int], prompts: list[list[int]], device) -> tuple[torch.Tensor, "Prefill"]:
-        """(tokens (1, N), plan) for prompts[i] going into cache slot slots[i]."""
-        lengths = [len(p) for p in prompts]
-        tokens = torch.tensor([[t for p in prompts for t in p]], device=device)
-        rows = torch.repeat_interleave(torch.tensor(slots, device=device), torch.tensor(lengths, device=device))
-        positions = torch.cat([torch.arange(n, device=device) for n in lengths])
-        return tokens, cls(rows[None], positions[None], lengths)
-
-    def attend(self, cache: KVCache, q, k, v, gqa: bool) -> torch.Tensor:
-        cache.write(self.rows, self.positions, k, v)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (1, heads, N, hd)
-        outs, start = [], 0
-        for n in self.lengths:  # each prompt attends causally to itself only
-            seg = slice(start, start + n)
-            outs.append(
-                F.scaled_dot_product_attention(q[:, :, seg], k[:, :, seg], v[:, :, seg], is_causal=True, enable_gqa=gqa)
-            )
-            start += n
-        return torch.cat(outs, dim=2)  # (1, h, N, hd)
-
-    def last(self, h: torch.Tensor) -> torch.Tensor:
-        """Hidden states of each prompt's last token: (1, N, dim) -> (S, dim)."""
-        ends = torch.tensor(self.lengths, device=h.device).cumsum(0) - 1
-        return h[0, ends]
-
-
-@dataclass
-class Decode:
-    """One new token for each of B sequences, each at its own position."""
-
-    slots: slice | torch.Tensor  # (B,) slot ids, or a slice when they are consecutive (no copies)
-    positions: torch.Tensor  # (B, 1)
-    mask: torch.Tensor  # (B, 1, 1, L): 0 where a key may be attended to, -inf elsewhere
-    length: int  # L: keys needed, the longest sequence's prefix
-
-    @classmethod
-    def build(cls, slots: list[int], positions: list[int], device, dtype) -> "Decode":
-        if slots == list(range(slots[0], slots[0] + len(slots))):
-            slot_index = slice(slots[0], slots[0] + len(slots))
-        else:
-            slot_index = torch.tensor(slots, device=device)
-        pos = torch.tensor(positions, device=device)[:, None]
-        length = max(positions) + 1
-        # Additive, in the model's dtype, built once per step: a boolean mask is converted to this
-        # inside every layer's attention call (about 10% of the attention time on CPU).
-        beyond = torch.arange(length, device=device) > pos[..., None]  # (B, 1, L)
-        mask = torch.zeros(beyond.shape, dtype=dtype, device=device).masked_fill_(beyond, float("-inf"))
-        return cls(slot_index, pos, mask[:, None], length)
-
-    def attend(self, cache: KVCache, q, k, v, gqa: bool) -> torch.Tensor:
-        if cache.decode_kernel is not None:
-            return cache.decode_kernel(cache, self, q, k, v)
-        s = self.slots
-        rows = torch.arange(s.start, s.stop, device=k.device) if isinstance(s, slice) else s
-        cache.write(rows[:, None], self.positions, k, v)
-        keys, values = cache.k[s, :, : self.length], cache.v[s, :, : self.length]  # (B, kvh, L, hd)
-        return F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=self.mask, enable_gqa=gqa)
-
-    def last(self, h: torch.Tensor) -> torch.Tensor:
-        return h[:, -1]  # (B, 1, dim) -> (B, dim)
-
-
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -185,20 +100,20 @@ class Attention(nn.Module):
         self.wo = RowParallelLinear(
             args.n_heads * self.head_dim, args.dim, bias=False, input_is_parallel=True, init_method=_keep
         )
-        self.cache: KVCache | None = None
+        self.cache: PagedKVCache | None = None
 
     def project(self, x):
         """(q, k, v) of x (B, T, dim), each (B, T, heads * hd); cpu_kernels swaps in one fused matmul."""
         return self.wq(x), self.wk(x), self.wv(x)
 
-    def forward(self, x, freqs, step: Prefill | Decode):
+    def forward(self, x, freqs, step: PagedStep):
         B, T, _ = x.shape
         q, k, v = self.project(x)
         q = q.view(B, T, self.n_local_heads, self.head_dim)
         k = k.view(B, T, self.n_local_kv_heads, self.head_dim)
         v = v.view(B, T, self.n_local_kv_heads, self.head_dim)
         q, k = apply_rope(q, freqs), apply_rope(k, freqs)
-        out = step.attend(self.cache, q, k, v, gqa=self.n_local_heads != self.n_local_kv_heads)  # (B, h, T, hd)
+        out = step.attend(self.cache, q, k, v, gqa=self.n_local_heads != self.n_local_kv_heads)  # (1, h, N, hd)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -244,24 +159,28 @@ class Transformer(nn.Module):
         self.output = ColumnParallelLinear(args.dim, args.vocab_size, bias=False, init_method=_keep)
         self.max_seq_len = 0
 
-    def setup_caches(self, max_batch_size: int, max_seq_len: int):
-        """Attach a KV cache of `max_batch_size` slots x `max_seq_len` positions to every layer."""
+    def kv_bytes_per_token(self) -> int:
+        """Bytes of keys and values one token position takes in this rank's caches (all layers)."""
+        att = self.layers[0].attention
+        return 2 * self.args.n_layers * att.n_local_kv_heads * att.head_dim * self.output.weight.element_size()
+
+    def setup_caches(self, num_blocks: int, block_size: int, max_seq_len: int):
+        """Attach a paged KV cache of `num_blocks` blocks of `block_size` positions to every layer."""
         p = self.output.weight
         for layer in self.layers:
             att = layer.attention
-            att.cache = KVCache(max_batch_size, max_seq_len, att.n_local_kv_heads, att.head_dim, p.dtype, p.device)
+            att.cache = PagedKVCache(num_blocks, block_size, att.n_local_kv_heads, att.head_dim, p.dtype, p.device)
         freqs = rope_frequencies(self.args.head_dim, max_seq_len, self.args.rope_theta)
         self.register_buffer("freqs", freqs.to(p.device), persistent=False)
         self.max_seq_len = max_seq_len
 
-    def forward(self, tokens: torch.Tensor, step: Prefill | Decode, all_logits: bool = False) -> torch.Tensor:
-        """Logits (float32) of `tokens` (B, T) run as `step`, which says where they sit in the cache.
+    def forward(self, tokens: torch.Tensor, step: PagedStep, all_logits: bool = False) -> torch.Tensor:
+        """Logits (float32) of `tokens` (1, N) run as `step`, which says where they sit in the cache.
 
-        Returns one row per sequence for its last token: (S, V) for a Prefill of S prompts, (B, V)
-        for a Decode; with all_logits, every position's logits (B, T, V).
+        Returns the rows the step samples from (S, V); with all_logits, every token's logits (1, N, V).
         """
-        freqs = self.freqs[step.positions]  # (B, T, hd/2)
-        h = self.tok_embeddings(tokens)  # (B, T, dim)
+        freqs = self.freqs[step.positions]  # (1, N, hd/2)
+        h = self.tok_embeddings(tokens)  # (1, N, dim)
         for layer in self.layers:
             h = layer(h, freqs, step)
         h = self.norm(h if all_logits else step.last(h))

@@ -10,12 +10,13 @@ import sys
 
 from presets.llama2.chat_format import check_dialog, encode_dialog, has_special_tags
 from presets.llama2.checkpoint import CheckpointError, check_layout, load_model
-from presets.llama2.engine import LlamaEngine
+from presets.llama2.engine import CacheSettings, LlamaEngine
 from presets.llama2.routes import chat, completion
 from presets.llama2.tokenizer import Tokenizer
 from presets.serving import auth, device, distributed
 from presets.serving.app import create_app
 from presets.serving.errors import ApiError
+from presets.serving.kv_memory import parse_bytes
 from presets.serving.openai_api import OpenAIModel, StepRunner, openai
 from presets.serving.probe_server import start_probe_server
 from presets.serving.ranks import FollowerState, LeaderEngine, StepChannel, follow, heartbeat_interval
@@ -36,7 +37,18 @@ def load_engine(settings: Settings, progress=log.info):
     group = distributed.init_model_parallel(settings.model_parallel_size, dev, settings.dist_timeout)
     tokenizer = Tokenizer(settings.tokenizer_path)
     model = load_model(settings.ckpt_dir, tokenizer, rank, settings.model_parallel_size, dev, dtype, progress)
-    return LlamaEngine(model, settings.max_batch_size, settings.max_seq_len), tokenizer, group
+    cache = CacheSettings(
+        settings.max_seq_len, settings.max_batch_size, settings.kv_block_size, parse_bytes(settings.kv_cache_memory),
+        settings.gpu_memory_utilization, not settings.no_prefix_caching, batched_tokens(settings, dev),
+    )  # fmt: skip
+    agree = None if group is None else lambda n: distributed.min_over_ranks(n, group)
+    return LlamaEngine(model, cache, agree=agree), tokenizer, group
+
+
+def batched_tokens(settings: Settings, dev) -> int:
+    """--max_num_batched_tokens, or its default: 2048 on CPU (a step of about a second at 7B), 8192 on CUDA
+    (prompt chunks large enough to keep the GPU's matmuls efficient, a step still well under a second)."""
+    return settings.max_num_batched_tokens or (8192 if dev.type == "cuda" else 2048)
 
 
 def build_runtime(settings: Settings) -> Runtime:

@@ -1,4 +1,4 @@
-"""Step engine on llama.cpp (through llama-cpp-python's C bindings): the EngineLoop's prefill/decode.
+"""Step engine on llama.cpp (through llama-cpp-python's C bindings): runs the EngineLoop's step plans.
 
 Slot i of the scheduler is llama.cpp sequence i of one context; each sequence has its own KV stream
 of ctx_size positions, so up to max_batch_size requests decode together in one llama_decode call.
@@ -121,6 +121,12 @@ class LlamaCppEngine:
         self.memory = llama_cpp.llama_get_memory(self.ctx)
         self.batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
         self.device = torch.device("cpu")
+        # The scheduler's view: each running sequence has a slot of ctx_size positions (blocks of 16,
+        # counted only); llama.cpp's prompt reuse per slot stands in for prefix caching.
+        self.kv_config = (max_batch_size * -(-ctx_size // 16), 16, False)
+        self.max_num_batched_tokens = n_batch
+        self.held: list[list[int]] = [[] for _ in range(max_batch_size)]  # tokens each slot's cache holds
+        self.reused_tokens = 0
 
     def free(self) -> None:
         """Free the context and the weights (tests; a server leaves them to the process exit, since a
@@ -133,18 +139,39 @@ class LlamaCppEngine:
 
     # -- the step engine interface of EngineLoop ---------------------------------------------------
 
-    def prefill(self, slots: list[int], prompts: list[list[int]]) -> torch.Tensor:
-        """Run whole prompts into their sequences from position 0; (S, V) last-token logits."""
-        items = []
-        for slot, prompt in zip(slots, prompts):
-            llama_cpp.llama_memory_seq_rm(self.memory, slot, -1, -1)  # what the slot held before
-            last = len(prompt) - 1
-            items += [(tok, pos, slot, pos == last) for pos, tok in enumerate(prompt)]
-        return torch.from_numpy(self._run(items, logits=True))
+    def run(self, plan) -> torch.Tensor:
+        """Run a step plan (serving/scheduler.py); (S, V) logits of the items that sample, in plan order.
 
-    def decode(self, slots: list[int], tokens: list[int], positions: list[int]) -> torch.Tensor:
-        """One token for each running sequence at its own position; logits (B, V)."""
-        return torch.from_numpy(self._run(list(zip(tokens, positions, slots, [True] * len(slots))), logits=True))
+        The plan's slots are llama.cpp sequence ids; its block tables are not used (llama.cpp keeps its
+        own cache). A sequence that starts again from position 0 in a slot keeps the leading tokens the
+        slot already holds (llama.cpp's prompt reuse, as llama-server's cache_prompt): only the rest,
+        and always the last token, is computed.
+        """
+        try:
+            return torch.from_numpy(self._run(self._plan_items(plan), logits=True))
+        except Exception:  # what the slots hold is unknown now: start them empty
+            for it in plan.items:
+                llama_cpp.llama_memory_seq_rm(self.memory, it.slot, -1, -1)
+                self.held[it.slot].clear()
+            raise
+
+    def _plan_items(self, plan) -> list[tuple[int, int, int, bool]]:
+        items = []
+        for it in plan.items:
+            start, tokens = it.start, it.tokens
+            if start == 0:
+                held = self.held[it.slot]
+                same = 0
+                while same < min(len(held), len(tokens) - 1) and held[same] == tokens[same]:
+                    same += 1
+                llama_cpp.llama_memory_seq_rm(self.memory, it.slot, same, -1)  # what the slot held beyond
+                del held[same:]
+                start, tokens = same, tokens[same:]
+                self.reused_tokens += same
+            self.held[it.slot].extend(tokens)
+            last = start + len(tokens) - 1
+            items += [(tok, pos, it.slot, it.sample and pos == last) for pos, tok in enumerate(tokens, start)]
+        return items
 
     def embed(self, ids: list[int]) -> np.ndarray:
         """Mean over the tokens of the final normalized hidden states, L2-normalized; shape (n_embd,)."""

@@ -41,3 +41,10 @@ def init_model_parallel(mp_size: int, device: torch.device, timeout_s: float = 1
     if world_size == 1:
         return None
     return dist.new_group(backend="gloo", timeout=timeout) if device.type == "cuda" else dist.group.WORLD
+
+
+def min_over_ranks(value: int, group) -> int:
+    """The smallest `value` any rank holds (every rank calls this with its own)."""
+    t = torch.tensor([value], dtype=torch.long)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
+    return int(t)

@@ -6,9 +6,10 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from presets.serving.engine_thread import EngineThread
+from presets.serving.errors import ApiError
 from presets.serving.params import SamplingParams
 from presets.serving.sampling import make_rng, sample
-from presets.serving.scheduler import Scheduler, Sequence
+from presets.serving.scheduler import PlanItem, Scheduler, SchedulerConfig, Sequence, StepPlan
 
 log = logging.getLogger(__name__)
 
@@ -24,21 +25,22 @@ class Call:
 
 
 class EngineLoop(EngineThread):
-    """Runs prefill and decode steps of `engine` for the scheduler's sequences (continuous batching).
+    """Runs the scheduler's step plans on `engine` (continuous batching over a paged KV cache).
 
-    `engine` provides prefill(slots, prompts) -> (S, V) last-token logits, decode(slots, tokens,
-    positions) -> (B, V) logits, and `device`. Each loop iteration admits waiting sequences into
-    free slots, prefills them together (packed, up to max_prefill_tokens per step), then runs one
-    decode step over every running sequence.
+    `engine` provides run(plan) -> (sampled items, V) logits, `device`, `kv_config` (num_blocks,
+    block_size, prefix_caching: the pool it allocated) and `max_num_batched_tokens` (its step size).
+    Each iteration: schedule -> run the plan -> sample -> postprocess.
     """
 
-    def __init__(self, engine, eos_id: int, max_batch_size: int, max_waiting: int, max_prefill_tokens: int = 4096,
+    def __init__(self, engine, eos_id: int, max_batch_size: int, max_waiting: int,
                  heartbeat_s: float | None = None, on_fatal=None):  # fmt: skip
         super().__init__(max_waiting)
         self.engine = engine
-        self.max_prefill_tokens = max_prefill_tokens
-        self.eos_id = eos_id
-        self.scheduler = Scheduler(max_batch_size)
+        self.eos_ids = (eos_id,)
+        num_blocks, block_size, prefix_caching = engine.kv_config
+        self.scheduler = Scheduler(
+            SchedulerConfig(max_batch_size, num_blocks, block_size, engine.max_num_batched_tokens, prefix_caching)
+        )
         # With several ranks: idle heartbeats keep them in step, and a failed step is fatal
         # (the ranks may no longer agree on the cache), so the job stops and is restarted.
         self.heartbeat_s = heartbeat_s
@@ -52,9 +54,15 @@ class EngineLoop(EngineThread):
     def attach_metrics(self, metrics) -> None:
         super().attach_metrics(metrics)
         self.scheduler.on_finish = metrics.finished
+        self.scheduler.metrics = metrics
+        metrics.kv_usage = self.scheduler.blocks.usage
 
     def submit(self, seqs: list[Sequence]) -> None:
-        """Queue `seqs` for generation, or answer 503 when the queue is full."""
+        """Queue `seqs` for generation; 400 when one could never fit the KV cache, 503 when the queue is full."""
+        for i, seq in enumerate(seqs):
+            why = self.scheduler.fits_alone(seq)
+            if why:
+                raise ApiError(400, f"sequence {i}: {why}")
         with self.cv:
             self._admit_or_refuse(len(self.scheduler.waiting), len(seqs), "sequences")
             self.scheduler.add(seqs)
@@ -79,24 +87,25 @@ class EngineLoop(EngineThread):
         self._submit_and_wait(Sequence([tokenizer.bos_id], SamplingParams(temperature=0), max_new_tokens=2))
 
     def _run(self) -> None:
+        sched = self.scheduler
         try:
             while True:
                 with self.cv:
-                    if not self.scheduler.has_work() and not self.calls and not self.stopping:
+                    if not sched.has_work() and not self.calls and not self.stopping:
                         probe = self.last_step_failed and self.heartbeat_s is None
                         self.cv.wait(timeout=1.0 if probe else self.heartbeat_s)
                     if self.stopping:
                         break
                     calls = list(self.calls)
                     self.calls.clear()
-                    for seq in [s for s in (*self.scheduler.waiting, *self.scheduler.running) if s.cancelled]:
-                        self.scheduler.finish(seq, None, "cancelled: the client disconnected")  # frees its slot
-                    new = self.scheduler.admit() if self.scheduler.has_work() else None
+                    for seq in [s for s in (*sched.waiting, *sched.running) if s.cancelled]:
+                        sched.finish(seq, None, "cancelled: the client disconnected")  # frees its blocks
+                    plan = sched.schedule() if sched.has_work() else None
                 for call in calls:
                     self._call(call)
-                if new is not None:
-                    self._step(new)
-                elif calls:
+                if plan is not None and plan.items:
+                    self._step(plan)
+                elif calls or plan is not None:
                     continue  # the calls were this round's work
                 elif self.heartbeat_s is not None:
                     self.engine.heartbeat()  # idle: tell the other ranks we are alive
@@ -134,40 +143,23 @@ class EngineLoop(EngineThread):
 
     def _probe(self) -> None:
         """After a failed step, when idle: one real step again, so health recovers without traffic."""
-        try:
-            self.engine.prefill([0], [[self.eos_id]])  # slot 0 is free: nothing is running
+        try:  # nothing runs and the prefix cache was dropped: block 0 and slot 0 are free
+            self.engine.run(StepPlan([PlanItem(0, 0, [self.eos_ids[0]], [0], True)]))
             self.last_step_failed = False
         except Exception:
             log.exception("engine probe failed")
 
-    def _prefill_groups(self, new: list[Sequence]):
-        """Split new sequences into prefill steps of at most max_prefill_tokens prompt tokens (>= 1 each)."""
-        group, tokens = [], 0
-        for seq in new:
-            if group and tokens + len(seq.prompt) > self.max_prefill_tokens:
-                yield group
-                group, tokens = [], 0
-            group.append(seq)
-            tokens += len(seq.prompt)
-        if group:
-            yield group
-
-    def _step(self, new: list[Sequence]) -> None:
+    def _step(self, plan: StepPlan) -> None:
         sched = self.scheduler
         try:
-            for seq in new:
-                seq.rng = make_rng(seq.params.seed, self.engine.device)
-            for group in self._prefill_groups(new):
-                logits = self.engine.prefill([s.slot for s in group], [s.prompt for s in group])
-                sched.postprocess(group, sample(logits, group), self.eos_id)
-            batch = sorted(sched.running, key=lambda s: s.slot)  # ascending slots: often one range
-            if batch:
-                logits = self.engine.decode(
-                    [s.slot for s in batch], [s.output[-1] for s in batch], [s.next_position for s in batch]
-                )
-                sched.postprocess(batch, sample(logits, batch), self.eos_id)
-                if self.metrics:
-                    self.metrics.batch_size.observe(len(batch))
+            for seq in plan.seqs:
+                if seq.rng is None:
+                    seq.rng = make_rng(seq.params.seed, self.engine.device)
+            logits = self.engine.run(plan)
+            sampled = plan.sampled
+            sched.postprocess(plan, sample(logits, sampled) if sampled else [], self.eos_ids)
+            if self.metrics:
+                self.metrics.batch_size.observe(len(plan.items))
             self.last_step_failed = False
         except Exception as e:  # one rank alone: fail this step's sequences and go on
             if self.on_fatal:
@@ -175,5 +167,6 @@ class EngineLoop(EngineThread):
             log.exception("engine step failed")
             self.last_step_failed = True
             with self.cv:
-                for seq in set(new) | set(sched.running):
+                for seq in list(sched.running):
                     sched.finish(seq, None, f"generation failed: {type(e).__name__}: {e}")
+                sched.blocks.reset_cache()  # blocks keyed in this step may hold nothing valid

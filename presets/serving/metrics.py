@@ -33,8 +33,24 @@ class Metrics:
         self.generation_tokens = Counter("vllm:generation_tokens", "Tokens generated.", registry=r)
         self.batch_size = Histogram("presets:batch_size", "Sequences per engine step.", registry=r,
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))  # fmt: skip
+        self.kv_usage = lambda: 0.0  # the step engine's block pool sets this
+        Gauge("vllm:kv_cache_usage_perc", "Fraction of KV-cache blocks held by sequences (1 = full).",
+              registry=r).set_function(lambda: self.kv_usage())  # fmt: skip
+        self.prefix_queries = Counter("vllm:prefix_cache_queries", "Tokens looked up in the prefix cache "
+                                      "(each admitted sequence's tokens).", registry=r)  # fmt: skip
+        self.prefix_hits = Counter("vllm:prefix_cache_hits", "Tokens found in the prefix cache (not computed).",
+                                   registry=r)  # fmt: skip
+        self.preemptions = Counter("vllm:num_preemptions", "Sequences preempted for KV-cache space (recomputed "
+                                   "later).", registry=r)  # fmt: skip
         self.rejected = Counter("presets:requests_rejected", "Requests refused with 503 (full queue, loading, "
                                 "shutting down).", registry=r)  # fmt: skip
+
+    def prefix_cache(self, queries: int, hits: int) -> None:
+        self.prefix_queries.inc(queries)
+        self.prefix_hits.inc(hits)
+
+    def preempted(self) -> None:
+        self.preemptions.inc()
 
     def finished(self, seq) -> None:
         """Record a completed sequence (EngineLoop's sequences carry per-token times)."""

@@ -1,8 +1,8 @@
 """torchrun roles: rank 0 sends one message per engine step; every other rank runs the same step.
 
-A message is two int64 broadcasts over the control group (a header, then the payload), never a
-pickle. Rank 0 also sends a no-op when idle, so the process group's timeout never fires between
-requests and workers can tell they are still in step (their /healthz).
+A message is two int64 broadcasts over the control group (a header, then the payload: the step plan
+as integers, StepPlan.encode), never a pickle. Rank 0 also sends a no-op when idle, so the process
+group's timeout never fires between requests and workers can tell they are still in step (their /healthz).
 """
 
 import logging
@@ -11,32 +11,33 @@ import time
 import torch
 import torch.distributed as dist
 
+from presets.serving.scheduler import StepPlan
+
 log = logging.getLogger(__name__)
 
-NOOP, PREFILL, DECODE, EXIT = range(4)
+NOOP, STEP, EXIT = range(3)
 
 
 class StepChannel:
     def __init__(self, group):
         self.group = group
 
-    def send(self, op: int, *fields: list[int]) -> None:
-        """Broadcast (op, fields) from rank 0; every field but the last has len(fields[0]) items."""
-        payload = [x for f in fields for x in f]
-        header = torch.tensor([op, len(fields[0]) if fields else 0, len(payload)], dtype=torch.long)
+    def send(self, op: int, payload: list[int] = ()) -> None:
+        """Broadcast (op, payload) from rank 0."""
+        header = torch.tensor([op, len(payload)], dtype=torch.long)
         dist.broadcast(header, 0, group=self.group)
         if payload:
             dist.broadcast(torch.tensor(payload, dtype=torch.long), 0, group=self.group)
 
-    def recv(self) -> tuple[int, int, list[int]]:
-        """(op, n, payload) as rank 0 sent it."""
-        header = torch.empty(3, dtype=torch.long)
+    def recv(self) -> tuple[int, list[int]]:
+        """(op, payload) as rank 0 sent it."""
+        header = torch.empty(2, dtype=torch.long)
         dist.broadcast(header, 0, group=self.group)
-        op, n, size = header.tolist()
+        op, size = header.tolist()
         payload = torch.empty(size, dtype=torch.long)
         if size:
             dist.broadcast(payload, 0, group=self.group)
-        return op, n, payload.tolist()
+        return op, payload.tolist()
 
 
 class LeaderEngine:
@@ -46,14 +47,12 @@ class LeaderEngine:
         self.engine = engine
         self.channel = channel
         self.device = engine.device
+        self.kv_config = engine.kv_config
+        self.max_num_batched_tokens = engine.max_num_batched_tokens
 
-    def prefill(self, slots: list[int], prompts: list[list[int]]):
-        self.channel.send(PREFILL, slots, [len(p) for p in prompts], [t for p in prompts for t in p])
-        return self.engine.prefill(slots, prompts)
-
-    def decode(self, slots: list[int], tokens: list[int], positions: list[int]):
-        self.channel.send(DECODE, slots, tokens, positions)
-        return self.engine.decode(slots, tokens, positions)
+    def run(self, plan: StepPlan):
+        self.channel.send(STEP, plan.encode())
+        return self.engine.run(plan)
 
     def heartbeat(self) -> None:
         self.channel.send(NOOP)
@@ -65,16 +64,12 @@ class LeaderEngine:
 def follow(engine, channel: StepChannel, on_message=lambda: None) -> None:
     """Run rank 0's steps on this rank's shard until rank 0 says exit; collective errors propagate."""
     while True:
-        op, n, p = channel.recv()
+        op, payload = channel.recv()
         on_message()
         if op == EXIT:
             return
-        if op == PREFILL:
-            slots, lengths, flat = p[:n], p[n : 2 * n], p[2 * n :]
-            starts = [sum(lengths[:i]) for i in range(n)]
-            engine.prefill(slots, [flat[s : s + k] for s, k in zip(starts, lengths)])
-        elif op == DECODE:
-            engine.decode(p[:n], p[n : 2 * n], p[2 * n : 3 * n])
+        if op == STEP:
+            engine.run(StepPlan.decode(payload))
 
 
 class FollowerState:

@@ -4,18 +4,25 @@ import argparse
 import os
 from dataclasses import dataclass, fields
 
+from presets.serving.kv_memory import parse_bytes
+
 
 @dataclass
 class Settings:
     ckpt_dir: str = "weights/"
     tokenizer_path: str = "weights/tokenizer.model"
     max_seq_len: int = 512
-    max_batch_size: int = 8
+    max_batch_size: int = 8  # sequences running at once (the KV memory is --kv_cache_memory)
     model_parallel_size: int = int(os.environ.get("WORLD_SIZE", 1))
     host: str = "0.0.0.0"
     port: int = 5000
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto | float32 | float16 | bfloat16
+    kv_block_size: int = 16  # token positions per KV-cache block
+    kv_cache_memory: str = ""  # KV pool size (2GiB, 512MiB, bytes); default: see gpu_memory_utilization
+    gpu_memory_utilization: float = 0.9  # CUDA: this fraction of device memory for weights, activations, KV
+    max_num_batched_tokens: int = 0  # tokens computed per engine step; 0: 2048 on CPU, 8192 on CUDA
+    no_prefix_caching: bool = False  # do not reuse cached KV blocks of identical prompt prefixes
     max_queue_size: int = 256  # sequences waiting for a batch slot before 503
     http_threads: int = 64  # concurrent HTTP requests the server holds open
     max_request_bytes: int = 1 << 20
@@ -32,6 +39,10 @@ class Settings:
             "port": 0 <= self.port < 65536,
             "device": self.device in ("auto", "cpu", "cuda"),
             "dtype": self.dtype in ("auto", "float32", "float16", "bfloat16"),
+            "kv_block_size": 1 <= self.kv_block_size <= 1024,
+            "kv_cache_memory": _is_size(self.kv_cache_memory),
+            "gpu_memory_utilization": 0 < self.gpu_memory_utilization <= 1,
+            "max_num_batched_tokens": self.max_num_batched_tokens >= 0,
             "max_queue_size": self.max_queue_size >= 1,
             "http_threads": self.http_threads >= 1,
             "max_request_bytes": self.max_request_bytes >= 1024,
@@ -40,6 +51,14 @@ class Settings:
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
             raise ValueError(f"invalid setting(s): {', '.join(f'{k}={getattr(self, k)!r}' for k in bad)}")
+
+
+def _is_size(text: str) -> bool:
+    try:
+        parse_bytes(text)
+        return True
+    except ValueError:
+        return False
 
 
 def parse_settings(argv=None, description: str = "", cls=Settings):
