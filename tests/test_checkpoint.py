@@ -77,7 +77,7 @@ def test_shape_mismatch(broken):
         params = json.load(f)
     with open(broken / "params.json", "w") as f:
         json.dump({**params, "multiple_of": 128}, f)  # changes the SwiGLU hidden size
-    with pytest.raises(CheckpointError, match=r"feed_forward.w1.weight has shape \(192, 64\).*imply \(256, 64\)"):
+    with pytest.raises(CheckpointError, match=r"feed_forward.w2.weight has shape \(64, 192\).*imply \(64, 256\)"):
         load(broken)
 
 

@@ -145,10 +145,14 @@ def test_packed_model_matches_plain_layers(request, monkeypatch, lib, ckpt, form
     packed = engine_for(packed_model)
     kernels = [layer.attention.cache.decode_kernel for layer in packed_model.layers]
     assert kernels == [cpu_kernels.decode_attention if form == "bf16" else None] * len(kernels)
-    layer = packed_model.layers[0]  # wq|wk|wv and w1|w3 fused; wo, w2 and output packed alone
-    linears = [layer.attention.packed_qkv, layer.attention.wo.packed, layer.feed_forward.packed_gate_up]
-    assert {p.kind for p in linears + [layer.feed_forward.w2.packed, packed_model.output.packed]} == {form}
-    assert layer.attention.wq.weight.numel() == 0  # the packed copy replaced the weights
+    layer = packed_model.layers[0]  # wq|wk|wv and w1|w3 stacked; wo, w2 and output alone
+    linears = [layer.attention.wqkv, layer.attention.wo, layer.feed_forward.w13, layer.feed_forward.w2]
+    assert all(isinstance(m, cpu_kernels.PackedParallelLinear) for m in linears + [packed_model.output])
+    assert {m.packed.kind for m in linears + [packed_model.output]} == {form}
+    assert not any(isinstance(p, torch.nn.Parameter) and p.dim() == 2 for p in layer.parameters())  # weights replaced
+    state, shard = packed_model.state_dict(), torch.load(f"{ckpt}/consolidated.00.pth", weights_only=True)
+    assert state.keys() == shard.keys() - {"rope.freqs"}
+    assert all(torch.equal(state[k], shard[k].float()) for k in state)  # the checkpoint's weights, exactly
     prompts = [tok.encode(t, bos=True, eos=False) for t in ("Simply put, the theory", "Hi", "The river flows past")]
     seqs = [2, 0, 1]
     for engine in (plain, packed):

@@ -1,10 +1,12 @@
 """Several ranks under torchrun (gloo, CPU): sharded output equals unsharded, probes, failure, shutdown."""
 
 import os
+import re
 import signal
 import subprocess
 import threading
 import time
+import urllib.request
 
 import pytest
 
@@ -58,6 +60,38 @@ def test_two_ranks_equal_one_rank_completion_with_idle_past_timeout(two_shards, 
         code, out = finish(proc)
     assert code == 0, out  # torchrun exits 0 only when every rank did
     assert "rank 1: rank 0 asked to exit" in out
+
+
+def test_two_ranks_with_prefix_hits_chunks_and_preemption_equal_one_rank(two_shards, completion_client):
+    """8 KV blocks per rank (two of these sequences at a time), 8-token steps, prefix caching: every
+    feature of the paged cache is active, and each rank runs the same plans."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    # A rank holds half the KV heads: 512 bytes a token, 8 KiB a block of 16.
+    flags = [*SEQ[:2], "--max_batch_size", "8", "--kv_cache_memory", "64KiB", "--max_num_batched_tokens", "8"]
+    proc = start(server_cmd("completion", two_shards, port, *flags, torchrun=["--nproc_per_node", "2"]), "completion")
+    with running(proc):
+        wait_healthy(proc, url)
+        system = "The old mill by the river grinds wheat for the whole valley, day and night. "
+        params = {"temperature": 0, "max_gen_len": 24, "ignore_eos": True}
+        bodies = [{"prompts": [system + f"Question {i}: why?"], "parameters": params} for i in range(8)]
+        one_rank = [completion_client.post("/generate", json=b).get_json() for b in bodies]
+        assert post(f"{url}/generate", bodies[0]) == (200, one_rank[0])  # its prefix is cached from here on
+        assert concurrently(lambda b: post(f"{url}/generate", b), [(b,) for b in bodies]) == [
+            (200, r) for r in one_rank
+        ]
+        status, text = call_text(f"{url}/metrics")
+        values = {k: float(v) for k, v in re.findall(r"^(vllm:\w+) (\S+)$", text, re.M)}
+        assert values["vllm:prefix_cache_hits_total"] > 0 and values["vllm:num_preemptions_total"] > 0, values
+        assert post(f"{url}/shutdown", None) == (200, {})
+        code, out = finish(proc)
+    assert code == 0, out
+    assert out.count("KV cache: 8 blocks of 16 tokens = 128 tokens") == 2, out  # each rank's pool
+
+
+def call_text(url: str) -> tuple[int, str]:
+    with urllib.request.urlopen(url, timeout=10) as r:
+        return r.status, r.read().decode()
 
 
 def test_two_ranks_equal_one_rank_chat(two_shards, chat_client):

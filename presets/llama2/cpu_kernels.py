@@ -7,8 +7,10 @@ Each linear layer's weight is packed into the first form that applies:
 2. oneDNN's blocked fp32 layout (PyTorch's own ops for frozen weights, not public API, so guarded):
    at decode sizes MKL's plain sgemm streams the weights poorly, worst on AMD EPYC.
 3. the plain fp32 weight and F.linear.
-Projections that read the same input are stacked into one matmul (wq|wk|wv, w1|w3): fewer, wider calls
-are about 10% faster per decode step. The packed copy replaces the original weights (same memory or less).
+The model stacks the projections that read the same input (wq|wk|wv, w1|w3: fewer, wider calls are
+about 10% faster per decode step). Each layer is replaced by a PackedParallelLinear module when the
+engine starts; the packed copy replaces the original weight (same memory or less), and state_dict()
+still gives the checkpoint's weights.
 
 cpu_kernels.c also has `decode_attention`, which reads each sequence's own cache blocks only. The C file
 is compiled on first use with the system's C compiler (`cc`, or $CC) into a cache folder and loaded with
@@ -25,7 +27,6 @@ import os
 import shutil
 import subprocess
 import tempfile
-import types
 from pathlib import Path
 
 import torch
@@ -36,7 +37,7 @@ from fairscale.nn.model_parallel.layers import ColumnParallelLinear, RowParallel
 from fairscale.nn.model_parallel.mappings import gather_from_model_parallel_region
 
 from presets.llama2.kv_cache import PagedKVCache, PagedStep
-from presets.llama2.model import Attention, FeedForward
+from presets.llama2.model import Attention
 
 log = logging.getLogger(__name__)
 
@@ -148,10 +149,10 @@ def linear_bf16(x: torch.Tensor, panels: torch.Tensor, out_features: int) -> tor
 
 
 class PackedLinear:
-    """The stacked weights of one or more linear layers in the fastest form available (module docstring)."""
+    """The weight of a linear layer in the fastest form available (module docstring)."""
 
     def __init__(self, weight: torch.Tensor, batch_hint: int):
-        self.out_features, self.kind = weight.shape[0], "plain"
+        self.out_features, self.in_features, self.kind = weight.shape[0], weight.shape[1], "plain"
         if native() is not None and is_bf16(weight):
             self.weight, self.kind = bf16_panels(weight), "bf16"
         elif onednn_available():
@@ -166,28 +167,42 @@ class PackedLinear:
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, None, "none", [], "")
         return F.linear(x, self.weight)
 
-
-# The inference half of fairscale's forward methods, with the packed matmul in place of F.linear.
-# Their autograd wrappers (identity on the way forward) cost more than the math at decode sizes.
-def _column_forward(self, x):
-    y = self.packed(x)
-    return gather_from_model_parallel_region(y) if self.gather_output else y
+    def unpacked(self) -> torch.Tensor:
+        """The (N, K) fp32 weight again, exactly: the product with the identity (each sum is w * 1 plus zeros)."""
+        return self(torch.eye(self.in_features)).T.contiguous()
 
 
-def _row_forward(self, x):
-    y = self.packed(x)
-    if get_model_parallel_world_size() > 1:
-        dist.all_reduce(y, group=get_model_parallel_group())
-    return y
+class PackedParallelLinear(torch.nn.Module):
+    """A fairscale Column- or RowParallelLinear (no bias) whose weight is packed; the inference half of
+    fairscale's forward (its autograd wrappers, identities on the way forward, cost more than the math at
+    decode sizes). state_dict() gives the plain weight back, and load_state_dict() packs a new one."""
 
+    def __init__(self, linear, batch_hint: int):
+        super().__init__()
+        self.column, self.batch_hint = isinstance(linear, ColumnParallelLinear), batch_hint
+        self.gather_output = self.column and linear.gather_output
+        self.packed = PackedLinear(linear.weight.detach(), batch_hint)
 
-# wq|wk|wv and w1|w3 read the same input: one matmul over their stacked rows, then split.
-def _fused_project(self, x):
-    return self.packed_qkv(x).split(self.qkv_sizes, dim=-1)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.packed(x)
+        if self.gather_output:
+            return gather_from_model_parallel_region(y)
+        if not self.column and get_model_parallel_world_size() > 1:
+            dist.all_reduce(y, group=get_model_parallel_group())
+        return y
 
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        destination[prefix + "weight"] = self.packed.unpacked()
 
-def _fused_gate_up(self, x):
-    return self.packed_gate_up(x).split(self.gate_up_sizes, dim=-1)
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):
+        weight = state_dict.get(prefix + "weight")
+        if weight is None:
+            missing_keys.append(prefix + "weight")
+        elif weight.shape != (self.packed.out_features, self.packed.in_features):
+            shape = (self.packed.out_features, self.packed.in_features)
+            errors.append(f"{prefix}weight: shape {tuple(weight.shape)}, not {shape}")
+        else:
+            self.packed = PackedLinear(weight.detach().float(), self.batch_hint)
 
 
 def _packable(m: torch.nn.Module) -> bool:
@@ -197,34 +212,15 @@ def _packable(m: torch.nn.Module) -> bool:
     return m.weight.dtype == torch.float32 and m.bias is None and (column or m.input_is_parallel)
 
 
-def _pack(linears, batch_hint: int) -> tuple[PackedLinear, list[int]]:
-    """This rank's weights of `linears` stacked and packed; each original weight is emptied."""
-    sizes = [m.weight.shape[0] for m in linears]
-    packed = PackedLinear(torch.cat([m.weight.detach() for m in linears]), batch_hint)
-    for m in linears:
-        m.weight.data = torch.empty(0)  # the packed copy is the weight from now on
-    return packed, sizes
-
-
 def pack_linears(model: torch.nn.Module, batch_hint: int) -> dict[str, int]:
-    """Repack every fp32 CPU parallel linear layer of `model` in place; returns {form: layers packed so}."""
+    """Replace every fp32 CPU parallel linear layer of `model` by a PackedParallelLinear; returns {form: layers}."""
     counts: dict[str, int] = {}
-    for m in list(model.modules()):
-        if isinstance(m, Attention) and all(map(_packable, (m.wq, m.wk, m.wv))):
-            m.packed_qkv, m.qkv_sizes = _pack([m.wq, m.wk, m.wv], batch_hint)
-            m.project = types.MethodType(_fused_project, m)
-            kind, n = m.packed_qkv.kind, 3
-        elif isinstance(m, FeedForward) and all(map(_packable, (m.w1, m.w3))):
-            m.packed_gate_up, m.gate_up_sizes = _pack([m.w1, m.w3], batch_hint)
-            m.gate_up = types.MethodType(_fused_gate_up, m)
-            kind, n = m.packed_gate_up.kind, 2
-        elif _packable(m) and m.weight.numel():  # one not fused above (wo, w2, output)
-            m.packed = _pack([m], batch_hint)[0]
-            m.forward = types.MethodType(_column_forward if isinstance(m, ColumnParallelLinear) else _row_forward, m)
-            kind, n = m.packed.kind, 1
-        else:
-            continue
-        counts[kind] = counts.get(kind, 0) + n
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if _packable(child):
+                packed = PackedParallelLinear(child, batch_hint)
+                setattr(parent, name, packed)  # the original weight goes with the old module
+                counts[packed.packed.kind] = counts.get(packed.packed.kind, 0) + 1
     return counts
 
 

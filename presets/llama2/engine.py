@@ -34,7 +34,7 @@ class LlamaEngine:
         """`agree(num_blocks)` -> the smallest over the ranks (each rank sizes its own pool; all must match)."""
         self.model = model
         self.max_num_batched_tokens = cache.max_num_batched_tokens
-        self.device, self.dtype = model.output.weight.device, model.output.weight.dtype
+        self.device, self.dtype = model.norm.weight.device, model.norm.weight.dtype
         self.max_seq_len = cache.max_seq_len
         if cpu_packed and self.device.type == "cpu":
             forms = cpu_kernels.pack_linears(model, cache.max_batch_size)

@@ -1,9 +1,10 @@
 """Llama-2 model math: ModelArgs (the params.json keys), RMSNorm, rotary embeddings, SwiGLU.
 
-Module attribute names are exactly Meta's checkpoint keys, and the parallel layers split their
-weights exactly as Meta's `consolidated.NN.pth` shards do, so one shard loads with one strict
-`load_state_dict`. The paged KV cache and the attention of a step are in kv_cache.py; loading,
-sampling and scheduling live elsewhere.
+Module attribute names are Meta's checkpoint keys (wq|wk|wv and w1|w3 are each stored stacked, as
+one matmul, and state-dict hooks map them to and from their own keys), and the parallel layers
+split their weights exactly as Meta's `consolidated.NN.pth` shards do, so one shard loads with one
+strict `load_state_dict` and `state_dict()` gives the shard's keys back. The paged KV cache and
+the attention of a step are in kv_cache.py; loading, sampling and scheduling live elsewhere.
 """
 
 from dataclasses import dataclass, fields
@@ -84,6 +85,23 @@ def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     return out.type_as(x)
 
 
+def stack_in_state_dict(module: nn.Module, stacked: str, parts: list[str], sizes: list[int]) -> None:
+    """`module.<stacked>` holds the weights of the checkpoint's `parts` stacked by rows (`sizes` rows each, this
+    rank's): loading stacks the parts' keys, and state_dict() gives them back split, under their own names."""
+
+    def stack(module, state, prefix, *_):
+        keys = [f"{prefix}{p}.weight" for p in parts]
+        if all(k in state for k in keys):  # otherwise strict loading names what is missing
+            state[f"{prefix}{stacked}.weight"] = torch.cat([state.pop(k) for k in keys])
+
+    def split(module, state, prefix, _):
+        for p, w in zip(parts, state.pop(f"{prefix}{stacked}.weight").split(sizes)):
+            state[f"{prefix}{p}.weight"] = w
+
+    module.register_load_state_dict_pre_hook(stack)
+    module.register_state_dict_post_hook(split)
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -93,22 +111,21 @@ class Attention(nn.Module):
         self.n_local_kv_heads = n_kv_heads // mp
         self.head_dim = args.head_dim
         kv_dim = n_kv_heads * self.head_dim
-        col = dict(bias=False, gather_output=False, init_method=_keep)
-        self.wq = ColumnParallelLinear(args.dim, args.n_heads * self.head_dim, **col)
-        self.wk = ColumnParallelLinear(args.dim, kv_dim, **col)
-        self.wv = ColumnParallelLinear(args.dim, kv_dim, **col)
+        # wq, wk and wv read the same input: one matmul over their stacked rows (this rank's of each).
+        q_dim = args.n_heads * self.head_dim
+        self.wqkv = ColumnParallelLinear(
+            args.dim, q_dim + 2 * kv_dim, bias=False, gather_output=False, init_method=_keep
+        )
+        self.qkv_sizes = [s * self.head_dim for s in (self.n_local_heads, self.n_local_kv_heads, self.n_local_kv_heads)]
+        stack_in_state_dict(self, "wqkv", ["wq", "wk", "wv"], self.qkv_sizes)
         self.wo = RowParallelLinear(
             args.n_heads * self.head_dim, args.dim, bias=False, input_is_parallel=True, init_method=_keep
         )
         self.cache: PagedKVCache | None = None
 
-    def project(self, x):
-        """(q, k, v) of x (B, T, dim), each (B, T, heads * hd); cpu_kernels swaps in one fused matmul."""
-        return self.wq(x), self.wk(x), self.wv(x)
-
     def forward(self, x, freqs, step: PagedStep):
         B, T, _ = x.shape
-        q, k, v = self.project(x)
+        q, k, v = self.wqkv(x).split(self.qkv_sizes, dim=-1)  # each (B, T, heads * hd)
         q = q.view(B, T, self.n_local_heads, self.head_dim)
         k = k.view(B, T, self.n_local_kv_heads, self.head_dim)
         v = v.view(B, T, self.n_local_kv_heads, self.head_dim)
@@ -121,16 +138,13 @@ class FeedForward(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         hidden = args.ffn_hidden_dim
-        self.w1 = ColumnParallelLinear(args.dim, hidden, bias=False, gather_output=False, init_method=_keep)
+        self.w13 = ColumnParallelLinear(args.dim, 2 * hidden, bias=False, gather_output=False, init_method=_keep)
         self.w2 = RowParallelLinear(hidden, args.dim, bias=False, input_is_parallel=True, init_method=_keep)
-        self.w3 = ColumnParallelLinear(args.dim, hidden, bias=False, gather_output=False, init_method=_keep)
-
-    def gate_up(self, x):
-        """(w1 x, w3 x), each (B, T, hidden); cpu_kernels swaps in one fused matmul."""
-        return self.w1(x), self.w3(x)
+        self.local_hidden = hidden // get_model_parallel_world_size()
+        stack_in_state_dict(self, "w13", ["w1", "w3"], [self.local_hidden] * 2)
 
     def forward(self, x):
-        gate, up = self.gate_up(x)
+        gate, up = self.w13(x).split(self.local_hidden, dim=-1)  # w1 x and w3 x, each (B, T, hidden)
         return self.w2(F.silu(gate) * up)
 
 
@@ -162,11 +176,11 @@ class Transformer(nn.Module):
     def kv_bytes_per_token(self) -> int:
         """Bytes of keys and values one token position takes in this rank's caches (all layers)."""
         att = self.layers[0].attention
-        return 2 * self.args.n_layers * att.n_local_kv_heads * att.head_dim * self.output.weight.element_size()
+        return 2 * self.args.n_layers * att.n_local_kv_heads * att.head_dim * self.norm.weight.element_size()
 
     def setup_caches(self, num_blocks: int, block_size: int, max_seq_len: int):
         """Attach a paged KV cache of `num_blocks` blocks of `block_size` positions to every layer."""
-        p = self.output.weight
+        p = self.norm.weight  # the model's dtype and device (the linear layers may be packed)
         for layer in self.layers:
             att = layer.attention
             att.cache = PagedKVCache(num_blocks, block_size, att.n_local_kv_heads, att.head_dim, p.dtype, p.device)
