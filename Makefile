@@ -13,7 +13,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 LLAMA_CPP_STAMP := $(VENV)/.installed-llama-cpp
 
-.PHONY: help install install-llama-cpp run-llama-cpp run run-chat run-falcon demo system-deps test lint format bench bench-hf bench-llama-cpp image-llama2 image-falcon image-llm-api clean
+.PHONY: help install install-llama-cpp run-llama-cpp run run-chat run-falcon demo system-deps test lint format bench bench-hf bench-llama-cpp llama-server bench-peer gpu-wheels gpu-check image-llama2 image-falcon image-llm-api clean
 
 help: ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-13s %s\n", $$1, $$2}'
@@ -85,14 +85,44 @@ format: $(STAMP) ## apply ruff's formatting and safe fixes
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-bench: $(STAMP) ## run the benchmark of DESIGN.md (this server vs transformers baselines) and print its table
+bench: $(STAMP) ## DESIGN.md's benchmark (this server vs transformers baselines), then the paged KV cache's (bench_kv)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m presets.tools.bench
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m presets.tools.bench_kv
 
 bench-hf: $(STAMP) ## measure the HuggingFace server's batching gain (batch 1 vs batched) and print it
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m presets.tools.bench_hf
 
 bench-llama-cpp: $(LLAMA_CPP_STAMP) ## measure the llm-api server (batched and batch 1) against llama-cpp-python one request at a time
 	$(BIN)/python -m presets.tools.bench_llama_cpp
+
+LLAMA_SERVER_DIR ?= .cache/llama-server
+LLAMA_SERVER := $(LLAMA_SERVER_DIR)/build/bin/llama-server
+
+llama-server: $(LLAMA_SERVER) ## build llama.cpp's llama-server (the CPU peer of bench-peer) from the pinned llama-cpp-python sdist (~15 min)
+
+$(LLAMA_SERVER): constraints.txt | $(STAMP)
+	rm -rf $(LLAMA_SERVER_DIR)/src && mkdir -p $(LLAMA_SERVER_DIR)/src
+	$(BIN)/pip download --quiet --no-deps --no-binary :all: -d $(LLAMA_SERVER_DIR) \
+		"llama_cpp_python==$$(sed -n 's/^llama_cpp_python==//p' constraints.txt)"
+	tar -xzf $(LLAMA_SERVER_DIR)/llama_cpp_python-*.tar.gz -C $(LLAMA_SERVER_DIR)/src --strip-components 1
+	cmake -S $(LLAMA_SERVER_DIR)/src/vendor/llama.cpp -B $(LLAMA_SERVER_DIR)/build -DCMAKE_BUILD_TYPE=Release \
+		-DLLAMA_CURL=OFF -DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
+	cmake --build $(LLAMA_SERVER_DIR)/build --target llama-server -j $$(nproc)
+
+bench-peer: $(LLAMA_SERVER) $(LLAMA_CPP_STAMP) ## the DESIGN workload over HTTP: this server vs llama-server (16 slots, same weights as GGUF f32 and f16)
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m presets.tools.bench_peer --llama_server $(LLAMA_SERVER)
+
+# The GPU machine has torch (CUDA), transformers and sentencepiece but no index: the pure-Python packages
+# the check imports travel as wheels in .whl/ (made here by gpu-wheels, pinned as constraints.txt pins them).
+GPU_WHEELS := fairscale flask itsdangerous blinker prometheus_client
+
+gpu-wheels: | $(STAMP) ## build .whl/: the wheels gpu-check needs on a GPU machine without an index
+	mkdir -p .whl
+	$(BIN)/pip wheel --quiet --no-deps -w .whl -c constraints.txt $(GPU_WHEELS)
+
+gpu-check: ## on a CUDA machine (<8 min on one H200): bf16 parity with transformers, then a 7B-shaped model's speed
+	@if [ -d .whl ]; then python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl; fi
+	PYTHONPATH=/tmp/site:. HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 python3 -m presets.tools.gpu_check $(GPU_CHECK_ARGS)
 
 WEIGHTS_PATH ?= weights/llama-2-7b
 MODEL_TYPE ?= llama2-completion

@@ -57,14 +57,18 @@ class LlamaEngine:
             log.info("decode attention kernel on %d layers", cpu_kernels.attach_decode_attention(model))
 
     def _cuda_budget(self, cache: CacheSettings) -> tuple[int | None, int]:
-        """(default pool bytes, bytes free now) on CUDA: a largest step is run on a one-sequence pool first,
-        so what it needs beyond the weights (activations, logits) is measured, then left free."""
+        """(default pool bytes, bytes free now) on CUDA: a largest step (max_num_batched_tokens prompt tokens)
+        is run on a pool just big enough first, so what it needs beyond the weights is measured, then left free."""
+        n, bs = cache.max_num_batched_tokens, cache.block_size
+        lengths = [min(cache.max_seq_len, n - at) for at in range(0, n, cache.max_seq_len)]  # a full step's prompts
+        items, first = [], 0
+        for slot, length in enumerate(lengths):
+            items.append(PlanItem(slot, 0, [0] * length, list(range(first, first + -(-length // bs))), True))
+            first += -(-length // bs)
         torch.cuda.empty_cache()
-        self.model.setup_caches(-(-cache.max_seq_len // cache.block_size), cache.block_size, cache.max_seq_len)
+        self.model.setup_caches(first, bs, cache.max_seq_len)
         torch.cuda.reset_peak_memory_stats(self.device)
-        n = min(cache.max_num_batched_tokens, cache.max_seq_len)
-        blocks = list(range(-(-n // cache.block_size)))
-        self.run(StepPlan([PlanItem(0, 0, [0] * n, blocks, True)]))
+        self.run(StepPlan(items))
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device)
         self.model.setup_caches(0, cache.block_size, cache.max_seq_len)  # drop the profiling pool

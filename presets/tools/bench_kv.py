@@ -156,7 +156,7 @@ def main(argv=None):
               f"tokens/s {rows[0][1]['tokens_per_s'] / rows[1][1]['tokens_per_s']:.2f}x")  # fmt: skip
 
     if "long" in only:
-        rows = [_in_process(long_prompt, a.ckpt_dir, budget, args.vocab_size) for budget in (4096, 256, 64, 32)]
+        rows = [_in_process(long_prompt, a.ckpt_dir, budget, args.vocab_size) for budget in (4096, 256, 64, 32, 16)]
         print("\n### long: 8 streams decoding, one 2000-token prompt arrives\n")
         print("| step budget (tokens) | steady ITL p50 (ms) | ITL p99 while it prefills (ms) | max (ms) "
               "| ratio p99/steady | its TTFT (s) |\n|---|---|---|---|---|---|")  # fmt: skip
