@@ -120,9 +120,12 @@ gpu-wheels: | $(STAMP) ## build .whl/: the wheels gpu-check needs on a GPU machi
 	mkdir -p .whl
 	$(BIN)/pip wheel --quiet --no-deps -w .whl -c constraints.txt $(GPU_WHEELS)
 
+GPU_PYTHON ?= python3
+GPU_CHECK_ARGS ?=
+
 gpu-check: ## on a CUDA machine (<8 min on one H200): bf16 parity with transformers, then a 7B-shaped model's speed
-	@if [ -d .whl ]; then python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl; fi
-	PYTHONPATH=/tmp/site:. HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 python3 -m presets.tools.gpu_check $(GPU_CHECK_ARGS)
+	@if [ -d .whl ]; then $(GPU_PYTHON) -m pip install -q --no-index --no-deps --upgrade --target /tmp/site .whl/*.whl; fi
+	PYTHONPATH=/tmp/site:. HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(GPU_PYTHON) -m presets.tools.gpu_check $(GPU_CHECK_ARGS)
 
 WEIGHTS_PATH ?= weights/llama-2-7b
 MODEL_TYPE ?= llama2-completion
