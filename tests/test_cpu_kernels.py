@@ -12,8 +12,7 @@ from presets.llama2.tokenizer import Tokenizer
 from presets.serving.scheduler import PlanItem
 from tests.paged import engine_for, item, run
 
-if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):  # then the fallback forms are all there is
-    pytest.skip("cpu_kernels.c needs x86-64 with AVX2 and FMA", allow_module_level=True)
+HAS_AVX2 = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 
 
 def rel_err(a, b):
@@ -22,6 +21,9 @@ def rel_err(a, b):
 
 @pytest.fixture(scope="module")
 def lib():
+    """The C library; its tests are skipped only on CPUs it cannot run on (the fallback forms still run)."""
+    if not HAS_AVX2:
+        pytest.skip("cpu_kernels.c needs x86-64 with AVX2 and FMA")
     lib = cpu_kernels.native()
     assert lib is not None, "cpu_kernels.c did not compile or load here (see the log)"
     return lib
@@ -135,7 +137,12 @@ def _forms(monkeypatch, form):
 
 @pytest.mark.parametrize("form", ["bf16", "onednn", "plain"])
 @pytest.mark.parametrize("ckpt", ["tiny_ckpt", "gqa_ckpt"], ids=["mha", "gqa"])
-def test_packed_model_matches_plain_layers(request, monkeypatch, lib, ckpt, form):
+def test_packed_model_matches_plain_layers(request, monkeypatch, ckpt, form):
+    """Every form, the oneDNN and plain ones also where the C library cannot build (they need no `lib`)."""
+    if form == "bf16":
+        request.getfixturevalue("lib")
+    elif form == "onednn" and not cpu_kernels.onednn_available():
+        pytest.skip("this torch has no oneDNN")
     ckpt = request.getfixturevalue(ckpt)
     tok = Tokenizer(f"{ckpt}/tokenizer.model")
     plain_model = load_model(ckpt, tok, 0, 1, torch.device("cpu"), torch.float32)
@@ -165,6 +172,40 @@ def test_packed_model_matches_plain_layers(request, monkeypatch, lib, ckpt, form
             work.append(item(3, 0, prompts[0], sample=False))
             work.append(item(3, len(prompts[0]), prompts[1]))
         assert rel_err(run(packed, *work), run(plain, *work)) < 1e-5
+
+
+@pytest.mark.parametrize("ckpt", ["tiny_ckpt", "gqa_ckpt"], ids=["mha", "gqa"])
+def test_kernels_off_give_the_same_greedy_tokens_and_logits(request, monkeypatch, lib, ckpt):
+    """PRESETS_CPU_KERNELS=0 (oneDNN or plain layers, PyTorch's attention) against the C kernels: 16 greedy
+    steps of three sequences from a packed prefill, the same tokens and logits within fp32 rounding."""
+    ckpt = request.getfixturevalue(ckpt)
+    tok = Tokenizer(f"{ckpt}/tokenizer.model")
+    prompts = [tok.encode(t, bos=True, eos=False) for t in ("Simply put, the theory", "Hi", "The river flows past")]
+
+    def greedy(engine):
+        logits = run(engine, *(item(s, 0, p) for s, p in enumerate(prompts)))
+        rows, seqs = [logits], [list(p) for p in prompts]
+        for _ in range(16):
+            for s, row in zip(seqs, logits):
+                s.append(int(row.argmax()))
+            logits = run(engine, *(item(i, len(s) - 1, s[-1:]) for i, s in enumerate(seqs)))
+            rows.append(logits)
+        return seqs, torch.cat(rows)
+
+    on = engine_for(load_model(ckpt, tok, 0, 1, torch.device("cpu"), torch.float32))
+    assert on.model.layers[0].attention.cache.decode_kernel is cpu_kernels.decode_attention
+    with_kernels = greedy(on)
+    monkeypatch.setenv("PRESETS_CPU_KERNELS", "0")
+    cpu_kernels.native.cache_clear()
+    try:
+        off = engine_for(load_model(ckpt, tok, 0, 1, torch.device("cpu"), torch.float32))
+        assert off.model.layers[0].attention.cache.decode_kernel is None
+        assert off.model.output.packed.kind in ("onednn", "plain")
+        without = greedy(off)
+    finally:
+        cpu_kernels.native.cache_clear()
+    assert without[0] == with_kernels[0]
+    assert rel_err(without[1], with_kernels[1]) < 1e-5
 
 
 def test_engine_runs_without_c_kernels(monkeypatch, tiny_ckpt):

@@ -59,7 +59,7 @@ KAITO_PRESETS = {f"llama-2-{size}{chat}" for size in ("7b", "13b", "70b") for ch
 
 
 def test_kaito_workspaces_match_the_crd_schema_for_every_preset():
-    with open(os.path.join(ROOT, "..", "shared", "kaito", "kaito.sh_workspaces.yaml")) as f:
+    with open(os.path.join(ROOT, "tests", "data", "kaito", "kaito.sh_workspaces.yaml")) as f:  # vendored, see README
         crd = yaml.safe_load(f)
     (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1alpha1"]
     schema = version["schema"]["openAPIV3Schema"]
