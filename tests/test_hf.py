@@ -97,9 +97,12 @@ def test_messages_use_the_chat_template(hf_llama_dir, falcon_client):
 
 
 def test_seeded_sampling_is_reproducible(falcon_client):
+    """The same seed gives the same sampled text; other seeds give other text (so the seed is what decides)."""
     body = {"prompt": "Once", "max_length": 30, "seed": 3}
     first, second = (falcon_client.post("/chat", json=body).get_json() for _ in range(2))
     assert first == second
+    others = {falcon_client.post("/chat", json={**body, "seed": s}).get_json()["Result"] for s in (4, 5, 6)}
+    assert others - {first["Result"]}, "three other seeds all gave the seed-3 text"
 
 
 BAD = [

@@ -236,6 +236,12 @@ def test_sampling_is_reproducible_with_a_seed_and_respects_stop(llm):
     first, second = generate(llm, "Hello", **params), generate(llm, "Hello", **params)
     assert first == second and first[0] == 200
     assert generate(llm, "Hello", **{**params, "seed": 99})[1] != first[1]
+    # A stop string from the middle of the greedy text: the answer is the text before its first occurrence.
+    _, full = generate(llm, "Hello", n_predict=40, **GREEDY)
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
+    assert len(stop) == 3 and stop.strip(), full
+    status, cut = generate(llm, "Hello", n_predict=40, stop=[stop], **GREEDY)
+    assert status == 200 and cut == full[: full.index(stop)], (full, stop, cut)
 
 
 def test_embeddings_are_the_models_mean_hidden_state(llm, tiny_ckpt):
