@@ -68,16 +68,17 @@ class LlamaEngine:
         torch.cuda.empty_cache()
         self.model.setup_caches(first, bs, cache.max_seq_len)
         torch.cuda.reset_peak_memory_stats(self.device)
+        base = torch.cuda.memory_allocated(self.device)  # weights and the profiling pool
         self.run(StepPlan(items))
         torch.cuda.synchronize(self.device)
-        peak = torch.cuda.max_memory_allocated(self.device)
+        step_peak = torch.cuda.max_memory_allocated(self.device) - base  # what the step itself needs
         self.model.setup_caches(0, cache.block_size, cache.max_seq_len)  # drop the profiling pool
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(self.device)
         in_use = total - free  # weights, the CUDA context, other processes
-        default = int(cache.gpu_memory_utilization * total) - in_use - max(0, peak - torch.cuda.memory_allocated())
-        log.info("CUDA: %.1f GiB in use after the weights, a %d-token step peaks %.1f GiB", in_use / 2**30, n,
-                 peak / 2**30)  # fmt: skip
+        default = int(cache.gpu_memory_utilization * total) - in_use - max(0, step_peak)
+        log.info("CUDA: %.1f GiB in use after the weights, a %d-token step needs %.1f GiB more", in_use / 2**30, n,
+                 step_peak / 2**30)  # fmt: skip
         return max(default, 0), free
 
     @torch.inference_mode()

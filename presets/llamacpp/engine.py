@@ -126,6 +126,11 @@ class LlamaCppEngine:
         self.kv_config = (max_batch_size * -(-ctx_size // 16), 16, False)
         self.max_num_batched_tokens = n_batch
         self.held: list[list[int]] = [[] for _ in range(max_batch_size)]  # tokens each slot's cache holds
+        # Recurrent/hybrid memories cannot drop a sequence's tail, and a sliding-window cache no longer holds
+        # the whole prefix: those models compute every prompt in full, as llama-server does for them.
+        m = self.model
+        self.prefix_reuse = not (llama_cpp.llama_model_is_recurrent(m) or llama_cpp.llama_model_is_hybrid(m)
+                                 or llama_cpp.llama_model_n_swa(m) > 0)  # fmt: skip
         self.reused_tokens = 0
 
     def free(self) -> None:
@@ -164,7 +169,11 @@ class LlamaCppEngine:
                 same = 0
                 while same < min(len(held), len(tokens) - 1) and held[same] == tokens[same]:
                     same += 1
-                llama_cpp.llama_memory_seq_rm(self.memory, it.slot, same, -1)  # what the slot held beyond
+                if same and not self.prefix_reuse:
+                    same = 0
+                if not llama_cpp.llama_memory_seq_rm(self.memory, it.slot, same, -1):  # what it held beyond
+                    llama_cpp.llama_memory_seq_rm(self.memory, it.slot, -1, -1)  # a part cannot be removed
+                    same = 0
                 del held[same:]
                 start, tokens = same, tokens[same:]
                 self.reused_tokens += same
