@@ -110,6 +110,13 @@ def long_prompt(ckpt: str, budget: int, vocab: int) -> dict:
     }  # fmt: skip
 
 
+def table(header: list[str], rows: list[list]) -> None:
+    """A markdown table."""
+    print("| " + " | ".join(header) + " |\n" + "|---" * len(header) + "|")
+    for row in rows:
+        print("| " + " | ".join(map(str, row)) + " |")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ckpt_dir", default=".cache/demo-llama2-random-weights")
@@ -132,11 +139,9 @@ def main(argv=None):
         rows = [(name, _in_process(serve_jobs, a.ckpt_dir, {**base, "max_batch_size": mb}, jobs, 64))
                 for name, mb in (("paged, up to 64 running", 64), ("slots: 16 running", 16))]  # fmt: skip
         print(f"\n### memory: KV pool {int(pool) / 2**20:.0f} MiB (16 x 1024 positions), 128 requests, 64 clients\n")
-        print("| system | peak running | tokens/s | preemptions | wall (s) |\n|---|---|---|---|---|")
-        for name, r in rows:
-            print(
-                f"| {name} | {r['peak_running']} | {r['tokens_per_s']:.1f} | {r['preemptions']} | {r['seconds']:.1f} |"
-            )
+        table(["system", "peak running", "tokens/s", "preemptions", "wall (s)"],
+              [[n, r["peak_running"], f"{r['tokens_per_s']:.1f}", r["preemptions"], f"{r['seconds']:.1f}"]
+               for n, r in rows])  # fmt: skip
         print(f"\nconcurrency {rows[0][1]['peak_running'] / rows[1][1]['peak_running']:.1f}x, "
               f"tokens/s {rows[0][1]['tokens_per_s'] / rows[1][1]['tokens_per_s']:.2f}x")  # fmt: skip
 
@@ -147,11 +152,9 @@ def main(argv=None):
         rows = [(name, _in_process(serve_jobs, a.ckpt_dir, {**base, "no_prefix_caching": off}, jobs, 16))
                 for name, off in (("prefix caching on", False), ("prefix caching off", True))]  # fmt: skip
         print("\n### prefix: 64 requests, 16 clients, one 600-token system prompt + 20 distinct tokens, 32 new\n")
-        print("| system | TTFT p50 (s) | TTFT p99 (s) | tokens/s | wall (s) |\n|---|---|---|---|---|")
-        for name, r in rows:
-            print(
-                f"| {name} | {r['ttft_p50']:.3f} | {r['ttft_p99']:.3f} | {r['tokens_per_s']:.1f} | {r['seconds']:.1f} |"
-            )
+        table(["system", "TTFT p50 (s)", "TTFT p99 (s)", "tokens/s", "wall (s)"],
+              [[n, f"{r['ttft_p50']:.3f}", f"{r['ttft_p99']:.3f}", f"{r['tokens_per_s']:.1f}", f"{r['seconds']:.1f}"]
+               for n, r in rows])  # fmt: skip
         print(f"\nTTFT p50 {rows[1][1]['ttft_p50'] / rows[0][1]['ttft_p50']:.1f}x lower with caching, "
               f"tokens/s {rows[0][1]['tokens_per_s'] / rows[1][1]['tokens_per_s']:.2f}x")  # fmt: skip
 
