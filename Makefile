@@ -85,9 +85,10 @@ format: $(STAMP) ## apply ruff's formatting and safe fixes
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-bench: $(STAMP) ## DESIGN.md's benchmark (this server vs transformers baselines), then the paged KV cache's (bench_kv)
+bench: $(STAMP) ## DESIGN.md's benchmark (vs transformers baselines), the paged KV cache's (bench_kv), over HTTP (bench_http)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m presets.tools.bench
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m presets.tools.bench_kv
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m presets.tools.bench_http
 
 bench-hf: $(STAMP) ## measure the HuggingFace server's batching gain (batch 1 vs batched) and print it
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m presets.tools.bench_hf
@@ -114,7 +115,7 @@ bench-peer: $(LLAMA_SERVER) $(LLAMA_CPP_STAMP) ## the DESIGN workload over HTTP:
 
 # The GPU machine has torch (CUDA), transformers and sentencepiece but no index: the pure-Python packages
 # the check imports travel as wheels in .whl/ (made here by gpu-wheels, pinned as constraints.txt pins them).
-GPU_WHEELS := fairscale flask itsdangerous blinker prometheus_client
+GPU_WHEELS := fairscale prometheus_client
 
 gpu-wheels: | $(STAMP) ## build .whl/: the wheels gpu-check needs on a GPU machine without an index
 	mkdir -p .whl

@@ -12,10 +12,12 @@ from presets.llama2.model import ModelArgs  # noqa: E402
 from presets.llama2.server import build_runtime  # noqa: E402
 from presets.serving.app import create_app  # noqa: E402
 from presets.serving.distributed import init_model_parallel  # noqa: E402
+from presets.serving.http_server import Limits  # noqa: E402
 from presets.serving.runtime import Runtime  # noqa: E402
 from presets.serving.settings import Settings  # noqa: E402
 from presets.tools.tiny_checkpoint import write_checkpoint  # noqa: E402
 from tests.fakes import ByteTokenizer, FakeEngine  # noqa: E402
+from tests.live_client import LiveClient  # noqa: E402
 
 TINY = ModelArgs(dim=64, n_layers=2, n_heads=4, vocab_size=512, multiple_of=32)
 TINY_GQA = ModelArgs(
@@ -50,8 +52,8 @@ def real_client(ckpt: str, kind: str, **kw):
     settings = settings_for(ckpt, **kw)
     rt = build_runtime(settings)
     rt.start(background=False)
-    app = create_app(rt, [{"completion": completion, "chat": chat}[kind]], max_body_bytes=settings.max_request_bytes)
-    return app.test_client(), rt
+    app = create_app(rt, [{"completion": completion, "chat": chat}[kind]])
+    return LiveClient(app, Limits(max_body_bytes=settings.max_request_bytes)), rt
 
 
 @pytest.fixture(scope="session")
@@ -101,7 +103,7 @@ def hf_client(model_dir: str, **kw):
     settings = HFSettings(model_id=model_dir, **kw)
     rt = build_hf_runtime(settings)
     rt.start(background=False)
-    return create_hf_app(settings, rt).test_client(), rt
+    return LiveClient(create_hf_app(settings, rt)), rt
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,7 @@
 import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -31,7 +32,13 @@ def start(cmd: list[str], kind: str, netns: str | None = None, env: dict | None 
         cmd = ["ip", "netns", "exec", netns, *cmd]
     cwd = os.path.join(ROOT, "presets", "inference", kind if kind == "falcon" else f"llama2-{kind}")
     return subprocess.Popen(
-        cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})}
+        cmd,
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, **(env or {})},
+        start_new_session=True,  # its own process group: `running` ends torchrun's ranks with it
     )
 
 
@@ -92,8 +99,11 @@ def running(*procs: subprocess.Popen):
         yield procs
     finally:
         for p in procs:
-            if p.poll() is None:
-                p.kill()
+            with contextlib.suppress(ProcessLookupError):
+                if os.getpgid(p.pid) == p.pid:  # started by start(): its own group
+                    os.killpg(p.pid, signal.SIGKILL)  # the ranks too: orphans would hold the output pipe open
+                else:
+                    p.kill()
             p.communicate()
 
 

@@ -9,6 +9,7 @@ import sys
 import jsonschema
 import yaml
 
+from presets.llama2.server import TORCHRUN_DRAIN
 from tests.launch import ROOT
 
 
@@ -28,7 +29,9 @@ def test_statefulset_runs_kaitos_torchrun_command_with_probes_and_shm():
             script = container["command"][-1]
             argv = shlex.split(script.split("&&", 1)[1])
             assert script.startswith("cd /workspace/llama/llama-2 &&"), path
-            assert argv[0] == "torchrun" and "inference_api.py" in argv
+            assert argv[:2] == ["exec", "torchrun"] and "inference_api.py" in argv  # SIGTERM reaches torchrun
+            argv = argv[1:]
+            assert pod["terminationGracePeriodSeconds"] > TORCHRUN_DRAIN + 5  # the drain ends before SIGKILL
             assert argv[argv.index("--nnodes") + 1] == str(sts["spec"]["replicas"])
             assert argv[argv.index("inference_api.py") + 1 :] == ["--max_seq_len", "512", "--max_batch_size", "8"]
             for probe in ("livenessProbe", "readinessProbe"):

@@ -126,7 +126,7 @@ def test_cancelled_sequences_give_their_blocks_back(tiny_ckpt, prompts):
     rt = started(tiny_ckpt, kv_cache_memory=str(16 * TOKENS_PER_BLOCK_BYTES))
     try:
         seqs = [Sequence(p, SamplingParams(temperature=0, ignore_eos=True), 60) for p in prompts[:8]]
-        rt.run_async(seqs)
+        rt.submit(seqs)
         while sum(len(s.output) for s in seqs) < 10:
             time.sleep(0.005)
         rt.loop.cancel(seqs)

@@ -1,6 +1,5 @@
 """The OpenAI routes on a HuggingFace model: requests become generate jobs; streaming uses a streamer."""
 
-import queue
 import time
 
 from presets.hf.engine import HFJob, batch_key
@@ -8,26 +7,28 @@ from presets.hf.params import DEFAULTS, EXTRAS
 from presets.serving.app import record_counts
 from presets.serving.batch_loop import Job
 from presets.serving.errors import ApiError
+from presets.serving.flag import Flag
 from presets.serving.openai_api import cut_at_stop
 from presets.serving.params import SamplingParams
 
 
-class _QueueStreamer:
-    """A transformers streamer that hands each new token id to a queue (None at the end)."""
+class _TokenStreamer:
+    """A transformers streamer that appends each new token id to `tokens` and sets `notify`."""
 
     def __init__(self):
-        self.queue = queue.SimpleQueue()
+        self.tokens: list[int] = []
+        self.notify = Flag()
         self.prompt_seen = False
 
     def put(self, value):
         if not self.prompt_seen:  # the first call carries the prompt
             self.prompt_seen = True
             return
-        for token in value.reshape(-1).tolist():
-            self.queue.put(token)
+        self.tokens.extend(value.reshape(-1).tolist())
+        self.notify.set()
 
     def end(self):
-        self.queue.put(None)
+        self.notify.set()
 
 
 class HFRunner:
@@ -43,11 +44,11 @@ class HFRunner:
             "seed": params.seed,
         }  # fmt: skip
 
-    def generate(self, prompts, params: SamplingParams, n: int, stops) -> list[tuple[str, str, int]]:
+    async def generate(self, prompts, params: SamplingParams, n: int, stops) -> list[tuple[str, str, int]]:
         """(text, finish_reason, completion tokens) per choice, n per prompt."""
         p = self._params(params, n)
         t0 = time.perf_counter()
-        jobs = self.rt.run(
+        jobs = await self.rt.arun(
             [Job(batch_key(p), HFJob("", ids, p, params.max_tokens, stops=tuple(stops))) for ids in prompts]
         )
         choices = []
@@ -60,38 +61,34 @@ class HFRunner:
         record_counts(len(choices), sum(len(p) for p in prompts), sum(c[2] for c in choices))
         return choices
 
-    def stream(self, prompts, params: SamplingParams, n: int, stops):
+    async def stream(self, prompts, params: SamplingParams, n: int, stops):
         """Yield (choice index, new text or None, finish_reason or None); each choice is its own job, in turn."""
         hold = max((len(s) for s in stops), default=1) - 1
         for pi, ids in enumerate(prompts):
             for c in range(n):
                 seed = None if params.seed is None else params.seed + c
-                streamer = _QueueStreamer()
+                streamer = _TokenStreamer()
                 p = self._params(SamplingParams(**{**vars(params), "seed": seed}), 1)
                 job = Job(None, HFJob("", ids, p, params.max_tokens, streamer, stops=tuple(stops)))  # runs alone
-                self.rt.run_async([job])
+                job.notify = streamer.notify
+                deadline = self.rt.submit([job])
                 try:
-                    yield from self._follow(job, streamer, pi * n + c, stops, hold)
+                    async for piece in self._follow(job, streamer, pi * n + c, stops, hold, deadline):
+                        yield piece
                 finally:
-                    job.payload.cancelled = True  # a client that left stops its generation at the next token
+                    self.rt.cancel([job])  # a client that left stops its generation at the next token
 
-    def _follow(self, job, streamer, index: int, stops, hold: int):
-        """Pieces of one streamed job, from its streamer's queue; the final text settles the rest."""
-        tokens, sent = [], ""
-        while not job.done.is_set() or not streamer.queue.empty():
-            try:
-                token = streamer.queue.get(timeout=0.5)
-            except queue.Empty:
-                continue
-            if token is None:
-                break
-            tokens.append(token)
-            text = cut_at_stop(self.rt.engine.text(tokens), stops)[0].rstrip("\ufffd")
+    async def _follow(self, job, streamer, index: int, stops, hold: int, deadline):
+        """Pieces of one streamed job, from its streamer's tokens; the final text settles the rest."""
+        sent = ""
+        while not job.done.is_set():
+            await self.rt.wait(job, deadline, flag=streamer.notify)
+            streamer.notify.clear()
+            text = cut_at_stop(self.rt.engine.text(list(streamer.tokens)), stops)[0].rstrip("\ufffd")
             text = text[: max(0, len(text) - hold)]
             if text.startswith(sent) and len(text) > len(sent):
                 yield index, text[len(sent) :], None
                 sent = text
-        job.done.wait()
         if job.error:
             raise ApiError(503, job.error)
         ((final_ids, eos),) = job.result

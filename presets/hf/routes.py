@@ -2,14 +2,14 @@
 
 import time
 
-from flask import Blueprint, jsonify, request
+from quart import Blueprint, jsonify, request
 
 from presets.hf import params as hf_params
 from presets.hf.engine import batch_key
 from presets.serving.app import record_counts, runtime
 from presets.serving.batch_loop import Job
 from presets.serving.errors import ApiError
-from presets.serving.validation import json_object, reject_unknown
+from presets.serving.validation import json_body, reject_unknown
 
 chat = Blueprint("hf_chat", __name__)
 
@@ -43,9 +43,9 @@ def render_messages(messages, tokenizer) -> str:
 
 
 @chat.post("/chat")
-def chat_route():
+async def chat_route():
     """Generate from `prompt`: {"Result": prompt + generated text (all sequences, joined)}."""
-    body = json_object(request)
+    body = await json_body(request)
     reject_unknown(body, ALLOWED, "body")
     rt = runtime()
     rt.require_ready()
@@ -54,7 +54,7 @@ def chat_route():
     text, special = prompt_text(body, rt.tokenizer)
     job = engine.job(text, params, special)
     t0 = time.perf_counter()
-    (done,) = rt.run([Job(batch_key(params), job)])
+    (done,) = await rt.arun([Job(batch_key(params), job)])
     generated = sum(len(ids) for ids, _ in done.result)
     record_counts(len(done.result), len(job.prompt_ids), generated)
     rt.metrics.finished_request(t0, len(job.prompt_ids), generated)

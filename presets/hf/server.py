@@ -10,17 +10,16 @@ from presets.hf.engine import HFEngine, HFJob
 from presets.hf.openai_runner import HFRunner
 from presets.hf.params import DEFAULTS, EXTRAS
 from presets.hf.routes import chat, render_messages
-from presets.serving import auth
+from presets.serving import auth, server
 from presets.serving.app import create_app
 from presets.serving.batch_loop import BatchLoop, Job
 from presets.serving.openai_api import OpenAIModel, openai
 from presets.serving.runtime import Runtime
-from presets.serving.server import exit_gunicorn, serve
-from presets.serving.settings import parse_settings
+from presets.serving.settings import HttpSettings, parse_settings
 
 
 @dataclass
-class HFSettings:
+class HFSettings(HttpSettings):
     model_id: str = "weights/"  # a local HuggingFace folder
     torch_dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bfloat16 | float16 | float32
     device_map: str = "auto"  # accelerate's placement over this node's GPUs; "none" for one device
@@ -29,8 +28,6 @@ class HFSettings:
     port: int = 5000
     max_batch_size: int = 8
     max_queue_size: int = 256
-    http_threads: int = 64
-    max_request_bytes: int = 1 << 20
     served_model_name: str = ""  # the model id of the /v1 routes; default the folder's name
     api_key: str = ""
     api_key_file: str = ""
@@ -38,8 +35,10 @@ class HFSettings:
     def __post_init__(self):
         if self.torch_dtype not in ("auto", "bfloat16", "float16", "float32"):
             raise ValueError(f"invalid setting: torch_dtype={self.torch_dtype!r}")
-        if self.max_batch_size < 1 or self.max_queue_size < 1 or self.http_threads < 1:
-            raise ValueError("max_batch_size, max_queue_size and http_threads must be >= 1")
+        if self.max_batch_size < 1 or self.max_queue_size < 1:
+            raise ValueError("max_batch_size and max_queue_size must be >= 1")
+        if self.http_errors():
+            raise ValueError(f"invalid setting(s): {', '.join(self.http_errors())}")
 
 
 def build_runtime(settings: HFSettings) -> Runtime:
@@ -63,9 +62,9 @@ def build_runtime(settings: HFSettings) -> Runtime:
 
 
 def create_hf_app(settings: HFSettings, rt: Runtime, shutdown=lambda: None):
-    """The Flask app: the seed /chat route and the OpenAI routes over `rt`."""
+    """The app: the seed /chat route and the OpenAI routes over `rt`."""
     keys = auth.load_keys(settings.api_key, settings.api_key_file)
-    app = create_app(rt, [chat, openai], shutdown, settings.max_request_bytes, keys)
+    app = create_app(rt, [chat, openai], shutdown, keys)
     name = settings.served_model_name or os.path.basename(os.path.normpath(settings.model_id))
     app.extensions["openai_model"] = OpenAIModel(
         name, lambda: rt.engine.context or 2048, lambda text: rt.tokenizer(text).input_ids,
@@ -75,11 +74,11 @@ def create_hf_app(settings: HFSettings, rt: Runtime, shutdown=lambda: None):
     return app
 
 
-def build_app(settings: HFSettings, shutdown=lambda: None):
-    """The app, with the model loading in the background."""
+def build_app(settings: HFSettings, exit):
+    """The app, with the model loading in the background; `exit(code)` ends the process."""
     rt = build_runtime(settings)
-    app = create_hf_app(settings, rt, shutdown)
-    rt.on_failure = lambda: exit_gunicorn(1)
+    app = create_hf_app(settings, rt, lambda: exit(0))
+    rt.on_failure = lambda: exit(1)
     rt.start()
     return app
 
@@ -93,5 +92,4 @@ def main(argv=None) -> None:
         auth.load_keys(settings.api_key, settings.api_key_file)
     except (loader.HFFolderError, ValueError) as e:
         sys.exit(f"error: {e}")
-    app_factory = lambda: build_app(settings, shutdown=exit_gunicorn)  # noqa: E731
-    serve(app_factory, settings.host, settings.port, settings.http_threads)
+    server.run(lambda exit: build_app(settings, exit), settings, settings.host, settings.port)

@@ -1,12 +1,12 @@
 """The seed routes of the Llama-2 servers: POST /generate (text completion) and POST /chat."""
 
-from flask import Blueprint, jsonify, request
+from quart import Blueprint, jsonify, request
 
 from presets.llama2.chat_format import UNSAFE_ERROR, check_dialog, encode_dialog, has_special_tags
 from presets.serving.app import record, runtime
 from presets.serving.errors import ApiError
 from presets.serving.params import SamplingParams
-from presets.serving.validation import json_object, reject_unknown, string_list
+from presets.serving.validation import json_body, reject_unknown, string_list
 
 completion = Blueprint("llama2_completion", __name__)
 chat = Blueprint("llama2_chat", __name__)
@@ -16,25 +16,25 @@ COMPLETION_MAX_GEN_LEN = 64  # Meta's example_text_completion default
 
 
 @completion.post("/generate")
-def generate():
+async def generate():
     """Complete each of `prompts`: {"results": [{"prompt", "response"}, ...]}."""
-    body = json_object(request)
+    body = await json_body(request)
     reject_unknown(body, ("prompts", "parameters"), "body")
     rt = runtime()
     rt.require_ready()
     prompts = string_list(body.get("prompts"), "prompts", rt.max_waiting)
     params = SamplingParams.from_seed_parameters(body.get("parameters"), "parameters", COMPLETION_MAX_GEN_LEN)
     ids = [rt.tokenizer.encode(p, bos=True, eos=False) for p in prompts]
-    seqs = rt.generate(ids, params)
+    seqs = await rt.agenerate(ids, params)
     record(seqs)
     results = [{"prompt": p, "response": rt.tokenizer.decode(s.output)} for p, s in zip(prompts, seqs)]
     return jsonify(results=results)
 
 
 @chat.post("/chat")
-def chat_completion():
+async def chat_completion():
     """Answer each dialog of input_data.input_string: {"results": [[messages..., Assistant], ...]}."""
-    body = json_object(request)
+    body = await json_body(request)
     reject_unknown(body, ("input_data", "parameters"), "body")
     data = body.get("input_data")
     if not isinstance(data, dict):
@@ -54,7 +54,7 @@ def chat_completion():
     params = SamplingParams.from_seed_parameters(raw, where, None)
 
     safe = [i for i, d in enumerate(dialogs) if not has_special_tags(d)]
-    seqs = rt.generate([encode_dialog(rt.tokenizer, dialogs[i]) for i in safe], params) if safe else []
+    seqs = await rt.agenerate([encode_dialog(rt.tokenizer, dialogs[i]) for i in safe], params) if safe else []
     record(seqs)
     answers = {i: rt.tokenizer.decode(s.output) for i, s in zip(safe, seqs)}
     results = [

@@ -6,6 +6,7 @@ rank loads its own shard and follows rank 0's steps; a node's local rank 0 answe
 
 import logging
 import os
+import signal
 import sys
 
 from presets.llama2.chat_format import check_dialog, encode_dialog, has_special_tags
@@ -13,7 +14,7 @@ from presets.llama2.checkpoint import CheckpointError, check_layout, load_model
 from presets.llama2.engine import CacheSettings, LlamaEngine
 from presets.llama2.routes import chat, completion
 from presets.llama2.tokenizer import Tokenizer
-from presets.serving import auth, device, distributed
+from presets.serving import auth, device, distributed, server
 from presets.serving.app import create_app
 from presets.serving.errors import ApiError
 from presets.serving.kv_memory import parse_bytes
@@ -21,12 +22,12 @@ from presets.serving.openai_api import OpenAIModel, StepRunner, openai
 from presets.serving.probe_server import start_probe_server
 from presets.serving.ranks import FollowerState, LeaderEngine, StepChannel, follow, heartbeat_interval
 from presets.serving.runtime import Runtime
-from presets.serving.server import exit_gunicorn, serve
 from presets.serving.settings import Settings, parse_settings
 
 log = logging.getLogger(__name__)
 
 ROUTES = {"completion": completion, "chat": chat}
+TORCHRUN_DRAIN = 25  # seconds: torchrun sends SIGKILL 30 s after SIGTERM
 
 
 def load_engine(settings: Settings, progress=log.info):
@@ -81,20 +82,40 @@ def openai_model(rt: Runtime, settings: Settings, kind: str) -> OpenAIModel:
     )  # fmt: skip
 
 
-def build_app(settings: Settings, kind: str, shutdown=lambda: None):
-    """The Flask app for `kind` ("completion" or "chat"); starts loading the model in the background."""
+def build_app(settings: Settings, kind: str, exit=lambda code: None):
+    """The app for `kind` ("completion" or "chat"); starts loading the model in the background.
+    `exit(code)` ends the process (POST /shutdown: 0, a fatal error: 1)."""
     rt = build_runtime(settings)
     keys = auth.load_keys(settings.api_key, settings.api_key_file)
-    app = create_app(rt, [ROUTES[kind], openai], shutdown, settings.max_request_bytes, keys)
+    app = create_app(rt, [ROUTES[kind], openai], lambda: exit(0), keys)
     app.extensions["openai_model"] = openai_model(rt, settings, kind)
-    rt.on_failure = lambda: exit_gunicorn(1)
+    rt.on_failure = lambda: exit(1)
     rt.start()
     return app
+
+
+def watch_sigterm(rank: int, local_rank: int) -> None:
+    """SIGTERM on a rank other than 0. On rank 0's node torchrun sends it to every rank: this one keeps
+    following while rank 0 drains, until rank 0 says exit. On another node only this pod is going away:
+    the job cannot go on without the rank, so it stops at once and loudly (exit 1), as a rank failure
+    does. (Python runs the handler when the main thread leaves a collective: within a heartbeat.)"""
+    on_leader_node = rank == local_rank  # torchrun numbers node 0's ranks 0..nproc-1
+
+    def on_sigterm(signum, frame):
+        if on_leader_node:
+            log.info("rank %d: SIGTERM; rank 0 drains, then tells this rank to exit", rank)
+            return
+        log.error("rank %d: SIGTERM on a worker node: stopping the job (it cannot go on without this rank)", rank)
+        logging.shutdown()
+        os._exit(1)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
 
 
 def run_follower(settings: Settings) -> None:
     """A rank other than 0: load this rank's shard, run rank 0's steps until it says exit."""
     rank, _, local_rank = distributed.world()
+    watch_sigterm(rank, local_rank)
     state = FollowerState(stale_after_s=2 * heartbeat_interval(settings.dist_timeout) + 1)
     if local_rank == 0:  # the first rank of a node without rank 0 answers that pod's probes
         start_probe_server(settings.host, settings.port, state.health)
@@ -123,5 +144,9 @@ def main(kind: str, argv=None) -> None:
     rank, world_size, _ = distributed.world()
     if rank != 0:
         run_follower(settings)
-    app_factory = lambda: build_app(settings, kind, shutdown=exit_gunicorn)  # noqa: E731
-    serve(app_factory, settings.host, settings.port, settings.http_threads, respawn=world_size == 1)
+    if world_size > 1 and os.environ.get("TORCHELASTIC_RUN_ID") and settings.drain_timeout > TORCHRUN_DRAIN:
+        # torchrun kills its ranks 30 s after it forwards SIGTERM: drain in time for them to exit cleanly.
+        log.warning("drain_timeout %gs is over torchrun's limit; draining for %ds", settings.drain_timeout,
+                    TORCHRUN_DRAIN)  # fmt: skip
+        settings.drain_timeout = TORCHRUN_DRAIN
+    server.run(lambda exit: build_app(settings, kind, exit), settings, settings.host, settings.port)

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field, fields
 
 import yaml
 
+from presets.serving.settings import HttpSettings
+
 log = logging.getLogger(__name__)
 
 ENV_PREFIX = "LLM_API_"
@@ -51,7 +53,7 @@ MODEL_PARAMS = {
 
 
 @dataclass
-class LlmApiConfig:
+class LlmApiConfig(HttpSettings):
     model_family: str = ""
     model_name: str = ""
     models_dir: str = "./models"
@@ -63,8 +65,6 @@ class LlmApiConfig:
     # This server's own keys (not in llm-api): concurrency, limits, the /v1 routes' model id, API keys.
     max_batch_size: int = 4  # sequences generated together (llama.cpp sequences sharing the context)
     max_queue_size: int = 256
-    http_threads: int = 64
-    max_request_bytes: int = 1 << 20
     served_model_name: str = ""  # default <model_family>-<model_name>
     api_key: str = ""
     api_key_file: str = ""
@@ -129,6 +129,12 @@ def _typed(key: str, value, kind, lo=None):
         if lo is not None and value < lo:
             raise ConfigError(f"{key}: must be >= {lo}, got {value}")
         return value
+    if kind is float:
+        if isinstance(value, str):
+            value = _scalar(value)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: must be a number, got {value!r}")
+        return float(value)
     if kind is str:
         if isinstance(value, (dict, list)) or value is None:
             raise ConfigError(f"{key}: must be a string, got {value!r}")
@@ -227,11 +233,12 @@ def load_config(path: str = "config.yaml", environ=None) -> LlmApiConfig:
         key = "batch_size" if "batch_size" in cfg.model_params else "n_batch"
         raise ConfigError(f"model_params.{key}: must be more than max_batch_size ({cfg.max_batch_size}): llama.cpp "
                           f"decodes one token of every running sequence in one batch; got {n_batch}")  # fmt: skip
-    if cfg.max_request_bytes < 1024:
-        raise ConfigError(f"max_request_bytes: must be >= 1024, got {cfg.max_request_bytes}")
+    for key, rule, ok in cfg.http_rules():
+        if not ok:
+            raise ConfigError(f"{key}: must be {rule}, got {getattr(cfg, key)}")
     if not 0 <= cfg.port < 65536:
         raise ConfigError(f"port: must be 0..65535, got {cfg.port}")
-    for key in ("max_batch_size", "max_queue_size", "http_threads"):
+    for key in ("max_batch_size", "max_queue_size"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"{key}: must be >= 1, got {getattr(cfg, key)}")
     if cfg.log_level.lower() not in ("critical", "error", "warning", "info", "debug"):

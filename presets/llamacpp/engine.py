@@ -3,7 +3,7 @@
 Slot i of the scheduler is llama.cpp sequence i of one context; each sequence has its own KV stream
 of ctx_size positions, so up to max_batch_size requests decode together in one llama_decode call.
 One more sequence, after the slots, is used by embeddings. Only the engine thread calls the model;
-HTTP threads tokenize with a vocabulary-only copy of the file (llama.cpp's tokenizer is read-only,
+the HTTP routes tokenize with a vocabulary-only copy of the file (llama.cpp's tokenizer is read-only,
 and llama.cpp's own server tokenizes on its HTTP threads too).
 """
 
@@ -31,7 +31,7 @@ class LlamaCppError(Exception):
 
 class LlamaCppTokenizer:
     """The GGUF file's own vocabulary (loaded alone, without weights): what the routes need of a tokenizer.
-    Never freed: HTTP threads may use it until the process exits."""
+    Never freed: the HTTP routes may use it until the process exits."""
 
     def __init__(self, path: str):
         mp = llama_cpp.llama_model_default_params()

@@ -12,12 +12,12 @@ import random
 import re
 import threading
 
-from flask import Blueprint, Response, current_app, jsonify, request
+from quart import Blueprint, Response, current_app, jsonify, request
 
 from presets.serving.app import record_counts, runtime
 from presets.serving.errors import ApiError
 from presets.serving.params import SamplingParams
-from presets.serving.validation import boolean, integer, json_object, number, reject_unknown
+from presets.serving.validation import boolean, integer, json_body, number, reject_unknown
 
 llm_api = Blueprint("llm_api", __name__)
 
@@ -27,8 +27,8 @@ PARAMS = (*DEFAULTS, "repeat_last_n", "seed", "ignore_eos")
 MAX_STOPS = 16
 
 
-def _body(allowed) -> dict:
-    data = json_object(request, lenient_escapes=True)
+async def _body(allowed) -> dict:
+    data = await json_body(request, lenient_escapes=True)
     reject_unknown(data, allowed, "body")
     return data
 
@@ -71,8 +71,8 @@ def parse(body: dict, settings) -> tuple[list[int], SamplingParams, list[str]]:
     return ids, sampling, _stops(params.get("stop", DEFAULTS["stop"]))
 
 
-def _prepared():
-    body = _body(("prompt", "params"))
+async def _prepared():
+    body = await _body(("prompt", "params"))
     rt = runtime()
     rt.require_ready()
     ids, params, stops = parse(body, current_app.extensions["llm_api"])
@@ -85,10 +85,10 @@ def _prepared():
 
 
 @llm_api.post("/generate")
-def generate():
+async def generate():
     """The generated text, as a JSON string."""
-    ids, params, stops = _prepared()
-    ((text, _, _),) = current_app.extensions["llm_api"].runner.generate([ids], params, 1, stops)
+    ids, params, stops = await _prepared()
+    ((text, _, _),) = await current_app.extensions["llm_api"].runner.generate([ids], params, 1, stops)
     return jsonify(text)
 
 
@@ -100,31 +100,31 @@ def _event(text: str, event: str | None = None) -> str:
 
 
 @llm_api.post("/agenerate")
-def agenerate():
+async def agenerate():
     """Server-sent events, one per new piece of text; their data concatenates to /generate's text."""
-    ids, params, stops = _prepared()
+    ids, params, stops = await _prepared()
     pieces = current_app.extensions["llm_api"].runner.stream([ids], params, 1, stops)
-    first = next(pieces, None)  # starts generating: a full queue is still a 503 here, not mid-stream
+    first = await anext(pieces, None)  # starts generating: a full queue is still a 503 here, not mid-stream
 
-    def events():
+    async def events():
         try:
             if first is not None and first[1]:
                 yield _event(first[1])
-            for _, text, _ in pieces:
+            async for _, text, _ in pieces:
                 if text:
                     yield _event(text)
         except ApiError as e:
             yield _event(e.detail, "error")
         finally:
-            pieces.close()
+            await pieces.aclose()
 
     return Response(events(), mimetype="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
 @llm_api.post("/embeddings")
-def embeddings():
+async def embeddings():
     """The text's embedding: the mean of the model's final (normalized) hidden states, L2-normalized."""
-    body = _body(("text",))
+    body = await _body(("text",))
     text = body.get("text")
     if not isinstance(text, str):
         raise ApiError(400, "text must be a string")
@@ -135,7 +135,7 @@ def embeddings():
         raise ApiError(400, "text is empty: it has no tokens for this model (whose file adds no BOS)")
     if len(ids) > rt.max_seq_len:
         raise ApiError(400, f"text is {len(ids)} tokens; ctx_size is {rt.max_seq_len}")
-    vector = rt.call(lambda: rt.engine.embed(ids))
+    vector = await rt.acall(lambda: rt.engine.embed(ids))
     record_counts(1, len(ids), 0)
     return jsonify([float(x) for x in vector])
 

@@ -16,12 +16,11 @@ from presets.llamacpp import model_file
 from presets.llamacpp.config import ConfigError, LlmApiConfig, load_config
 from presets.llamacpp.engine import LlamaCppEngine
 from presets.llamacpp.routes import LlmApiSettings, llm_api
-from presets.serving import auth
+from presets.serving import auth, server
 from presets.serving.app import create_app
 from presets.serving.errors import ApiError
 from presets.serving.openai_api import OpenAIModel, StepRunner, openai
 from presets.serving.runtime import Runtime
-from presets.serving.server import exit_gunicorn, serve
 
 log = logging.getLogger(__name__)
 
@@ -68,11 +67,12 @@ def _encode_messages(rt: Runtime, messages) -> list[int]:
     return tok.encode(text, bos=False, special=True)
 
 
-def build_app(cfg: LlmApiConfig, path: str, shutdown=lambda: None, start: bool = True):
-    """The app, with the model loading in the background (start=False: the caller starts it)."""
+def build_app(cfg: LlmApiConfig, path: str, exit=lambda code: None, start: bool = True):
+    """The app, with the model loading in the background (start=False: the caller starts it);
+    `exit(code)` ends the process."""
     rt = build_runtime(cfg, path)
     keys = auth.load_keys(cfg.api_key, cfg.api_key_file)
-    app = create_app(rt, [llm_api, openai], shutdown, cfg.max_request_bytes, keys)
+    app = create_app(rt, [llm_api, openai], lambda: exit(0), keys)
     runner = StepRunner(rt, lambda ids: rt.tokenizer.decode(ids))
     params = cfg.llama_params()
     app.extensions["llm_api"] = LlmApiSettings(rt, runner, params["last_n_tokens_size"], params["seed"])
@@ -80,7 +80,7 @@ def build_app(cfg: LlmApiConfig, path: str, shutdown=lambda: None, start: bool =
         cfg.served_model_name or f"{cfg.model_family}-{cfg.model_name}", lambda: rt.max_seq_len,
         lambda text: rt.tokenizer.encode(text), lambda messages: _encode_messages(rt, messages), runner,
     )  # fmt: skip
-    rt.on_failure = lambda: exit_gunicorn(1)
+    rt.on_failure = lambda: exit(1)
     if start:
         rt.start()
     return app
@@ -117,5 +117,4 @@ def main(argv=None) -> None:
     except (ConfigError, ValueError) as e:
         sys.exit(f"error: {e}")
     torch.set_num_threads(1)  # torch only samples here; llama.cpp's threads do the model's work
-    app_factory = lambda: build_app(cfg, path, shutdown=exit_gunicorn)  # noqa: E731
-    serve(app_factory, cfg.host, cfg.port, cfg.http_threads)
+    server.run(lambda exit: build_app(cfg, path, exit), cfg, cfg.host, cfg.port)

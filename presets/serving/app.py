@@ -1,9 +1,16 @@
-"""Flask app factory with the routes every server has: GET /, GET /healthz, POST /shutdown."""
+"""Quart app factory with the routes every server has: GET /, /healthz, /health, /metrics, POST /shutdown.
 
+Quart is Flask's asyncio sibling (same API, by the same maintainers): a route awaits the engine
+instead of holding a thread, so thousands of open requests and streams cost no OS thread each
+(presets/serving/http_server.py serves it; README "HTTP serving").
+"""
+
+import asyncio
 import logging
 import time
+from urllib.parse import urlsplit
 
-from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
+from quart import Blueprint, Quart, Response, current_app, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from presets.serving import auth
@@ -12,6 +19,8 @@ from presets.serving.errors import ApiError
 log = logging.getLogger("presets.requests")
 
 common = Blueprint("common", __name__)
+
+PROBES = ("/", "/healthz", "/health", "/check")
 
 
 def runtime():
@@ -35,8 +44,10 @@ def index():
 
 
 @common.get("/healthz")
+@common.get("/health")
 def healthz():
-    """200 only when the model is loaded, warmed up and its engine thread is stepping."""
+    """200 only when the model is loaded, warmed up and its engine thread is stepping, and not draining
+    (/health is Kaito's current probe path, /healthz the seeds')."""
     ok, detail = runtime().health()
     if ok:
         return jsonify(status="Healthy")
@@ -50,21 +61,27 @@ def metrics():
 
 
 @common.post("/shutdown")
-def shutdown():
-    """Answer 200 {}, then stop the engine and exit 0."""
-    runtime().shutdown()
+async def shutdown():
+    """Answer 200 {}, then stop the engine and exit 0. A browser page of another origin may not ask."""
+    origin = request.headers.get("Origin")
+    if origin is not None and urlsplit(origin).netloc != request.headers.get("Host", ""):
+        raise ApiError(403, f"POST /shutdown from another origin ({origin}) is refused")
+    await asyncio.to_thread(runtime().shutdown)  # waits for the engine's current step, off the event loop
     current_app.extensions["shutdown"]()
     return jsonify({})
 
 
-def create_app(runtime_, blueprints, shutdown=lambda: None, max_body_bytes: int = 1 << 20, api_keys=()) -> Flask:
+JSON_TYPES = ("application/json", "application/x-ndjson")
+
+
+def create_app(runtime_, blueprints, shutdown=lambda: None, api_keys=()) -> Quart:
     """An app serving `runtime_` with the common routes plus the family's `blueprints`.
 
     `shutdown` is called by POST /shutdown after the engine stops; the launcher passes one that
-    ends the process once the answer is sent.
+    ends the process once the answer is sent. Body size and read time are the HTTP server's limits.
     """
-    app = Flask("presets")
-    app.config["MAX_CONTENT_LENGTH"] = max_body_bytes
+    app = Quart("presets")
+    app.config.update(MAX_CONTENT_LENGTH=None, BODY_TIMEOUT=None, RESPONSE_TIMEOUT=None)
     app.json.ensure_ascii = False
     app.json.sort_keys = False
     app.extensions["runtime"] = runtime_
@@ -90,12 +107,18 @@ def create_app(runtime_, blueprints, shutdown=lambda: None, max_body_bytes: int 
     def start_timer():
         g.start = time.perf_counter()
         auth.check(list(api_keys), request.method, request.path, request.headers.get("Authorization"))
+        has_body = bool(request.content_length) or "Transfer-Encoding" in request.headers
+        if request.method == "POST" and has_body and request.mimetype not in JSON_TYPES:
+            # Also what keeps a web page from sending a no-preflight cross-site POST with a body (a form,
+            # text/plain); a bodiless one (the seeds' `curl -X POST .../shutdown`) meets /shutdown's Origin check.
+            raise ApiError(415, f"POST bodies must be JSON: send Content-Type: application/json "
+                           f"(got {request.headers.get('Content-Type') or 'none'})")  # fmt: skip
 
     @app.after_request
     def log_request(response):
         if response.status_code == 503:
             runtime_.metrics.rejected.inc()
-        if request.path not in ("/", "/healthz"):  # probes would drown the log
+        if request.path not in PROBES:  # probes would drown the log
             log.info(
                 "%s %s %d sequences=%d prompt_tokens=%d generated_tokens=%d seconds=%.3f",
                 request.method, request.path, response.status_code, g.get("sequences", 0),

@@ -1,11 +1,11 @@
-"""Optional API keys: `Authorization: Bearer KEY` on every route but GET /, /healthz and /metrics."""
+"""Optional API keys: `Authorization: Bearer KEY` on every route but GET (and HEAD) of the open ones."""
 
 import hmac
 import os
 
 from presets.serving.errors import ApiError
 
-OPEN_ROUTES = ("/", "/healthz", "/metrics")
+OPEN_ROUTES = ("/", "/healthz", "/health", "/metrics", "/check")  # /check: llm-api's liveness route
 
 
 def load_keys(key: str, key_file: str) -> list[str]:
@@ -21,7 +21,7 @@ def load_keys(key: str, key_file: str) -> list[str]:
 
 def check(keys: list[str], method: str, path: str, authorization: str | None) -> None:
     """Raise 401 unless the route is open or the bearer token is one of `keys` (constant-time compare)."""
-    if not keys or (method == "GET" and path in OPEN_ROUTES):
+    if not keys or (method in ("GET", "HEAD") and path in OPEN_ROUTES):
         return
     scheme, _, token = (authorization or "").partition(" ")
     given = token.strip().encode() if scheme.lower() == "bearer" else b""

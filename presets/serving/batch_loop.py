@@ -6,11 +6,11 @@ handle: submit, warm_up, stop, join, alive, last_step_failed, failed.
 """
 
 import logging
-import threading
 from collections import deque
 from dataclasses import dataclass, field
 
 from presets.serving.engine_thread import EngineThread
+from presets.serving.flag import Flag
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +21,13 @@ class Job:
     payload: object
     result: object = None
     error: str | None = None
-    done: threading.Event = field(default_factory=threading.Event)
+    done: Flag = field(default_factory=Flag)
+    notify: Flag | None = None  # also set when done (a stream's reader waits on it for tokens and the end)
+
+    def finish(self) -> None:
+        self.done.set()
+        if self.notify:
+            self.notify.set()
 
 
 class BatchLoop(EngineThread):
@@ -32,6 +38,7 @@ class BatchLoop(EngineThread):
         self.warm_up_job = warm_up_job  # () -> Job
         self.waiting: deque[Job] = deque()
         self.running = 0
+        self.batch: list[Job] = []  # the jobs of the batch that runs now
 
     def counts(self) -> tuple[int, int]:
         """(running, waiting) requests."""
@@ -42,6 +49,17 @@ class BatchLoop(EngineThread):
             self._admit_or_refuse(len(self.waiting), len(jobs), "requests")
             self.waiting.extend(jobs)
             self.cv.notify()
+
+    def cancel(self, jobs: list[Job]) -> None:
+        """Drop waiting `jobs`; a running one stops at its next token where its payload allows (HFJob)."""
+        with self.cv:
+            for job in jobs:
+                if job in self.waiting:
+                    self.waiting.remove(job)
+                    job.error = "cancelled"
+                    job.finish()
+                elif hasattr(job.payload, "cancelled"):
+                    job.payload.cancelled = True
 
     def warm_up(self, tokenizer) -> None:
         self._submit_and_wait(self.warm_up_job())
@@ -69,10 +87,10 @@ class BatchLoop(EngineThread):
                     self.waiting.append(self.warm_up_job())  # one real batch again: health recovers without traffic
                 if self.stopping:
                     for job in self.waiting:
-                        job.error = "server is shutting down"
-                        job.done.set()
+                        job.error = self.stop_reason
+                        job.finish()
                     return
-                batch = self._next_batch()
+                batch = self.batch = self._next_batch()
                 self.running = len(batch)
             if self.metrics:
                 self.metrics.batch_size.observe(len(batch))
@@ -86,6 +104,17 @@ class BatchLoop(EngineThread):
                 self.last_step_failed = True
                 for job in batch:
                     job.error = f"generation failed: {type(e).__name__}: {e}"
-            self.running = 0
-            for job in batch:
-                job.done.set()
+            with self.cv:
+                self.running, self.batch = 0, []
+                for job in batch:
+                    if self.stopping and job.error is None:  # cut short by stop(): not a whole answer
+                        job.result, job.error = None, self.stop_reason
+                    job.finish()
+
+    def stop(self, reason: str = "server is shutting down") -> None:
+        """As EngineThread.stop; a running batch stops at its next token where its jobs allow (HFJob)."""
+        super().stop(reason)
+        with self.cv:
+            for job in self.batch:
+                if hasattr(job.payload, "cancelled"):
+                    job.payload.cancelled = True

@@ -1,12 +1,12 @@
-"""The engine thread: the only thread that touches the model. HTTP threads submit sequences and wait."""
+"""The engine thread: the only thread that touches the model. the HTTP routes submit sequences and await them."""
 
 import logging
-import threading
 from collections import deque
 from dataclasses import dataclass, field
 
 from presets.serving.engine_thread import EngineThread
 from presets.serving.errors import ApiError
+from presets.serving.flag import Flag
 from presets.serving.params import SamplingParams
 from presets.serving.sampling import make_rng, sample
 from presets.serving.scheduler import PlanItem, Scheduler, SchedulerConfig, Sequence, StepPlan
@@ -21,7 +21,7 @@ class Call:
     fn: object  # () -> result
     result: object = None
     error: str | None = None
-    done: threading.Event = field(default_factory=threading.Event)
+    done: Flag = field(default_factory=Flag)
 
 
 class EngineLoop(EngineThread):
@@ -111,7 +111,7 @@ class EngineLoop(EngineThread):
                     self.engine.heartbeat()  # idle: tell the other ranks we are alive
                 elif self.last_step_failed:
                     self._probe()
-            self._end("server is shutting down")
+            self._end(self.stop_reason)
             if hasattr(self.engine, "close"):
                 self.engine.close()
         except Exception as e:

@@ -12,6 +12,7 @@ class EngineThread:
         self.max_waiting = max_waiting
         self.cv = threading.Condition()
         self.stopping = False
+        self.stop_reason = "server is shutting down"
         self.last_step_failed = False
         self.failed: str | None = None  # set when the engine can no longer run (fatal)
         self.metrics = None  # set by the Runtime
@@ -30,10 +31,11 @@ class EngineThread:
     def join(self, timeout: float) -> None:
         self.thread.join(timeout)
 
-    def stop(self) -> None:
-        """Stop after the current step; what is still queued or running ends with an error."""
+    def stop(self, reason: str = "server is shutting down") -> None:
+        """Stop after the current step; what is still queued or running ends with the error `reason`."""
         with self.cv:
             self.stopping = True
+            self.stop_reason = reason
             self.cv.notify()
 
     def attach_metrics(self, metrics) -> None:
@@ -42,7 +44,7 @@ class EngineThread:
     def _admit_or_refuse(self, waiting: int, adding: int, what: str) -> None:
         """503 (called under self.cv) when shutting down or when `adding` more would overflow the queue."""
         if self.stopping:
-            raise ApiError(503, "server is shutting down")
+            raise ApiError(503, self.stop_reason)
         if waiting + adding > self.max_waiting:
             raise ApiError(503, f"server is at capacity ({self.max_waiting} {what} waiting); retry shortly",
                            {"Retry-After": "1"})  # fmt: skip

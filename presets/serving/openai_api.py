@@ -7,18 +7,18 @@ ignored. `stream: true` sends server-sent events whose text concatenates to the 
 """
 
 import json
-import threading
 import time
 import uuid
 from dataclasses import dataclass
 
-from flask import Blueprint, Response, current_app, jsonify, request
+from quart import Blueprint, Response, current_app, jsonify, request
 
 from presets.serving.app import record, runtime
 from presets.serving.errors import ApiError
+from presets.serving.flag import Flag
 from presets.serving.params import SamplingParams
 from presets.serving.scheduler import Sequence
-from presets.serving.validation import boolean, integer, json_object, number
+from presets.serving.validation import boolean, integer, json_body, number
 
 openai = Blueprint("openai", __name__, url_prefix="/v1")
 
@@ -126,25 +126,25 @@ class StepRunner:
                 seqs.append(seq)
         return seqs
 
-    def generate(self, prompts, params, n, stops) -> list[tuple[str, str, int]]:
+    async def generate(self, prompts, params, n, stops) -> list[tuple[str, str, int]]:
         """(text, finish_reason, completion tokens) per choice."""
-        seqs = self.rt.run(self._sequences(prompts, params, n, stops))
+        seqs = await self.rt.arun(self._sequences(prompts, params, n, stops))
         record(seqs)
         return [(cut_at_stop(self.decode(s.output), stops)[0], s.finish_reason, len(s.output)) for s in seqs]
 
-    def stream(self, prompts, params, n, stops):
+    async def stream(self, prompts, params, n, stops):
         """Yield (choice index, new text or None, finish_reason or None) as tokens come out."""
         seqs = self._sequences(prompts, params, n, stops)
-        notify = threading.Event()
+        notify = Flag()
         for seq in seqs:
             seq.notify = notify
-        self.rt.run_async(seqs)  # 503 now, before the stream starts, if the queue is full
+        deadline = self.rt.submit(seqs)  # 503 now, before the stream starts, if the queue is full
         hold = max((len(s) for s in stops), default=1) - 1  # text that may still become a stop string
         sent = [""] * len(seqs)
         finished = [False] * len(seqs)
         try:
             while not all(finished):
-                notify.wait(0.5)
+                await self.rt.wait(seqs[0], deadline, flag=notify)
                 notify.clear()
                 for i, seq in enumerate(seqs):
                     if finished[i]:
@@ -165,16 +165,16 @@ class StepRunner:
                         finished[i] = True
                         yield i, None, seq.finish_reason
         finally:
-            self.rt.loop.cancel([s for s in seqs if not s.done.is_set()])  # a client that left frees its slots
+            self.rt.cancel(seqs)  # a client that left, or a request past its time, frees its slots
 
 
-def _run(prompts, body, default_max, chat: bool):
+async def _run(prompts, body, default_max, chat: bool):
     params, n, stops, stream = _request(body, prompts, default_max)
     m = model()
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     if stream:
-        return _stream(rid, m, m.runner.stream(prompts, params, n, stops), n * len(prompts), chat)
-    results = m.runner.generate(prompts, params, n, stops)
+        return await _stream(rid, m, m.runner.stream(prompts, params, n, stops), n * len(prompts), chat)
+    results = await m.runner.generate(prompts, params, n, stops)
     choices = []
     for i, (text, finish, _) in enumerate(results):
         if chat:
@@ -195,10 +195,11 @@ def _run(prompts, body, default_max, chat: bool):
     )  # fmt: skip
 
 
-def _stream(rid: str, m: OpenAIModel, pieces, n_choices: int, chat: bool) -> Response:
-    """Server-sent events from the runner's (index, text, finish_reason) pieces, then [DONE]."""
+async def _stream(rid: str, m: OpenAIModel, pieces, n_choices: int, chat: bool) -> Response:
+    """Server-sent events from the runner's (index, text, finish_reason) pieces, then [DONE]; an error
+    after the stream began (the engine stopped, request_timeout) is a last event {"error": ...}."""
     kind = "chat.completion.chunk" if chat else "text_completion"
-    first = next(pieces, None)  # starts the generation: a full queue is still a 503 here, not mid-stream
+    first = await anext(pieces, None)  # starts the generation: a full queue is still a 503 here, not mid-stream
 
     def chunk(i, text=None, finish=None, role=False):
         if chat:
@@ -209,19 +210,19 @@ def _stream(rid: str, m: OpenAIModel, pieces, n_choices: int, chat: bool) -> Res
         body = {"id": rid, "object": kind, "created": int(time.time()), "model": m.name, "choices": [choice]}
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
-    def events():
+    async def events():
         try:
             if chat:
                 yield "".join(chunk(i, role=True) for i in range(n_choices))
             if first is not None:
                 yield chunk(*first)
-            for piece in pieces:
+            async for piece in pieces:
                 yield chunk(*piece)
             yield "data: [DONE]\n\n"
         except ApiError as e:
-            yield f"data: {json.dumps({'error': {'message': e.detail}})}\n\n"
+            yield f"data: {json.dumps({'error': {'message': e.detail, 'code': e.status}})}\n\n"
         finally:
-            pieces.close()
+            await pieces.aclose()
 
     return Response(events(), mimetype="text/event-stream", headers={"Cache-Control": "no-cache"})
 
@@ -234,25 +235,25 @@ def models():
 
 
 @openai.post("/completions")
-def completions():
+async def completions():
     """OpenAI text completion: prompt (a string or a list of strings)."""
-    body = json_object(request)
+    body = await json_body(request)
     runtime().require_ready()
     _reject_unsupported(body, COMPLETION_FIELDS)
     prompt = body.get("prompt")
     prompts = [prompt] if isinstance(prompt, str) else prompt
     if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
         raise ApiError(400, "prompt must be a string or a non-empty list of strings")
-    return _run([model().encode_prompt(p) for p in prompts], body, 16, chat=False)
+    return await _run([model().encode_prompt(p) for p in prompts], body, 16, chat=False)
 
 
 @openai.post("/chat/completions")
-def chat_completions():
+async def chat_completions():
     """OpenAI chat completion: messages in the model family's chat format."""
-    body = json_object(request)
+    body = await json_body(request)
     runtime().require_ready()
     _reject_unsupported(body, CHAT_FIELDS)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "messages must be a non-empty list of {role, content} objects")
-    return _run([model().encode_messages(messages)], body, None, chat=True)
+    return await _run([model().encode_messages(messages)], body, None, chat=True)

@@ -1,46 +1,53 @@
-"""The HTTP answer of a worker node: GET / and GET /healthz only, for Kubernetes probes.
+"""The HTTP answer of a worker node: GET / and GET /healthz (or /health) only, for Kubernetes probes.
 
-Rank 0 serves the API with gunicorn; a node without rank 0 still gets probed by Kubernetes (Kaito
-probes every pod), so its local rank 0 answers these two routes from a thread of its own.
+Rank 0 serves the API; a node without rank 0 still gets probed by Kubernetes (Kaito probes every
+pod), so its local rank 0 answers these routes on the same HTTP server (its limits, no thread per
+connection), run by an event loop on a thread of its own.
 """
 
+import asyncio
 import json
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from presets.serving.http_server import HttpServer
+
+HEALTH = ("/healthz", "/health")
 
 
-def start_probe_server(host: str, port: int, health) -> ThreadingHTTPServer:
-    """Serve GET / and GET /healthz on (host, port) in a daemon thread; `health()` -> (ok, detail)."""
+def probe_app(health):
+    """An ASGI app answering the probes; `health()` -> (ok, detail)."""
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self):
-            if self.path == "/":
-                self._send(200, "Server is running")
-            elif self.path == "/healthz":
-                ok, detail = health()
-                self._send(200, {"status": "Healthy"}) if ok else self._send(503, {"detail": detail})
-            else:
-                self._not_here()
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        path, method = scope["path"], scope["method"]
+        if method not in ("GET", "HEAD"):
+            status, body = 404, {"detail": f"{method} {path} is not served by a worker node; send requests to rank 0"}
+        elif path == "/":
+            status, body = 200, "Server is running"
+        elif path in HEALTH:
+            ok, detail = health()
+            status, body = (200, {"status": "Healthy"}) if ok else (503, {"detail": detail})
+        else:
+            status, body = 404, {"detail": f"{path} is not served by a worker node; send requests to rank 0"}
+        data = json.dumps(body).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": data})
 
-        def do_POST(self):
-            self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            self._not_here()
+    return app
 
-        def _not_here(self):
-            self._send(404, {"detail": f"{self.path} is not served by a worker node; send requests to rank 0"})
 
-        def _send(self, status: int, body) -> None:
-            data = json.dumps(body).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+def start_probe_server(host: str, port: int, health) -> HttpServer:
+    """Serve the probes on (host, port) from a daemon thread; returns once it listens."""
+    server = HttpServer(probe_app(health), host, port)
+    started = threading.Event()
 
-        def log_message(self, *args):  # probes every few seconds would flood the log
-            pass
+    async def main():
+        await server.start()
+        started.set()
+        await asyncio.Event().wait()  # until the process ends
 
-    server = ThreadingHTTPServer((host, port), Handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, name="probes", daemon=True).start()
+    threading.Thread(target=asyncio.run, args=(main(),), name="probes", daemon=True).start()
+    started.wait(30)
     return server

@@ -1,5 +1,6 @@
 """Runtime: loads the model in the background, warms it up, reports health, runs generation requests."""
 
+import asyncio
 import logging
 import threading
 import time
@@ -22,13 +23,15 @@ class Runtime:
     """
 
     def __init__(self, load, max_seq_len: int, max_batch_size: int, max_waiting: int,
-                 heartbeat_s: float | None = None, make_loop=None):  # fmt: skip
+                 heartbeat_s: float | None = None, make_loop=None, request_timeout: float = 0):  # fmt: skip
         self._load = load
         self._make_loop = make_loop or self._engine_loop
         self.heartbeat_s = heartbeat_s
         self.max_seq_len = max_seq_len
         self.max_batch_size = max_batch_size
         self.max_waiting = max_waiting
+        self.request_timeout = request_timeout  # seconds a generation request may run; 0: no limit
+        self.draining = False
         self.state = "starting"
         self.progress = "not started"
         self.tokenizer = None
@@ -90,14 +93,22 @@ class Runtime:
         self.progress = message
         log.info("model: %s", message)
 
-    def shutdown(self) -> None:
-        """Stop the engine thread (which tells other ranks to exit) and wait for it, briefly."""
+    def shutdown(self, reason: str = "server is shutting down") -> None:
+        """Stop the engine thread (which tells other ranks to exit) and wait for it, briefly; what is
+        still queued or running ends with `reason`."""
         if self.loop:
-            self.loop.stop()
+            self.loop.stop(reason)
             self.loop.join(timeout=10)
+
+    def drain(self) -> None:
+        """Refuse new work (503) and report unhealthy, so readiness drops; what runs goes on."""
+        self.draining = True
+        self._report("draining: finishing the requests in flight, taking no new ones")
 
     def _unavailable(self) -> str | None:
         """Why requests cannot be served now, or None."""
+        if self.draining:
+            return "server is shutting down (draining): send requests to another replica"
         if self.state != "ready":
             return f"model {self.state}: {self.progress}"
         if not self.loop.alive:
@@ -105,14 +116,14 @@ class Runtime:
         return None
 
     def health(self) -> tuple[bool, str]:
-        """(healthy, detail): healthy only when loaded, warmed up, and the last engine step worked."""
+        """(healthy, detail): healthy only when loaded, warmed up, not draining, and the last engine step worked."""
         why = self._unavailable() or (self.loop.last_step_failed and "the last engine step failed")
         return (False, why) if why else (True, "Healthy")
 
-    # -- requests --------------------------------------------------------------------------------
+    # -- requests: coroutines of the HTTP event loop; the engine thread wakes them through Flags ----
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Sequence]:
-        """Complete each token-id prompt; blocks until all are done. Raises ApiError for the client."""
+    def sequences(self, prompts: list[list[int]], params: SamplingParams) -> list[Sequence]:
+        """One Sequence per token-id prompt, bounded by max_seq_len as the seeds are; 400 when one cannot fit."""
         seqs = []
         for i, ids in enumerate(prompts):
             if len(ids) >= self.max_seq_len:
@@ -124,7 +135,21 @@ class Runtime:
             room = self.max_seq_len - len(ids)
             max_new = min(params.max_tokens or room, room)  # the seeds: bounded by max_seq_len
             seqs.append(Sequence(ids, params, max_new))
-        return self.run(seqs)
+        return seqs
+
+    async def agenerate(self, prompts: list[list[int]], params: SamplingParams) -> list[Sequence]:
+        """Complete each token-id prompt. Raises ApiError for the client."""
+        return await self.arun(self.sequences(prompts, params))
+
+    # Blocking forms, for scripts and tests on plain threads (never from the HTTP event loop).
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Sequence]:
+        return asyncio.run(self.agenerate(prompts, params))
+
+    def run(self, items: list) -> list:
+        return asyncio.run(self.arun(items))
+
+    def call(self, fn):
+        return asyncio.run(self.acall(fn))
 
     def require_ready(self) -> None:
         """503 unless requests can be served now (a failed last step still takes them: the next may work)."""
@@ -132,33 +157,52 @@ class Runtime:
         if why:
             raise ApiError(503, why, {"Retry-After": "5"})
 
-    def run_async(self, items: list) -> None:
-        """Submit without waiting (streaming readers follow the items themselves)."""
+    def submit(self, items: list) -> float | None:
+        """Queue items (sequences or jobs) without waiting; their deadline (a loop.time()) or None."""
         self.require_ready()
         self.loop.submit(items)
+        return time.monotonic() + self.request_timeout if self.request_timeout else None
 
-    def run(self, items: list) -> list:
-        """Submit items (sequences or jobs) to the loop and wait for all of them; errors become ApiErrors."""
-        self.run_async(items)
-        for item in items:
-            self._wait(item)
-            if item.error:
-                raise ApiError(500 if item.error.startswith("generation failed") else 503, item.error)
+    async def arun(self, items: list) -> list:
+        """Submit items and await all of them; errors become ApiErrors. A request that is cancelled (its
+        client left) or runs past --request_timeout retires its items, so their KV blocks are freed."""
+        deadline = self.submit(items)
+        try:
+            for item in items:
+                await self.wait(item, deadline)
+                if item.error:
+                    raise ApiError(500 if item.error.startswith("generation failed") else 503, item.error)
+        finally:
+            self.cancel(items)
         return items
 
-    def call(self, fn):
+    def cancel(self, items: list) -> None:
+        """Retire the items that are not done yet (their client is gone, or their time is up)."""
+        left = [item for item in items if not item.done.is_set()]
+        if left and self.loop:
+            self.loop.cancel(left)
+
+    async def acall(self, fn):
         """fn() run by the engine thread between steps (the only thread that touches the model); its result."""
         self.require_ready()
         call = Call(fn)
         self.loop.submit_call(call)
-        self._wait(call)
+        await self.wait(call, None)
         if call.error:
             raise ApiError(503 if self.loop.stopping else 500, call.error)
         return call.result
 
-    def _wait(self, item) -> None:
-        while not item.done.wait(0.5):
-            if not self.loop.alive:
+    async def wait(self, item, deadline: float | None, flag=None) -> bool:
+        """Until `item` is done (or `flag`, when given, is set): True. 504 past the deadline, 503 when the
+        engine stops."""
+        flag = flag or item.done
+        while True:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise ApiError(504, f"the request ran past request_timeout ({self.request_timeout:g}s)")
+            if await flag.wait_async(0.5 if left is None else min(0.5, left)):
+                return True
+            if not self.loop.alive and not item.done.is_set():
                 failed = self.loop.failed
                 why = f"engine failed: {failed}" if failed else "engine stopped before the request finished"
                 raise ApiError(503, why)

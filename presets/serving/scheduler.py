@@ -13,13 +13,13 @@ A sequence samples a token in the step that computes its last known token.
 """
 
 import heapq
-import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from enum import Enum
 
 from presets.serving.block_manager import BlockManager, BlockTable
+from presets.serving.flag import Flag
 from presets.serving.params import SamplingParams
 
 
@@ -47,8 +47,8 @@ class Sequence:
     arrival: float = field(default_factory=time.perf_counter)
     admitted: float | None = None  # when it first started running
     token_times: list[float] = field(default_factory=list)
-    done: threading.Event = field(default_factory=threading.Event)
-    notify: threading.Event | None = None  # set on every new token, for streaming readers
+    done: Flag = field(default_factory=Flag)
+    notify: Flag | None = None  # set on every new token, for streaming readers
     stop_check: object = None  # (output ids) -> True when a stop string has appeared
     cancelled: bool = False  # the client went away: retire at the next step
 

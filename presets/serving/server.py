@@ -1,76 +1,102 @@
-"""Serve a Flask app factory with gunicorn: one worker process (it owns the model), many threads."""
+"""Run a server process: the app on the HTTP server until POST /shutdown, SIGTERM or a fatal error.
 
+SIGTERM (every Kubernetes rollout, scale-down and node drain) drains: new requests and the health
+probes answer 503 at once, so readiness drops; requests and streams in flight go on for up to
+--drain_timeout seconds; what is left then ends with an error that says so; the engine stops
+(with several ranks it tells them to exit) and the process exits 0.
+"""
+
+import asyncio
 import logging
 import os
 import signal
-import threading
+import sys
 
-from gunicorn.app.base import BaseApplication
+from presets.serving.http_server import HttpServer, Limits
 
 log = logging.getLogger(__name__)
 
-# Gunicorn's arbiter halts with this code when a worker exits with it ("failed to boot").
-WORKER_BOOT_ERROR = 3
+
+class ServerProcess:
+    """The process's HTTP server and its end. `exit(code)` may be called from any thread."""
+
+    def __init__(self, host: str, port: int, http):
+        """`http`: the HTTP settings (presets.serving.settings.HttpSettings)."""
+        self.host, self.port, self.http = host, port, http
+        self.code: int | None = None
+        self.draining = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopped: asyncio.Event | None = None
+
+    def limits(self) -> Limits:
+        h = self.http
+        return Limits(
+            max_connections=h.max_connections, header_timeout=h.read_timeout, body_timeout=h.read_timeout,
+            max_body_bytes=h.max_request_bytes,
+        )  # fmt: skip
+
+    def exit(self, code: int = 0) -> None:
+        """End the server: 0 after POST /shutdown (once its answer is out), non-zero on a fatal error
+        (after 2 s, so that waiting requests get their 503s and the probes see them)."""
+        delay = 0.2 if code == 0 else 2.0
+        if self._loop is None:  # not serving yet
+            logging.shutdown()
+            os._exit(code)
+        self._loop.call_soon_threadsafe(self._loop.call_later, delay, self._finish, code)
+
+    def _finish(self, code: int) -> None:
+        if self.code is None:
+            self.code = code
+            self._stopped.set()
+
+    def serve(self, app, rt) -> None:
+        """Serve `app` (whose Runtime is `rt`) until the end, then exit the process with its code."""
+        code = asyncio.run(self._main(app, rt))
+        sys.stdout.flush()
+        logging.shutdown()
+        os._exit(code)  # no atexit hooks: a process group of peers that left must not hang the exit
+
+    async def _main(self, app, rt) -> int:
+        self._loop = asyncio.get_running_loop()
+        self._stopped = asyncio.Event()
+        server = HttpServer(app, self.host, self.port, self.limits())
+        await server.start()
+        log.info("serving HTTP on %s:%d (max_connections %d)", self.host, server.port, self.http.max_connections)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._loop.add_signal_handler(sig, lambda s=sig: self._loop.create_task(self._drain(server, rt, s)))
+        await self._stopped.wait()
+        await server.close(grace=5)
+        await asyncio.to_thread(rt.shutdown)  # idempotent: the engine stops, other ranks are told to exit
+        log.info("server stopped (exit code %d)", self.code)
+        return self.code
+
+    async def _drain(self, server: HttpServer, rt, sig) -> None:
+        if self.draining:
+            log.warning("%s again while draining: ending now", signal.Signals(sig).name)
+            await asyncio.to_thread(rt.shutdown, "server is shutting down (a second signal)")
+            self._finish(0)
+            return
+        self.draining = True
+        timeout = self.http.drain_timeout
+        log.info("%s: draining (%d requests in flight, up to %gs)", signal.Signals(sig).name,
+                 server.active_requests, timeout)  # fmt: skip
+        rt.drain()
+        server.drain()
+        deadline = self._loop.time() + timeout
+        while server.active_requests and self._loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        if server.active_requests:
+            log.warning("drain_timeout (%gs) ran out with %d requests in flight: ending them", timeout,
+                        server.active_requests)  # fmt: skip
+        reason = f"server is shutting down: drain_timeout ({timeout:g}s) ran out before this request finished"
+        await asyncio.to_thread(rt.shutdown, reason)
+        self._finish(0)
 
 
-def exit_gunicorn(code: int = 0) -> None:
-    """From the worker: end the whole server, exit code 0 (shutdown) or non-zero (fatal error)."""
-    if code == 0:
-        # The arbiter stops the worker gracefully on SIGTERM and exits 0.
-        threading.Timer(0.2, os.kill, (os.getppid(), signal.SIGTERM)).start()
-    else:
-        # A worker exiting with this code makes the arbiter halt with the same code, not respawn it.
-        # The delay lets the threads answering requests send their 503s (and probes see 503) first.
-        threading.Timer(2.0, _halt).start()
-
-
-def _halt() -> None:
-    logging.shutdown()
-    os._exit(WORKER_BOOT_ERROR)
-
-
-class _Gunicorn(BaseApplication):
-    def __init__(self, app_factory, options: dict):
-        self.app_factory = app_factory
-        self.options = options
-        super().__init__()
-
-    def load_config(self):
-        for key, value in self.options.items():
-            self.cfg.set(key, value)
-
-    def load(self):
-        # Runs in the worker process: the model is loaded there, after the fork.
-        return self.app_factory()
-
-
-def _halt_on_worker_death(arbiter, worker) -> None:
-    # gunicorn's child_exit hook, in the arbiter. While it still listens it is not shutting down,
-    # so the worker died on its own: with several ranks a new worker could never rejoin the job.
-    if arbiter.LISTENERS:
-        arbiter.log.error("the worker process died; exiting so that the whole job restarts")
-        os._exit(1)
-
-
-def serve(app_factory, host: str, port: int, threads: int, respawn: bool = True) -> None:
-    """Run gunicorn in this process until shutdown; `app_factory()` is called in the worker.
-
-    respawn: replace a worker that dies (one rank), or exit non-zero (several ranks).
-    """
-    options = {} if respawn else {"child_exit": _halt_on_worker_death}
-    _Gunicorn(
-        app_factory,
-        options
-        | {
-            "bind": f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
-            "workers": 1,  # one copy of the model; concurrency comes from threads and batching
-            "worker_class": "gthread",
-            "threads": threads,
-            "timeout": 120,  # the worker heartbeats from its own loop, not from request threads
-            "graceful_timeout": 5,
-            "keepalive": 5,
-            "accesslog": None,  # our request log line has more: sequences and tokens
-            "loglevel": "info",
-            "control_socket_disable": True,  # no runtime-management socket in a container
-        },
-    ).run()
+def run(build_app, http, host: str, port: int) -> None:
+    """Build the app with `build_app(exit)` (its model loads in the background), serve it, exit."""
+    proc = ServerProcess(host, port, http)
+    app = build_app(proc.exit)
+    rt = app.extensions["runtime"]
+    rt.request_timeout = http.request_timeout
+    proc.serve(app, rt)

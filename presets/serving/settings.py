@@ -8,7 +8,32 @@ from presets.serving.kv_memory import parse_bytes
 
 
 @dataclass
-class Settings:
+class HttpSettings:
+    """The HTTP layer's limits, the same on every server (README, "HTTP serving")."""
+
+    max_connections: int = 4096  # open client connections; one more is answered 503 and closed
+    read_timeout: float = 30.0  # seconds a request head (from its first byte) and then its body may take; else 408
+    max_request_bytes: int = 1 << 20  # a larger body is 413, read no further
+    request_timeout: float = 0.0  # seconds a generation may run (504, or a stream's last event); 0: no limit
+    drain_timeout: float = 30.0  # after SIGTERM: seconds in-flight requests may finish (Kubernetes' grace: 30 s)
+
+    def http_rules(self) -> list[tuple[str, str, bool]]:
+        """(setting, its rule, whether it holds) for each HTTP setting."""
+        return [
+            ("max_connections", ">= 1", self.max_connections >= 1),
+            ("read_timeout", "> 0", self.read_timeout > 0),
+            ("max_request_bytes", ">= 1024", self.max_request_bytes >= 1024),
+            ("request_timeout", ">= 0 (0: no limit)", self.request_timeout >= 0),
+            ("drain_timeout", ">= 0", self.drain_timeout >= 0),
+        ]
+
+    def http_errors(self) -> list[str]:
+        """The HTTP settings out of range, as 'name=value'."""
+        return [f"{k}={getattr(self, k)!r}" for k, _, ok in self.http_rules() if not ok]
+
+
+@dataclass
+class Settings(HttpSettings):
     ckpt_dir: str = "weights/"
     tokenizer_path: str = "weights/tokenizer.model"
     max_seq_len: int = 512
@@ -24,8 +49,6 @@ class Settings:
     max_num_batched_tokens: int = 0  # tokens computed per engine step; 0: 2048 on CPU, 8192 on CUDA
     no_prefix_caching: bool = False  # do not reuse cached KV blocks of identical prompt prefixes
     max_queue_size: int = 256  # sequences waiting for a batch slot before 503
-    http_threads: int = 64  # concurrent HTTP requests the server holds open
-    max_request_bytes: int = 1 << 20
     dist_timeout: float = 1800.0  # seconds a collective may wait before the job is declared failed
     served_model_name: str = ""  # the model id of the /v1 routes; default llama2-<completion|chat>
     api_key: str = ""  # when set (or api_key_file), requests need "Authorization: Bearer <key>"
@@ -44,13 +67,11 @@ class Settings:
             "gpu_memory_utilization": 0 < self.gpu_memory_utilization <= 1,
             "max_num_batched_tokens": self.max_num_batched_tokens >= 0,
             "max_queue_size": self.max_queue_size >= 1,
-            "http_threads": self.http_threads >= 1,
-            "max_request_bytes": self.max_request_bytes >= 1024,
             "dist_timeout": self.dist_timeout > 0,
         }
-        bad = [k for k, ok in checks.items() if not ok]
+        bad = [f"{k}={getattr(self, k)!r}" for k, ok in checks.items() if not ok] + self.http_errors()
         if bad:
-            raise ValueError(f"invalid setting(s): {', '.join(f'{k}={getattr(self, k)!r}' for k in bad)}")
+            raise ValueError(f"invalid setting(s): {', '.join(bad)}")
 
 
 def _is_size(text: str) -> bool:

@@ -4,9 +4,6 @@ import json
 import math
 import re
 
-from flask import Request
-from werkzeug.exceptions import RequestEntityTooLarge
-
 from presets.serving.errors import ApiError
 
 _MISSING = object()
@@ -27,16 +24,17 @@ def _not_json(e: ValueError) -> ApiError:
     return ApiError(400, f"request body must be valid JSON (a JSON object): {e}")
 
 
-def json_object(request: Request, lenient_escapes: bool = False) -> dict:
-    """The request body as a JSON object, or a 400 that says why it is not one (413 when too large).
+async def json_body(request, lenient_escapes: bool = False) -> dict:
+    """The request's body as a JSON object (the HTTP server has bounded its size and read time)."""
+    return json_object(await request.get_data(), lenient_escapes)
+
+
+def json_object(raw: bytes, lenient_escapes: bool = False) -> dict:
+    """`raw` as a JSON object, or a 400 that says why it is not one.
 
     lenient_escapes: a backslash JSON does not define (llm-api's README sends "stop": ["\\Q"]) is
     taken literally, as the person typing it meant, instead of failing the request.
     """
-    raw = request.get_data(cache=True)  # with a Content-Length over the limit this raises 413
-    limit = request.max_content_length
-    if request.content_length is None and limit is not None and len(raw) >= limit:
-        raise RequestEntityTooLarge(f"the request body is over {limit} bytes")  # a chunked body, cut at the limit
     try:
         data = _loads(raw)
     except UnicodeDecodeError as e:

@@ -9,7 +9,7 @@
    built in GPU memory: the KV pool the engine sizes (blocks, tokens), batch-1 decode ms/token against
    the HBM floor (weight bytes / measured copy bandwidth), and through the engine loop tokens/s and
    TTFT at 1, 16, 64 and 256 concurrent sequences (128-token prompts, 128 new tokens, greedy).
-Needs torch (CUDA), transformers, sentencepiece, and fairscale, flask, prometheus-client (wheels).
+Needs torch (CUDA), transformers, sentencepiece, and fairscale, prometheus-client (wheels).
 """
 
 import argparse
