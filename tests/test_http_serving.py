@@ -47,21 +47,26 @@ def port_of(url: str) -> int:
     return int(url.rsplit(":", 1)[1])
 
 
+def read_answer(s: socket.socket) -> bytes:
+    """One answer's bytes: to its Content-Length, or until the server closes."""
+    out = b""
+    while chunk := s.recv(65536):
+        out += chunk
+        head, sep, body = out.partition(b"\r\n\r\n")
+        fields = (h.split(b":", 1) for h in head.split(b"\r\n")[1:] if b":" in h)
+        length = [int(v) for k, v in fields if k.lower() == b"content-length"]
+        if sep and length and len(body) >= length[0]:
+            break
+    return out
+
+
 def raw(port: int, data: bytes, timeout: float = 10) -> tuple[int, dict | None, float]:
     """Send bytes, read one answer (to its Content-Length, or until the server closes): (status, JSON body
     or None, seconds)."""
     t0 = time.monotonic()
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
         s.sendall(data)
-        out = b""
-        while chunk := s.recv(65536):
-            out += chunk
-            head, sep, body = out.partition(b"\r\n\r\n")
-            length = [
-                int(v) for k, v in (h.split(b":", 1) for h in head.split(b"\r\n")[1:]) if k.lower() == b"content-length"
-            ]
-            if sep and length and len(body) >= length[0]:
-                break
+        out = read_answer(s)
     head, _, body = out.partition(b"\r\n\r\n")
     status = int(head.split(b" ", 2)[1])
     try:
@@ -180,6 +185,19 @@ def test_open_routes_are_open_for_head_and_get_and_health_beside_healthz(srv):
         assert requests.get(url + path, timeout=5).status_code == 200, path
     assert requests.get(f"{url}/health", timeout=5).json() == {"status": "Healthy"}
     assert requests.head(f"{url}/v1/models", timeout=5).status_code == 401  # HEAD follows GET's rule there too
+
+
+def test_keep_alive_and_pipelined_requests_are_each_answered(srv):
+    _, url = srv
+    with socket.create_connection(("127.0.0.1", port_of(url)), timeout=10) as s:
+        for _ in range(2):  # one request after another on one connection, then two in one write
+            s.sendall(http("GET", "/healthz"))
+            assert read_answer(s).startswith(b"HTTP/1.1 200")
+        s.sendall(http("GET", "/healthz") + http("GET", "/health", b"Connection: close"))
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+    assert out.count(b"HTTP/1.1 200") == 2 and out.count(b'"Healthy"') == 2, out
 
 
 def test_slow_and_idle_connections_cost_no_worker(srv):

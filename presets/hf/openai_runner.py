@@ -64,19 +64,22 @@ class HFRunner:
     async def stream(self, prompts, params: SamplingParams, n: int, stops):
         """Yield (choice index, new text or None, finish_reason or None); each choice is its own job, in turn."""
         hold = max((len(s) for s in stops), default=1) - 1
-        for pi, ids in enumerate(prompts):
+        jobs = []
+        for ids in prompts:
             for c in range(n):
                 seed = None if params.seed is None else params.seed + c
                 streamer = _TokenStreamer()
                 p = self._params(SamplingParams(**{**vars(params), "seed": seed}), 1)
                 job = Job(None, HFJob("", ids, p, params.max_tokens, streamer, stops=tuple(stops)))  # runs alone
                 job.notify = streamer.notify
-                deadline = self.rt.submit([job])
-                try:
-                    async for piece in self._follow(job, streamer, pi * n + c, stops, hold, deadline):
-                        yield piece
-                finally:
-                    self.rt.cancel([job])  # a client that left stops its generation at the next token
+                jobs.append(job)
+        deadline = self.rt.submit(jobs)  # all at once: one deadline, and a drain that starts later takes them all
+        try:
+            for i, job in enumerate(jobs):
+                async for piece in self._follow(job, job.payload.streamer, i, stops, hold, deadline):
+                    yield piece
+        finally:
+            self.rt.cancel(jobs)  # a client that left stops its generation at the next token
 
     async def _follow(self, job, streamer, index: int, stops, hold: int, deadline):
         """Pieces of one streamed job, from its streamer's tokens; the final text settles the rest."""

@@ -29,6 +29,7 @@ import h11
 log = logging.getLogger(__name__)
 
 READ_SIZE = 65536
+WRITE_TIMEOUT = 60.0  # seconds an answer may wait for the client to read any of it
 
 
 @dataclass
@@ -103,6 +104,7 @@ class HttpServer:
         conn = _Connection(self, reader, writer)
         if len(self.connections) >= self.limits.max_connections:
             conn.write_error(503, f"server has {self.limits.max_connections} connections open (max_connections)")
+            await conn._linger(0.5)
             conn.close()
             return
         self.connections.add(conn)
@@ -124,6 +126,7 @@ class _Connection:
         self.reader, self.writer = reader, writer
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.max_header_bytes)
         self.idle = True  # no request in progress
+        self._method = b""  # of the request being answered
         self.served = 0  # requests answered on this connection
         self.eof = False
         peer, local = writer.get_extra_info("peername"), writer.get_extra_info("sockname")
@@ -198,7 +201,8 @@ class _Connection:
                 self.writer.write(head.encode() + b"\r\n" + body)
                 return
             self._send(h11.Response(status_code=status, headers=headers, reason=_phrase(status).encode()))
-            self._send(h11.Data(data=body))
+            if self._method != b"HEAD":
+                self._send(h11.Data(data=body))
             self._send(h11.EndOfMessage())
 
     @property
@@ -220,6 +224,7 @@ class _Connection:
             if request is None:
                 return
             self.idle = False
+            self._method = request.method
             self.server.active_requests += 1
             try:
                 keep = await _Exchange(self, request).run()
@@ -316,8 +321,9 @@ class _Exchange:
                 conn.write_error(500, "internal error")
             return False
         finally:
-            if self._watch_task:
+            if self._watch_task:  # it holds the reader: it must be gone before the next read
                 self._watch_task.cancel()
+                await asyncio.gather(self._watch_task, return_exceptions=True)
         if self.reject is not None and not self.started:
             log.info("HTTP %d from %s: %s", self.reject.status, conn.client, self.reject.message)
             conn.write_error(self.reject.status, self.reject.message)
@@ -336,8 +342,8 @@ class _Exchange:
         try:
             while not conn.eof and len(conn.h11.trailing_data[0]) < conn.limits.max_header_bytes:
                 await conn._read(None)
-        except (ConnectionError, OSError):
-            pass
+        except (ConnectionError, OSError):  # a reset: the client is gone
+            conn.eof = True
         if conn.eof:
             self.disconnected.set()
 
@@ -399,7 +405,10 @@ class _Exchange:
             if not message.get("more_body", False):
                 conn._send(h11.EndOfMessage())
                 self.finished = True
-            await conn.writer.drain()
+            try:  # a client that stops reading must not hold its request (and a drain) forever
+                await asyncio.wait_for(conn.writer.drain(), WRITE_TIMEOUT)
+            except TimeoutError:
+                raise ConnectionResetError(f"the client read nothing for {WRITE_TIMEOUT:g}s") from None
 
 
 def _phrase(status: int) -> str:
