@@ -95,21 +95,23 @@ def build_app(settings: Settings, kind: str, exit=lambda code: None):
 
 
 def watch_sigterm(rank: int, local_rank: int) -> None:
-    """SIGTERM on a rank other than 0. On rank 0's node torchrun sends it to every rank: this one keeps
-    following while rank 0 drains, until rank 0 says exit. On another node only this pod is going away:
-    the job cannot go on without the rank, so it stops at once and loudly (exit 1), as a rank failure
-    does. (Python runs the handler when the main thread leaves a collective: within a heartbeat.)"""
-    on_leader_node = rank == local_rank  # torchrun numbers node 0's ranks 0..nproc-1
+    """SIGTERM on a rank other than 0. On rank 0's node torchrun sends it to every rank: this one ignores
+    it and keeps following while rank 0 drains, until rank 0 says exit. On another node only this pod is
+    going away: the job cannot go on without the rank, so it stops at once and loudly (exit 1), as a rank
+    failure does (Python runs the handler when the main thread leaves a collective: within a heartbeat)."""
+    if rank == local_rank:  # torchrun numbers node 0's ranks 0..nproc-1
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # ignored outright: no system call is cut short
+        return
 
     def on_sigterm(signum, frame):
-        if on_leader_node:
-            log.info("rank %d: SIGTERM; rank 0 drains, then tells this rank to exit", rank)
-            return
         log.error("rank %d: SIGTERM on a worker node: stopping the job (it cannot go on without this rank)", rank)
         logging.shutdown()
         os._exit(1)
 
     signal.signal(signal.SIGTERM, on_sigterm)
+    # Restart the system calls the signal lands in (Python's default is to interrupt them with EINTR,
+    # which a collective's socket read need not survive).
+    signal.siginterrupt(signal.SIGTERM, False)
 
 
 def run_follower(settings: Settings) -> None:
