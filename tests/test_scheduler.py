@@ -63,7 +63,9 @@ def test_new_sequences_join_between_decode_steps_and_finished_ones_leave():
         target=lambda: long_done.append(rt.generate([[BOS, 10]], SamplingParams(temperature=0, max_tokens=40)))
     )
     t.start()
+    deadline = time.monotonic() + 10
     while len(engine.steps) < 5:
+        assert time.monotonic() < deadline, "the long request never started"
         time.sleep(0.001)
     (short,) = rt.generate([[BOS, 100]], SamplingParams(temperature=0, max_tokens=3))
     assert not long_done, "the short request finished while the long one was still running"
@@ -83,9 +85,12 @@ def test_full_queue_answers_503_with_retry_after():
     rt = started(engine, max_batch_size=1, max_waiting=2)
     params = SamplingParams(temperature=0, max_tokens=30)
     threads = [threading.Thread(target=rt.generate, args=([[BOS, 10]], params)) for _ in range(3)]
-    for th in threads:  # one runs, two wait: the queue is full
+    for i, th in enumerate(threads):  # one runs, two wait: the queue is full
         th.start()
-        time.sleep(0.03)
+        deadline = time.monotonic() + 10
+        while sum(rt.loop.counts()) < i + 1:  # this one is in (running or waiting) before the next
+            assert time.monotonic() < deadline, "a request was not queued"
+            time.sleep(0.001)
     with pytest.raises(ApiError) as e:
         rt.generate([[BOS, 10]], params)
     assert e.value.status == 503 and e.value.headers == {"Retry-After": "1"}
