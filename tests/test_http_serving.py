@@ -16,6 +16,7 @@ import h11
 import pytest
 import requests
 
+from presets.tools.bench_http import PeakRss
 from tests.launch import ROOT, free_port, server_cmd, wait_healthy
 
 KEY = "key-15"
@@ -227,29 +228,16 @@ def test_512_concurrent_streams_all_complete_well_formed(srv):
     proc, url = srv
     port = port_of(url)
     body = {"prompt": "Hello", "max_tokens": 8, **GREEDY, "stream": True}
-    rss = []
-
-    def sample_rss():
-        while not done.is_set():
-            with open(f"/proc/{proc.pid}/status") as f:
-                rss.extend(int(line.split()[1]) for line in f if line.startswith("VmRSS"))
-            time.sleep(0.1)
 
     async def all_streams():
         return await asyncio.gather(
             *[request(port, "POST", "/v1/completions", body, list(AUTH.items())) for _ in range(512)]
         )
 
-    done = threading.Event()
-    sampler = threading.Thread(target=sample_rss)
-    sampler.start()
-    t0 = time.monotonic()
-    try:
+    with PeakRss(proc.pid) as rss:
+        t0 = time.monotonic()
         results = asyncio.run(all_streams())
-    finally:
-        done.set()
-        sampler.join()
-    seconds = time.monotonic() - t0
+        seconds = time.monotonic() - t0
     for status, data in results:
         assert status == 200, data[:200]
         frames = sse_frames(data)
@@ -257,16 +245,22 @@ def test_512_concurrent_streams_all_complete_well_formed(srv):
         chunks = [json.loads(f) for f in frames[:-1]]
         assert chunks[-1]["choices"][0]["finish_reason"] == "length"
         assert "".join(c["choices"][0]["text"] for c in chunks)
-    print(f"512 streams in {seconds:.1f}s; server RSS peak {max(rss) / 1024:.0f} MiB")
+    print(f"512 streams in {seconds:.1f}s; server RSS peak {rss.mib:.0f} MiB")
 
 
 # -- deadlines ---------------------------------------------------------------------------------------
 
 
-def test_read_timeouts_are_408_and_the_request_deadline_504_or_a_last_event(tiny_ckpt, tmp_path):
-    flags = ["--max_seq_len", "4096", "--read_timeout", "1", "--request_timeout", "1.5"]
+def test_max_connections_503_read_timeouts_408_and_the_request_deadline_504_or_a_last_event(tiny_ckpt, tmp_path):
+    flags = ["--max_seq_len", "4096", "--read_timeout", "1", "--request_timeout", "1.5", "--max_connections", "3"]
     with serving(tiny_ckpt, tmp_path, *flags) as (proc, url, _):
         port = port_of(url)
+        held = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
+        status, body, _ = raw(port, http("GET", "/healthz"))
+        assert status == 503 and "max_connections" in body["detail"]
+        for s in held:
+            s.close()
+        wait_for(lambda: raw(port, http("GET", "/healthz"))[0] == 200, 5, "room for a connection again")
         status, body, took = raw(port, b"POST /generate HTTP/1.1\r\nHost: t\r\nContent-Ty")
         assert status == 408 and "read_timeout" in body["detail"] and 0.9 < took < 3
         status, body, took = raw(port, http("POST", "/generate", JSON, b"Content-Length: 100", body=b'{"prom'))

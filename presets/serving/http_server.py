@@ -13,7 +13,7 @@ A connection costs no thread: idle, slow and streaming clients are coroutines. P
 - body: `Content-Length` over `max_body_bytes` is 413 before a byte of it is read, a chunked body is
   cut off at the limit (413); the whole body must arrive within `body_timeout` of the head (else 408);
 - over `max_connections` open connections, a new one gets 503 and is closed.
-Every error is JSON (`error_body(status, message)`) and closes the connection.
+Every error is JSON `{"detail": ...}` and closes the connection.
 """
 
 import asyncio
@@ -43,11 +43,6 @@ class Limits:
     max_body_bytes: int = 1 << 20
 
 
-def detail_error(status: int, message: str) -> dict:
-    """The seed routes' error shape."""
-    return {"detail": message}
-
-
 class _Reject(Exception):
     """A request the server answers itself (4xx/5xx) before or instead of the app."""
 
@@ -60,11 +55,10 @@ class _Reject(Exception):
 class HttpServer:
     """Serves `app` (ASGI 3) on (host, port). `start()`, then `drain()` and/or `close()`."""
 
-    def __init__(self, app, host: str, port: int, limits: Limits | None = None, error_body=detail_error):
+    def __init__(self, app, host: str, port: int, limits: Limits | None = None):
         self.app = app
         self.host, self.port = host, port
         self.limits = limits or Limits()
-        self.error_body = error_body
         self.connections: set[_Connection] = set()
         self.active_requests = 0  # requests whose answer is not complete
         self.draining = False
@@ -150,10 +144,9 @@ class _Connection:
         try:
             return self.h11.next_event()
         except h11.RemoteProtocolError as e:
-            status = e.error_status_hint if e.error_status_hint in (400, 431) else 400
-            if "buffer" in str(e).lower():
+            if e.error_status_hint == 431 or "buffer" in str(e).lower():  # h11's max_incomplete_event_size
                 raise _Reject(431, f"request head over {self.limits.max_header_bytes} bytes") from None
-            raise _Reject(status, f"malformed HTTP request: {e}") from None
+            raise _Reject(400, f"malformed HTTP request: {e}") from None
 
     async def _request_head(self):
         """The next h11.Request, or None when the client closed or stayed idle too long."""
@@ -192,11 +185,11 @@ class _Connection:
 
     def write_error(self, status: int, message: str) -> None:
         """A JSON error and the end of this connection (only while no answer has started)."""
-        body = json.dumps(self.server.error_body(status, message)).encode()
+        body = json.dumps({"detail": message}).encode()  # the error shape of every route
         headers = [("content-type", "application/json"), ("content-length", str(len(body))), ("connection", "close")]
         if self.h11.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-            if self.h11.their_state is h11.ERROR or self.h11.our_state is h11.IDLE and not self._has_request:
-                # No request line was parsed: h11 cannot frame an answer, so write it by hand.
+            if self.h11.their_state is h11.ERROR or self.h11.our_state is h11.IDLE:
+                # No request was parsed: h11 cannot frame an answer, so write it by hand.
                 head = f"HTTP/1.1 {status} {_phrase(status)}\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers)
                 self.writer.write(head.encode() + b"\r\n" + body)
                 return
@@ -204,10 +197,6 @@ class _Connection:
             if self._method != b"HEAD":
                 self._send(h11.Data(data=body))
             self._send(h11.EndOfMessage())
-
-    @property
-    def _has_request(self) -> bool:
-        return self.h11.their_state is not h11.IDLE
 
     # -- one request after another ---------------------------------------------------------------
 

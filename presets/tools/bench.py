@@ -217,12 +217,18 @@ def cpu_model() -> str:
         return platform.processor() or platform.machine()
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def workload_args(doc: str) -> argparse.ArgumentParser:
+    """The flags of DESIGN's workload, shared by the benchmarks that run it."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ckpt_dir", default=".cache/demo-llama2-random-weights")
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--new_tokens", type=int, default=64)
+    return ap
+
+
+def main(argv=None):
+    ap = workload_args(__doc__)
     ap.add_argument("--skip_one_at_a_time", action="store_true", help="skip the slowest baseline")
     a = ap.parse_args(argv)
     if not os.path.exists(f"{a.ckpt_dir}/params.json"):

@@ -12,7 +12,6 @@
    time to first token, the server's peak RSS.
 """
 
-import argparse
 import asyncio
 import http.client
 import json
@@ -24,7 +23,7 @@ import threading
 import time
 
 from presets.llama2.tokenizer import Tokenizer
-from presets.tools.bench import BENCH_ARGS, _in_process, closed_loop, cpu_model, run_ours
+from presets.tools.bench import BENCH_ARGS, _in_process, closed_loop, cpu_model, run_ours, workload_args
 from presets.tools.tiny_checkpoint import write_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -106,42 +105,55 @@ async def one_stream(port: int, body: bytes) -> tuple[bool, float]:
     return bool(ok), first or 0.0
 
 
+class PeakRss:
+    """`with PeakRss(pid) as rss:` samples a process's resident memory until the block ends; rss.mib: its peak."""
+
+    def __init__(self, pid: int, every_s: float = 0.1):
+        self.pid, self.every_s, self.kib = pid, every_s, []
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self):
+        while not self._done.is_set():
+            with open(f"/proc/{self.pid}/status") as f:
+                self.kib.extend(int(line.split()[1]) for line in f if line.startswith("VmRSS"))
+            self._done.wait(self.every_s)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._done.set()
+        self._thread.join()
+
+    @property
+    def mib(self) -> float:
+        return max(self.kib) / 1024 if self.kib else float("nan")
+
+
 def stream_crowd(proc, port: int, n: int, new_tokens: int) -> dict:
     body = json.dumps({"prompt": "The river flows", "max_tokens": new_tokens, "temperature": 0, "ignore_eos": True,
                        "stream": True}).encode()  # fmt: skip
-    rss, done = [], threading.Event()
-
-    def sample():
-        while not done.is_set():
-            with open(f"/proc/{proc.pid}/status") as f:
-                rss.extend(int(line.split()[1]) for line in f if line.startswith("VmRSS"))
-            time.sleep(0.2)
 
     async def crowd():
         return await asyncio.gather(*[one_stream(port, body) for _ in range(n)], return_exceptions=True)
 
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    t0 = time.perf_counter()
-    results = asyncio.run(crowd())
-    seconds = time.perf_counter() - t0
-    done.set()
-    sampler.join()
+    with PeakRss(proc.pid) as rss:
+        t0 = time.perf_counter()
+        results = asyncio.run(crowd())
+        seconds = time.perf_counter() - t0
     good = [r for r in results if isinstance(r, tuple) and r[0]]
     return {
         "streams": n, "errors": n - len(good), "seconds": seconds,
         "tokens_per_s": len(good) * new_tokens / seconds,  # ignore_eos: each complete stream has new_tokens
         "ttft_p50": statistics.median(r[1] for r in good) if good else float("nan"),
-        "rss_mib": max(rss) / 1024 if rss else float("nan"),
+        "rss_mib": rss.mib,
     }  # fmt: skip
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--ckpt_dir", default=".cache/demo-llama2-random-weights")
-    ap.add_argument("--requests", type=int, default=64)
-    ap.add_argument("--clients", type=int, default=16)
-    ap.add_argument("--new_tokens", type=int, default=64)
+    ap = workload_args(__doc__)
     ap.add_argument("--streams", type=int, default=256)
     ap.add_argument("--port", type=int, default=5089)
     a = ap.parse_args(argv)
