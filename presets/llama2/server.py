@@ -9,11 +9,12 @@ import os
 import signal
 import sys
 
-from presets.llama2.chat_format import check_dialog, encode_dialog, has_special_tags
+from presets.llama2.chat_format import check_dialog, encode_dialog, refused
 from presets.llama2.checkpoint import CheckpointError, check_layout, load_model
 from presets.llama2.engine import CacheSettings, LlamaEngine
+from presets.llama2.hf_checkpoint import is_hf_folder
 from presets.llama2.routes import chat, completion
-from presets.llama2.tokenizer import Tokenizer
+from presets.llama2.tokenizer import find_tokenizer, load_tokenizer
 from presets.serving import auth, device, distributed, server
 from presets.serving.app import create_app
 from presets.serving.errors import ApiError
@@ -36,7 +37,7 @@ def load_engine(settings: Settings, progress=log.info):
     dev, dtype = device.resolve(settings.device, settings.dtype, local_rank)
     progress(f"rank {rank}: device {dev}, dtype {dtype}")
     group = distributed.init_model_parallel(settings.model_parallel_size, dev, settings.dist_timeout)
-    tokenizer = Tokenizer(settings.tokenizer_path)
+    tokenizer = load_tokenizer(find_tokenizer(settings.ckpt_dir, settings.tokenizer_path), settings.ckpt_dir)
     model = load_model(settings.ckpt_dir, tokenizer, rank, settings.model_parallel_size, dev, dtype, progress)
     cache = CacheSettings(
         settings.max_seq_len, settings.max_batch_size, settings.kv_block_size, parse_bytes(settings.kv_cache_memory),
@@ -71,11 +72,13 @@ def openai_model(rt: Runtime, settings: Settings, kind: str) -> OpenAIModel:
 
     def encode_messages(messages):
         dialog = check_dialog(messages, "messages")
-        if has_special_tags(dialog):
+        if refused(rt.tokenizer, dialog):
             raise ApiError(400, "messages: special tags ([INST], [/INST], <<SYS>>, <</SYS>>) are not allowed")
         return encode_dialog(rt.tokenizer, dialog)
 
     name = settings.served_model_name or f"llama2-{kind}"
+    if is_hf_folder(settings.ckpt_dir) and not settings.served_model_name:  # its folder name, as on the HF server
+        name = os.path.basename(os.path.normpath(settings.ckpt_dir))
     return OpenAIModel(
         name, lambda: settings.max_seq_len, lambda text: rt.tokenizer.encode(text, bos=True, eos=False),
         encode_messages, StepRunner(rt, lambda ids: rt.tokenizer.decode(ids)),
@@ -139,7 +142,7 @@ def main(kind: str, argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = parse_settings(argv, f"Llama-2 {kind} server")
     try:
-        check_layout(settings.ckpt_dir, settings.tokenizer_path, settings.model_parallel_size)
+        check_layout(settings.ckpt_dir, settings.tokenizer_path, settings.model_parallel_size, settings.max_seq_len)
         auth.load_keys(settings.api_key, settings.api_key_file)
     except (CheckpointError, ValueError) as e:
         sys.exit(f"error: {e}")

@@ -32,11 +32,11 @@ class EngineLoop(EngineThread):
     Each iteration: schedule -> run the plan -> sample -> postprocess.
     """
 
-    def __init__(self, engine, eos_id: int, max_batch_size: int, max_waiting: int,
+    def __init__(self, engine, eos_id, max_batch_size: int, max_waiting: int,
                  heartbeat_s: float | None = None, on_fatal=None):  # fmt: skip
         super().__init__(max_waiting)
         self.engine = engine
-        self.eos_ids = (eos_id,)
+        self.eos_ids = (eos_id,) if isinstance(eos_id, int) else tuple(eos_id)  # one id, or every id that ends
         num_blocks, block_size, prefix_caching = engine.kv_config
         self.scheduler = Scheduler(
             SchedulerConfig(max_batch_size, num_blocks, block_size, engine.max_num_batched_tokens, prefix_caching)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from quart import Blueprint, Response, current_app, jsonify, request
 
 from presets.serving.app import record, runtime
+from presets.serving.detokenizer import Detokenizer
 from presets.serving.errors import ApiError
 from presets.serving.flag import Flag
 from presets.serving.params import SamplingParams
@@ -141,6 +142,7 @@ class StepRunner:
         deadline = self.rt.submit(seqs)  # 503 now, before the stream starts, if the queue is full
         hold = max((len(s) for s in stops), default=1) - 1  # text that may still become a stop string
         sent = [""] * len(seqs)
+        texts = [Detokenizer(self.decode) for _ in seqs]
         finished = [False] * len(seqs)
         try:
             while not all(finished):
@@ -152,9 +154,9 @@ class StepRunner:
                     done = seq.done.is_set()
                     if done and seq.error:
                         raise ApiError(503, seq.error)
-                    text = cut_at_stop(self.decode(seq.output), stops)[0]
-                    if not done:  # hold back what a later token may still change
-                        text = text.rstrip("\ufffd")
+                    # Settled text of the tokens so far (incremental); the whole output decoded once at the end.
+                    text = cut_at_stop(self.decode(seq.output) if done else texts[i].update(seq.output), stops)[0]
+                    if not done:  # hold back what a later token may still turn into a stop string
                         text = text[: max(0, len(text) - hold)]
                     if text.startswith(sent[i]) and len(text) > len(sent[i]):
                         yield i, text[len(sent[i]) :], None

@@ -79,7 +79,7 @@ class Runtime:
 
     def _engine_loop(self, engine, tokenizer) -> EngineLoop:
         return EngineLoop(
-            engine, tokenizer.eos_id, self.max_batch_size, self.max_waiting,
+            engine, getattr(tokenizer, "eos_ids", tokenizer.eos_id), self.max_batch_size, self.max_waiting,
             heartbeat_s=self.heartbeat_s, on_fatal=self._fatal if self.heartbeat_s else None,
         )  # fmt: skip
 

@@ -52,17 +52,29 @@ def write_falcon(out_dir: str, seed: int = 0, hidden_size: int = 64, layers: int
     return out_dir
 
 
-def write_llama(out_dir: str, seed: int = 0) -> str:
+def write_llama(
+    out_dir: str,
+    seed: int = 0,
+    tie: bool = False,
+    rope: dict | None = None,
+    max_shard_size: str | None = None,
+    heads: tuple[int, int] = (4, 2),
+) -> str:
+    """A LlamaForCausalLM folder: GQA `heads` (query, key/value), optionally tied embeddings, other rope
+    parameters (`rope`: rope_theta, or Llama 3.1's rope_type "llama3" with its factors) and sharded safetensors."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = train_tokenizer(["<unk>", "<s>", "</s>"])
     tokenizer.unk_token, tokenizer.bos_token, tokenizer.eos_token = "<unk>", "<s>", "</s>"
     tokenizer.chat_template = LLAMA2_CHAT_TEMPLATE
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)  # fmt: skip
+                         num_attention_heads=heads[0], num_key_value_heads=heads[1], max_position_embeddings=512,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         tie_word_embeddings=tie,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1e4, **(rope or {})})  # fmt: skip
     torch.manual_seed(seed)
-    LlamaForCausalLM(config).save_pretrained(out_dir)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(out_dir, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     tokenizer.save_pretrained(out_dir)
     return out_dir
 
