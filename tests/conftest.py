@@ -101,14 +101,19 @@ def hf_llama_dir(tmp_path_factory):
 
 
 def hf_client(model_dir: str, **kw):
-    """A Flask test client of the HF server on `model_dir`, model loaded and warmed up."""
-    from presets.hf.server import HFSettings, create_hf_app
+    """A Flask test client of the HF server on `model_dir` (engine as the server picks it, or kw's `engine`),
+    model loaded and warmed up."""
+    from presets.hf.server import HFSettings, create_engine_app, create_hf_app, runs_on_our_engine
     from presets.hf.server import build_runtime as build_hf_runtime
 
     settings = HFSettings(model_id=model_dir, **kw)
-    rt = build_hf_runtime(settings)
+    if runs_on_our_engine(settings):
+        app, rt = create_engine_app(settings)
+    else:
+        rt = build_hf_runtime(settings)
+        app = create_hf_app(settings, rt)
     rt.start(background=False)
-    return LiveClient(create_hf_app(settings, rt)), rt
+    return LiveClient(app), rt
 
 
 @pytest.fixture(scope="session")

@@ -41,17 +41,29 @@ def reference(model_dir: str, prompt: str, **kwargs) -> str:
     return prompt + tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
 
-@pytest.mark.parametrize("arch", ["falcon_dir", "hf_llama_dir"])
-def test_greedy_output_equals_transformers(request, arch):
+@pytest.mark.parametrize(
+    "arch, engine", [("falcon_dir", "auto"), ("hf_llama_dir", "transformers"), ("hf_llama_dir", "auto")]
+)
+def test_greedy_output_equals_transformers(request, arch, engine):
+    """Falcon on generate; Llama on generate and (auto) on our engine: the same greedy text as transformers."""
     model_dir = request.getfixturevalue(arch)
-    client, rt = hf_client(model_dir)
+    client, rt = hf_client(model_dir, engine=engine)
     try:
+        models = client.get("/v1/models").get_json()["data"]
+        assert [m["engine"] for m in models] == [
+            "presets" if arch == "hf_llama_dir" and engine == "auto" else "transformers"
+        ]
         for prompt in ["The quick brown fox", "Hello, world!"]:
             got = client.post("/chat", json={"prompt": prompt, "do_sample": False, "max_length": 40}).get_json()
             assert got == {"Result": reference(model_dir, prompt, do_sample=False, max_length=40)}
         beams = {"prompt": "Water boils", "do_sample": False, "num_beams": 3, "max_length": 24}
-        got = client.post("/chat", json=beams).get_json()
-        assert got == {"Result": reference(model_dir, "Water boils", do_sample=False, num_beams=3, max_length=24)}
+        r = client.post("/chat", json=beams)
+        if models[0]["engine"] == "presets":  # beam search is generate's alone: a 400 that says how to get it
+            assert r.status_code == 400 and "num_beams=3 needs transformers' generate" in r.get_json()["detail"]
+            assert "--engine transformers" in r.get_json()["detail"]
+        else:
+            want = reference(model_dir, "Water boils", do_sample=False, num_beams=3, max_length=24)
+            assert r.get_json() == {"Result": want}
     finally:
         rt.shutdown()
 

@@ -141,3 +141,20 @@ def test_three_ranks_equal_one_rank(smollm2_dir, completion):
         assert post(f"{url}/shutdown", None) == (200, {})
         code, out = finish(proc)
     assert code == 0, out
+
+
+def test_hf_server_runs_the_folder_on_our_engine(smollm2_dir, chat):
+    from tests.conftest import hf_client
+
+    client, rt = hf_client(smollm2_dir, max_seq_len=512)
+    try:
+        assert [m["engine"] for m in client.get("/v1/models").get_json()["data"]] == ["presets"]
+        body = {"messages": DIALOGS[0], "do_sample": False, "max_length": 100}
+        result = client.post("/chat", json=body).get_json()["Result"]
+        assert result.endswith("<|im_start|>assistant\nThe capital of France is Paris.")
+        v1 = {"messages": DIALOGS[0], "max_tokens": 20, "temperature": 0}
+        assert client.post("/v1/chat/completions", json=v1).get_json() | {"id": 0, "created": 0} == (
+            chat.post("/v1/chat/completions", json=v1).get_json() | {"id": 0, "created": 0}
+        )
+    finally:
+        rt.shutdown()

@@ -1,6 +1,8 @@
-"""The Falcon server's generation parameters: seed 001's list with its defaults, validated."""
+"""The Falcon server's generation parameters: seed 001's list with its defaults, validated, and mapped to our
+engine's sampling parameters where it runs the model (Llama-architecture folders)."""
 
 from presets.serving.errors import ApiError
+from presets.serving.params import SamplingParams
 from presets.serving.validation import boolean, integer, number
 
 # Seed 001's "full configurable parameters" example: these are its values.
@@ -90,3 +92,33 @@ def _check_combinations(p: dict) -> None:
             400, f"num_return_sequences ({p['num_return_sequences']}) must not exceed num_beams ({p['num_beams']}) "
             "without sampling",
         )  # fmt: skip
+
+
+# Parameters that only transformers' generate implements, with the values that leave it out. Others map to our
+# sampler (do_sample, temperature, top_k, top_p, num_return_sequences, seed, ignore_eos, max_length) or change
+# nothing of the text the route returns (beam-search-only settings without beams, output_scores, pad_token_id).
+GENERATE_ONLY = {
+    "num_beams": 1, "min_length": 0, "typical_p": 1.0, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0,
+    "bad_words_ids": None, "eos_token_id": None, "forced_bos_token_id": None, "forced_eos_token_id": None,
+}  # fmt: skip
+
+
+def to_sampling(p: dict, prompt_tokens: int) -> tuple[SamplingParams, int]:
+    """(our sampling parameters, num_return_sequences) for validated parameters `p` on a prompt of
+    `prompt_tokens`; 400 naming the first parameter that needs transformers' generate."""
+    for key, neutral in GENERATE_ONLY.items():
+        if p[key] != neutral:
+            raise ApiError(
+                400, f"{key}={p[key]!r} needs transformers' generate, and this server runs the model on its own "
+                "engine (continuous batching); start it with --engine transformers to use it",
+            )  # fmt: skip
+    if p["max_length"] <= prompt_tokens:
+        raise ApiError(
+            400, f"prompt is {prompt_tokens} tokens, so max_length {p['max_length']} leaves no room to generate"
+        )
+    sampling = SamplingParams(
+        temperature=p["temperature"] if p["do_sample"] else 0.0, top_p=p["top_p"],
+        top_k=p["top_k"] if p["do_sample"] else 0,
+        max_tokens=p["max_length"] - prompt_tokens, ignore_eos=p["ignore_eos"], seed=p["seed"],
+    )  # fmt: skip
+    return sampling, p["num_return_sequences"]

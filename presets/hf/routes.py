@@ -1,12 +1,15 @@
-"""The Falcon seed route: POST /chat with a prompt (or chat messages) and HF generate parameters, flat."""
+"""The Falcon seed route: POST /chat with a prompt (or chat messages) and HF generate parameters, flat; on
+transformers' generate (`chat`) or, for Llama-architecture folders, on our engine (`engine_chat`)."""
 
 import time
+from dataclasses import replace
 
 from quart import Blueprint, jsonify, request
 
 from presets.hf import params as hf_params
 from presets.hf.engine import batch_key
-from presets.serving.app import record_counts, runtime
+from presets.llama2.chat_template import ChatTemplateError
+from presets.serving.app import record, record_counts, runtime
 from presets.serving.batch_loop import Job
 from presets.serving.errors import ApiError
 from presets.serving.validation import json_body, reject_unknown
@@ -27,13 +30,17 @@ def prompt_text(body: dict, tokenizer) -> tuple[str, bool]:
     return render_messages(body["messages"], tokenizer), False  # the template writes special tokens itself
 
 
-def render_messages(messages, tokenizer) -> str:
-    """Chat messages as text in the model's chat template; 400 when it has none or they do not fit."""
+def check_messages(messages) -> None:
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "messages must be a non-empty list of {role, content} objects")
     for i, m in enumerate(messages):
         if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
             raise ApiError(400, f"messages[{i}] must be an object with string role and content")
+
+
+def render_messages(messages, tokenizer) -> str:
+    """Chat messages as text in the model's chat template; 400 when it has none or they do not fit."""
+    check_messages(messages)
     if not getattr(tokenizer, "chat_template", None):
         raise ApiError(400, "this model has no chat template: send prompt instead of messages")
     try:
@@ -59,3 +66,45 @@ async def chat_route():
     record_counts(len(done.result), len(job.prompt_ids), generated)
     rt.metrics.finished_request(t0, len(job.prompt_ids), generated)
     return jsonify(Result="".join(text + engine.text(ids) for ids, _ in done.result))
+
+
+engine_chat = Blueprint("hf_chat_on_engine", __name__)
+
+
+@engine_chat.post("/chat")
+async def chat_on_engine():
+    """The same route when our engine runs the model (a Llama-architecture folder): the same answer for
+    the parameters our sampler has, 400 for what only transformers' generate does."""
+    body = await json_body(request)
+    reject_unknown(body, ALLOWED, "body")
+    rt = runtime()
+    rt.require_ready()
+    tok = rt.tokenizer
+    params = hf_params.parse(body, tok.n_words)
+    if ("prompt" in body) == ("messages" in body):
+        raise ApiError(400, "give exactly one of prompt (a string) or messages (a list of {role, content})")
+    if "prompt" in body:
+        if not isinstance(body["prompt"], str):
+            raise ApiError(400, "prompt must be a string")
+        text, ids = body["prompt"], tok.encode(body["prompt"], bos=True, eos=False)
+    else:
+        text = render_template(body["messages"], tok)
+        ids = tok.encode(text, bos=False, eos=False)  # the template writes special tokens itself
+    if not ids:
+        raise ApiError(400, "prompt is empty: it has no tokens for this model")
+    sampling, n = hf_params.to_sampling(params, len(ids))
+    seeds = [None if sampling.seed is None else sampling.seed + i for i in range(n)]  # n samples, not n copies
+    seqs = await rt.arun([s for seed in seeds for s in rt.sequences([ids], replace(sampling, seed=seed))])
+    record(seqs)
+    return jsonify(Result="".join(text + tok.decode(s.output) for s in seqs))
+
+
+def render_template(messages, tokenizer) -> str:
+    """Messages as text in the model's chat template (our renderer); 400 when it has none or refuses them."""
+    check_messages(messages)
+    if tokenizer.chat_template is None:
+        raise ApiError(400, "this model has no chat template: send prompt instead of messages")
+    try:
+        return tokenizer.chat_template.render(messages, add_generation_prompt=True)
+    except ChatTemplateError as e:
+        raise ApiError(400, f"messages do not fit the model's chat template: {e}") from e

@@ -1,4 +1,7 @@
-"""Assemble and launch the HuggingFace (Falcon) server from command-line settings."""
+"""Assemble and launch the HuggingFace (Falcon) server from command-line settings.
+
+A LlamaForCausalLM folder runs on our engine (continuous batching over the paged KV cache) unless
+--engine transformers; other architectures run on transformers' generate in static batches."""
 
 import logging
 import os
@@ -9,13 +12,18 @@ from presets.hf import loader
 from presets.hf.engine import HFEngine, HFJob
 from presets.hf.openai_runner import HFRunner
 from presets.hf.params import DEFAULTS, EXTRAS
-from presets.hf.routes import chat, render_messages
+from presets.hf.routes import chat, engine_chat, render_messages
+from presets.llama2 import server as llama_server
+from presets.llama2.checkpoint import CheckpointError, check_layout
+from presets.llama2.hf_checkpoint import read_config, read_hf_args
 from presets.serving import auth, server
 from presets.serving.app import create_app
 from presets.serving.batch_loop import BatchLoop, Job
 from presets.serving.openai_api import OpenAIModel, openai
 from presets.serving.runtime import Runtime
-from presets.serving.settings import HttpSettings, parse_settings
+from presets.serving.settings import HttpSettings, Settings, parse_settings
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -24,6 +32,10 @@ class HFSettings(HttpSettings):
     torch_dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bfloat16 | float16 | float32
     device_map: str = "auto"  # accelerate's placement over this node's GPUs; "none" for one device
     trust_remote_code: bool = False
+    # auto: our engine (continuous batching, paged KV cache) for a LlamaForCausalLM folder, transformers'
+    # generate for other architectures; presets or transformers to choose.
+    engine: str = "auto"
+    max_seq_len: int = 0  # our engine: tokens per sequence (prompt + answer); 0: max_position_embeddings, at most 4096
     host: str = "0.0.0.0"
     port: int = 5000
     max_batch_size: int = 8
@@ -35,10 +47,41 @@ class HFSettings(HttpSettings):
     def __post_init__(self):
         if self.torch_dtype not in ("auto", "bfloat16", "float16", "float32"):
             raise ValueError(f"invalid setting: torch_dtype={self.torch_dtype!r}")
+        if self.engine not in ("auto", "presets", "transformers"):
+            raise ValueError(f"invalid setting: engine={self.engine!r} (auto, presets or transformers)")
         if self.max_batch_size < 1 or self.max_queue_size < 1:
             raise ValueError("max_batch_size and max_queue_size must be >= 1")
         if self.http_errors():
             raise ValueError(f"invalid setting(s): {', '.join(self.http_errors())}")
+
+
+def runs_on_our_engine(settings: HFSettings) -> bool:
+    """Whether our engine runs this folder: --engine presets, or auto and a LlamaForCausalLM config we implement."""
+    if settings.engine != "auto":
+        return settings.engine == "presets"
+    try:
+        read_hf_args(settings.model_id)
+    except CheckpointError as e:
+        log.info("transformers' generate runs this model: %s", e)
+        return False
+    return True
+
+
+def llama_settings(settings: HFSettings) -> Settings:
+    """The Llama servers' settings for running this folder on our engine."""
+    if settings.max_seq_len:
+        max_seq_len = settings.max_seq_len
+    else:
+        max_seq_len = min(read_config(settings.model_id).get("max_position_embeddings") or 4096, 4096)
+    return Settings(
+        ckpt_dir=settings.model_id, max_seq_len=max_seq_len, max_batch_size=settings.max_batch_size,
+        max_queue_size=settings.max_queue_size, dtype=settings.torch_dtype, model_parallel_size=1,
+        served_model_name=settings.served_model_name or folder_name(settings), request_timeout=settings.request_timeout,
+    )  # fmt: skip
+
+
+def folder_name(settings: HFSettings) -> str:
+    return os.path.basename(os.path.normpath(settings.model_id))
 
 
 def build_runtime(settings: HFSettings) -> Runtime:
@@ -65,19 +108,32 @@ def create_hf_app(settings: HFSettings, rt: Runtime, shutdown=lambda: None):
     """The app: the seed /chat route and the OpenAI routes over `rt`."""
     keys = auth.load_keys(settings.api_key, settings.api_key_file)
     app = create_app(rt, [chat, openai], shutdown, keys)
-    name = settings.served_model_name or os.path.basename(os.path.normpath(settings.model_id))
     app.extensions["openai_model"] = OpenAIModel(
-        name, lambda: rt.engine.context or 2048, lambda text: rt.tokenizer(text).input_ids,
+        settings.served_model_name or folder_name(settings), lambda: rt.engine.context or 2048,
+        lambda text: rt.tokenizer(text).input_ids,
         lambda messages: rt.tokenizer(render_messages(messages, rt.tokenizer), add_special_tokens=False).input_ids,
-        HFRunner(rt),
+        HFRunner(rt), engine="transformers",
     )  # fmt: skip
     return app
 
 
+def create_engine_app(settings: HFSettings, shutdown=lambda: None):
+    """(app, runtime) with our engine running the folder: the same /chat route and the Llama servers' OpenAI
+    routes (continuous batching); the model starts loading when the runtime starts."""
+    ours = llama_settings(settings)
+    rt = llama_server.build_runtime(ours)
+    app = create_app(rt, [engine_chat, openai], shutdown, auth.load_keys(settings.api_key, settings.api_key_file))
+    app.extensions["openai_model"] = llama_server.openai_model(rt, ours, "chat")
+    return app, rt
+
+
 def build_app(settings: HFSettings, exit):
     """The app, with the model loading in the background; `exit(code)` ends the process."""
-    rt = build_runtime(settings)
-    app = create_hf_app(settings, rt, lambda: exit(0))
+    if runs_on_our_engine(settings):
+        app, rt = create_engine_app(settings, lambda: exit(0))
+    else:
+        rt = build_runtime(settings)
+        app = create_hf_app(settings, rt, lambda: exit(0))
     rt.on_failure = lambda: exit(1)
     rt.start()
     return app
@@ -90,6 +146,9 @@ def main(argv=None) -> None:
     try:
         loader.check_folder(settings.model_id)
         auth.load_keys(settings.api_key, settings.api_key_file)
-    except (loader.HFFolderError, ValueError) as e:
+        if runs_on_our_engine(settings):
+            ours = llama_settings(settings)
+            check_layout(ours.ckpt_dir, ours.tokenizer_path, 1, ours.max_seq_len)
+    except (loader.HFFolderError, CheckpointError, ValueError) as e:
         sys.exit(f"error: {e}")
     server.run(lambda exit: build_app(settings, exit), settings, settings.host, settings.port)

@@ -39,6 +39,7 @@ class OpenAIModel:
     encode_prompt: object  # (text) -> ids
     encode_messages: object  # (messages) -> ids; raises ApiError(400) when the model cannot chat
     runner: object  # generate(prompts, params, n, stops) and stream(...): see StepRunner
+    engine: str = "presets"  # what runs the model: our engine, or "transformers" (generate)
 
 
 def model() -> OpenAIModel:
@@ -232,7 +233,7 @@ async def _stream(rid: str, m: OpenAIModel, pieces, n_choices: int, chat: bool) 
 @openai.get("/models")
 def models():
     """The one model this server serves."""
-    card = {"id": model().name, "object": "model", "created": STARTED, "owned_by": "presets"}
+    card = {"id": model().name, "object": "model", "created": STARTED, "owned_by": "presets", "engine": model().engine}
     return jsonify(object="list", data=[card])
 
 
