@@ -43,7 +43,8 @@ def test_missing_checkpoint_exits_with_a_clear_error(tmp_path):
     proc = start(server_cmd("completion", str(tmp_path), free_port()), "completion")
     code, out = finish(proc)
     assert code != 0
-    assert f"error: params.json not found in {tmp_path}" in out and "Traceback" not in out
+    assert f"error: neither params.json (Meta's layout) nor config.json (HuggingFace's) in {tmp_path}" in out
+    assert "Traceback" not in out
 
 
 def test_shard_that_does_not_match_params_fails_loading_with_exit_code(tiny_ckpt, tmp_path):

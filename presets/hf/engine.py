@@ -5,8 +5,9 @@ from dataclasses import dataclass
 import torch
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
+from presets.hf.params import new_tokens
 from presets.serving.errors import ApiError
-from presets.serving.openai_api import stop_window
+from presets.serving.streaming import stop_window
 
 # Parameters passed to generate as they are; the others are handled here (lengths, ids, seed).
 SAMPLING = ("temperature", "top_k", "top_p", "typical_p")
@@ -58,14 +59,7 @@ class HFEngine:
         ids = self.tokenizer(prompt_text, add_special_tokens=add_special_tokens).input_ids
         if not ids:
             raise ApiError(400, "prompt is empty: it has no tokens for this model")
-        limit = min(params["max_length"], self.context) if self.context else params["max_length"]
-        if self.context and len(ids) >= self.context:
-            raise ApiError(400, f"prompt is {len(ids)} tokens; the model's context is {self.context} tokens")
-        if len(ids) >= limit:
-            raise ApiError(
-                400, f"prompt is {len(ids)} tokens, so max_length {params['max_length']} leaves no room to generate"
-            )
-        return HFJob(prompt_text, ids, params, limit - len(ids))
+        return HFJob(prompt_text, ids, params, new_tokens(params, len(ids), self.context, "the model's context"))
 
     @torch.inference_mode()
     def run_batch(self, key, jobs: list[HFJob]) -> list[list[tuple[list[int], bool]]]:

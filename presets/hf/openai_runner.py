@@ -8,8 +8,8 @@ from presets.serving.app import record_counts
 from presets.serving.batch_loop import Job
 from presets.serving.errors import ApiError
 from presets.serving.flag import Flag
-from presets.serving.openai_api import cut_at_stop
 from presets.serving.params import SamplingParams
+from presets.serving.streaming import StreamedText, cut_at_stop
 
 
 class _TokenStreamer:
@@ -63,7 +63,6 @@ class HFRunner:
 
     async def stream(self, prompts, params: SamplingParams, n: int, stops):
         """Yield (choice index, new text or None, finish_reason or None); each choice is its own job, in turn."""
-        hold = max((len(s) for s in stops), default=1) - 1
         jobs = []
         for ids in prompts:
             for c in range(n):
@@ -76,28 +75,24 @@ class HFRunner:
         deadline = self.rt.submit(jobs)  # all at once: one deadline, and a drain that starts later takes them all
         try:
             for i, job in enumerate(jobs):
-                async for piece in self._follow(job, job.payload.streamer, i, stops, hold, deadline):
+                async for piece in self._follow(job, job.payload.streamer, i, stops, deadline):
                     yield piece
         finally:
             self.rt.cancel(jobs)  # a client that left stops its generation at the next token
 
-    async def _follow(self, job, streamer, index: int, stops, hold: int, deadline):
+    async def _follow(self, job, streamer, index: int, stops, deadline):
         """Pieces of one streamed job, from its streamer's tokens; the final text settles the rest."""
-        sent = ""
+        text = StreamedText(self.rt.engine.text, stops)
         while not job.done.is_set():
             await self.rt.wait(job, deadline, flag=streamer.notify)
             streamer.notify.clear()
-            text = cut_at_stop(self.rt.engine.text(list(streamer.tokens)), stops)[0].rstrip("\ufffd")
-            text = text[: max(0, len(text) - hold)]
-            if text.startswith(sent) and len(text) > len(sent):
-                yield index, text[len(sent) :], None
-                sent = text
+            piece = text.update(list(streamer.tokens))
+            if piece:
+                yield index, piece, None
         if job.error:
-            raise ApiError(503, job.error)
+            raise ApiError(job.error_status, job.error)
         ((final_ids, eos),) = job.result
-        text, stopped = cut_at_stop(self.rt.engine.text(final_ids), stops)
-        if not text.startswith(sent):  # never silently shorter than non-streamed
-            raise ApiError(500, "streamed text diverged from the final text; retry without stream")
-        if len(text) > len(sent):
-            yield index, text[len(sent) :], None
-        yield index, None, "stop" if eos or stopped else "length"
+        piece = text.update(final_ids, done=True)
+        if piece:
+            yield index, piece, None
+        yield index, None, "stop" if eos or text.stopped else "length"

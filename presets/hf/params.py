@@ -2,7 +2,7 @@
 engine's sampling parameters where it runs the model (Llama-architecture folders)."""
 
 from presets.serving.errors import ApiError
-from presets.serving.params import SamplingParams
+from presets.serving.params import SamplingParams, room_left
 from presets.serving.validation import boolean, integer, number
 
 # Seed 001's "full configurable parameters" example: these are its values.
@@ -103,22 +103,31 @@ GENERATE_ONLY = {
 }  # fmt: skip
 
 
-def to_sampling(p: dict, prompt_tokens: int) -> tuple[SamplingParams, int]:
+def new_tokens(p: dict, prompt_tokens: int, context: int | None, setting: str) -> int:
+    """Tokens a request may generate: max_length counts the prompt (generate's rule), capped by the context
+    (`setting`: what sets it); 400 when the prompt leaves no room."""
+    room = room_left(context, prompt_tokens, setting) if context else None
+    if p["max_length"] <= prompt_tokens:
+        raise ApiError(
+            400, f"prompt is {prompt_tokens} tokens, so max_length {p['max_length']} leaves no room to generate"
+        )
+    return min(p["max_length"] - prompt_tokens, room or p["max_length"])
+
+
+def to_sampling(p: dict, prompt_tokens: int, context: int) -> tuple[SamplingParams, int]:
     """(our sampling parameters, num_return_sequences) for validated parameters `p` on a prompt of
-    `prompt_tokens`; 400 naming the first parameter that needs transformers' generate."""
+    `prompt_tokens` in a context of `context` tokens; 400 naming the first parameter that needs generate."""
     for key, neutral in GENERATE_ONLY.items():
+        if key == "min_length" and p[key] <= prompt_tokens:
+            continue  # a minimum the prompt already reaches changes nothing, in generate either
         if p[key] != neutral:
             raise ApiError(
                 400, f"{key}={p[key]!r} needs transformers' generate, and this server runs the model on its own "
                 "engine (continuous batching); start it with --engine transformers to use it",
             )  # fmt: skip
-    if p["max_length"] <= prompt_tokens:
-        raise ApiError(
-            400, f"prompt is {prompt_tokens} tokens, so max_length {p['max_length']} leaves no room to generate"
-        )
     sampling = SamplingParams(
         temperature=p["temperature"] if p["do_sample"] else 0.0, top_p=p["top_p"],
         top_k=p["top_k"] if p["do_sample"] else 0,
-        max_tokens=p["max_length"] - prompt_tokens, ignore_eos=p["ignore_eos"], seed=p["seed"],
+        max_tokens=new_tokens(p, prompt_tokens, context, "--max_seq_len"), ignore_eos=p["ignore_eos"], seed=p["seed"],
     )  # fmt: skip
     return sampling, p["num_return_sequences"]

@@ -2,13 +2,12 @@
 transformers' generate (`chat`) or, for Llama-architecture folders, on our engine (`engine_chat`)."""
 
 import time
-from dataclasses import replace
 
 from quart import Blueprint, jsonify, request
 
 from presets.hf import params as hf_params
 from presets.hf.engine import batch_key
-from presets.llama2.chat_template import ChatTemplateError
+from presets.llama2.chat_template import ChatTemplate
 from presets.serving.app import record, record_counts, runtime
 from presets.serving.batch_loop import Job
 from presets.serving.errors import ApiError
@@ -30,20 +29,19 @@ def prompt_text(body: dict, tokenizer) -> tuple[str, bool]:
     return render_messages(body["messages"], tokenizer), False  # the template writes special tokens itself
 
 
-def check_messages(messages) -> None:
+def render_messages(messages, tokenizer) -> str:
+    """Chat messages as text in the model's chat template (transformers' tokenizer renders it on generate's
+    path, our renderer on our engine's); 400 when it has none or they do not fit."""
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "messages must be a non-empty list of {role, content} objects")
     for i, m in enumerate(messages):
         if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
             raise ApiError(400, f"messages[{i}] must be an object with string role and content")
-
-
-def render_messages(messages, tokenizer) -> str:
-    """Chat messages as text in the model's chat template; 400 when it has none or they do not fit."""
-    check_messages(messages)
     if not getattr(tokenizer, "chat_template", None):
         raise ApiError(400, "this model has no chat template: send prompt instead of messages")
     try:
+        if isinstance(tokenizer.chat_template, ChatTemplate):
+            return tokenizer.chat_template.render(messages, add_generation_prompt=True)
         return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     except Exception as e:  # the template itself may reject a role order
         raise ApiError(400, f"messages do not fit the model's chat template: {e}") from e
@@ -73,38 +71,20 @@ engine_chat = Blueprint("hf_chat_on_engine", __name__)
 
 @engine_chat.post("/chat")
 async def chat_on_engine():
-    """The same route when our engine runs the model (a Llama-architecture folder): the same answer for
-    the parameters our sampler has, 400 for what only transformers' generate does."""
+    """The same route when our engine runs the model (a Llama-architecture folder): for the parameters our
+    sampler has, generate's greedy answer and the same distribution when sampling (other random draws); a 400
+    for what only transformers' generate does."""
     body = await json_body(request)
     reject_unknown(body, ALLOWED, "body")
     rt = runtime()
     rt.require_ready()
     tok = rt.tokenizer
     params = hf_params.parse(body, tok.n_words)
-    if ("prompt" in body) == ("messages" in body):
-        raise ApiError(400, "give exactly one of prompt (a string) or messages (a list of {role, content})")
-    if "prompt" in body:
-        if not isinstance(body["prompt"], str):
-            raise ApiError(400, "prompt must be a string")
-        text, ids = body["prompt"], tok.encode(body["prompt"], bos=True, eos=False)
-    else:
-        text = render_template(body["messages"], tok)
-        ids = tok.encode(text, bos=False, eos=False)  # the template writes special tokens itself
+    text, special = prompt_text(body, tok)
+    ids = tok.encode(text, bos=special, eos=False)
     if not ids:
         raise ApiError(400, "prompt is empty: it has no tokens for this model")
-    sampling, n = hf_params.to_sampling(params, len(ids))
-    seeds = [None if sampling.seed is None else sampling.seed + i for i in range(n)]  # n samples, not n copies
-    seqs = await rt.arun([s for seed in seeds for s in rt.sequences([ids], replace(sampling, seed=seed))])
+    sampling, n = hf_params.to_sampling(params, len(ids), rt.max_seq_len)
+    seqs = await rt.arun(rt.sequences([ids], sampling, n))
     record(seqs)
     return jsonify(Result="".join(text + tok.decode(s.output) for s in seqs))
-
-
-def render_template(messages, tokenizer) -> str:
-    """Messages as text in the model's chat template (our renderer); 400 when it has none or refuses them."""
-    check_messages(messages)
-    if tokenizer.chat_template is None:
-        raise ApiError(400, "this model has no chat template: send prompt instead of messages")
-    try:
-        return tokenizer.chat_template.render(messages, add_generation_prompt=True)
-    except ChatTemplateError as e:
-        raise ApiError(400, f"messages do not fit the model's chat template: {e}") from e

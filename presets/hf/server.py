@@ -15,7 +15,7 @@ from presets.hf.params import DEFAULTS, EXTRAS
 from presets.hf.routes import chat, engine_chat, render_messages
 from presets.llama2 import server as llama_server
 from presets.llama2.checkpoint import CheckpointError, check_layout
-from presets.llama2.hf_checkpoint import read_config, read_hf_args
+from presets.llama2.hf_checkpoint import read_config
 from presets.serving import auth, server
 from presets.serving.app import create_app
 from presets.serving.batch_loop import BatchLoop, Job
@@ -56,12 +56,16 @@ class HFSettings(HttpSettings):
 
 
 def runs_on_our_engine(settings: HFSettings) -> bool:
-    """Whether our engine runs this folder: --engine presets, or auto and a LlamaForCausalLM config we implement."""
-    if settings.engine != "auto":
-        return settings.engine == "presets"
+    """Whether our engine runs this folder: --engine presets (a folder it cannot run is a start error), or auto
+    and a folder our engine can run (a LlamaForCausalLM config we implement, safetensors, a tokenizer)."""
+    if settings.engine == "transformers":
+        return False
     try:
-        read_hf_args(settings.model_id)
+        ours = llama_settings(settings)
+        check_layout(ours.ckpt_dir, ours.tokenizer_path, 1, ours.max_seq_len)
     except CheckpointError as e:
+        if settings.engine == "presets":
+            raise
         log.info("transformers' generate runs this model: %s", e)
         return False
     return True
@@ -76,12 +80,8 @@ def llama_settings(settings: HFSettings) -> Settings:
     return Settings(
         ckpt_dir=settings.model_id, max_seq_len=max_seq_len, max_batch_size=settings.max_batch_size,
         max_queue_size=settings.max_queue_size, dtype=settings.torch_dtype, model_parallel_size=1,
-        served_model_name=settings.served_model_name or folder_name(settings), request_timeout=settings.request_timeout,
+        served_model_name=settings.served_model_name, request_timeout=settings.request_timeout,
     )  # fmt: skip
-
-
-def folder_name(settings: HFSettings) -> str:
-    return os.path.basename(os.path.normpath(settings.model_id))
 
 
 def build_runtime(settings: HFSettings) -> Runtime:
@@ -109,7 +109,8 @@ def create_hf_app(settings: HFSettings, rt: Runtime, shutdown=lambda: None):
     keys = auth.load_keys(settings.api_key, settings.api_key_file)
     app = create_app(rt, [chat, openai], shutdown, keys)
     app.extensions["openai_model"] = OpenAIModel(
-        settings.served_model_name or folder_name(settings), lambda: rt.engine.context or 2048,
+        settings.served_model_name or os.path.basename(os.path.normpath(settings.model_id)),
+        lambda: rt.engine.context or 2048,
         lambda text: rt.tokenizer(text).input_ids,
         lambda messages: rt.tokenizer(render_messages(messages, rt.tokenizer), add_special_tokens=False).input_ids,
         HFRunner(rt), engine="transformers",
@@ -146,9 +147,7 @@ def main(argv=None) -> None:
     try:
         loader.check_folder(settings.model_id)
         auth.load_keys(settings.api_key, settings.api_key_file)
-        if runs_on_our_engine(settings):
-            ours = llama_settings(settings)
-            check_layout(ours.ckpt_dir, ours.tokenizer_path, 1, ours.max_seq_len)
+        settings.engine = "presets" if runs_on_our_engine(settings) else "transformers"  # decided once
     except (loader.HFFolderError, CheckpointError, ValueError) as e:
         sys.exit(f"error: {e}")
     server.run(lambda exit: build_app(settings, exit), settings, settings.host, settings.port)

@@ -10,6 +10,8 @@ import jinja2
 from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from presets.llama2.json_files import read_json
+
 
 class ChatTemplateError(Exception):
     """A chat template that cannot be loaded or rendered; the message says why."""
@@ -66,10 +68,7 @@ class ChatTemplate:
 
 def _read_tokens(path: Path) -> tuple[dict, dict[str, str]]:
     """A tokenizer JSON file's object and its `*_token` strings (given as strings or {"content": ...} objects)."""
-    try:
-        config = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    except (OSError, ValueError) as e:
-        raise ChatTemplateError(f"cannot read {path}: {e}") from e
+    config = read_json(str(path), ChatTemplateError, required=False)
     extra = config.get("extra_special_tokens")  # transformers 5 also names tokens there (e.g. image_token)
     items = [*config.items(), *(extra.items() if isinstance(extra, dict) else ())]
     tokens = {k: v.get("content") if isinstance(v, dict) else v for k, v in items if k.endswith("_token")}
@@ -90,9 +89,13 @@ def load_chat_template(folder: str) -> ChatTemplate | None:
     config, _ = _read_tokens(Path(folder, "tokenizer_config.json"))
     special = special_tokens(folder)
     jinja_file = Path(folder, "chat_template.jinja")  # what transformers 5 saves; it wins over the config's
-    source = jinja_file.read_text(encoding="utf-8") if jinja_file.is_file() else config.get("chat_template")
+    try:
+        source = jinja_file.read_text(encoding="utf-8") if jinja_file.is_file() else config.get("chat_template")
+    except (OSError, ValueError) as e:
+        raise ChatTemplateError(f"cannot read {jinja_file}: {e}") from e
     if isinstance(source, list):  # named templates: [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
-        source = next((t["template"] for t in source if t.get("name") == "default"), None)
+        named = [t for t in source if isinstance(t, dict)]
+        source = next((t.get("template") for t in named if t.get("name") == "default"), None)
         if source is None:
             raise ChatTemplateError("tokenizer_config.json has named chat templates but none named 'default'")
     return ChatTemplate(source, special) if source else None

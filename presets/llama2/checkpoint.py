@@ -38,21 +38,22 @@ def shard_paths(ckpt_dir: str) -> list[str]:
 
 def check_layout(ckpt_dir: str, tokenizer_path: str, mp_size: int, max_seq_len: int | None = None) -> None:
     """Cheap checks before loading: every file is there, the config is one we run, the shards fit the ranks."""
-    from presets.llama2.hf_checkpoint import is_hf_folder, weight_files
+    from presets.llama2.hf_checkpoint import check_split, is_hf_folder, weight_files
     from presets.llama2.tokenizer import TokenizerError, find_tokenizer, load_tokenizer
 
     if not os.path.isdir(ckpt_dir):
         raise CheckpointError(f"checkpoint folder not found: {ckpt_dir}")
+    hf = is_hf_folder(ckpt_dir)
+    if not hf and not os.path.isfile(os.path.join(ckpt_dir, "params.json")):
+        raise CheckpointError(f"neither params.json (Meta's layout) nor config.json (HuggingFace's) in {ckpt_dir}")
     try:
         tokenizer = load_tokenizer(find_tokenizer(ckpt_dir, tokenizer_path), ckpt_dir)
     except TokenizerError as e:
         raise CheckpointError(str(e)) from e
-    if is_hf_folder(ckpt_dir):
-        read_args(ckpt_dir, tokenizer, max_seq_len)
+    if hf:
+        check_split(read_args(ckpt_dir, tokenizer, max_seq_len), mp_size)
         weight_files(ckpt_dir)
         return
-    if not os.path.isfile(os.path.join(ckpt_dir, "params.json")):
-        raise CheckpointError(f"neither params.json (Meta's layout) nor config.json (HuggingFace's) in {ckpt_dir}")
     shards = shard_paths(ckpt_dir)
     if not shards:
         raise CheckpointError(f"no consolidated.NN.pth shard found in {ckpt_dir}")

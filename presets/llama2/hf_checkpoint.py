@@ -6,13 +6,13 @@ memory-mapped and each rank reads only the rows or columns of its own shard, so 
 8 ranks without any rank holding the whole of it.
 """
 
-import json
 import logging
 import os
 
 import torch
 
-from presets.llama2.checkpoint import SPLIT_DIM, CheckpointError
+from presets.llama2.checkpoint import CheckpointError, split_dim
+from presets.llama2.json_files import read_json
 from presets.llama2.model import ModelArgs, Transformer
 
 log = logging.getLogger(__name__)
@@ -27,6 +27,7 @@ TOP_KEYS = {"tok_embeddings": "model.embed_tokens", "norm": "model.norm", "outpu
 # config.json values that change the maths from ours: (key, the value we implement). Anything else is refused.
 MUST_BE = (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False), ("quantization_config", None))
 ROPE_TYPES = ("default", "llama3")
+LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
 def is_hf_folder(ckpt_dir: str) -> bool:
@@ -37,12 +38,7 @@ def is_hf_folder(ckpt_dir: str) -> bool:
 
 
 def read_config(ckpt_dir: str) -> dict:
-    path = os.path.join(ckpt_dir, "config.json")
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"cannot read {path}: {e}") from e
+    return read_json(os.path.join(ckpt_dir, "config.json"), CheckpointError)
 
 
 def read_hf_args(ckpt_dir: str, max_seq_len: int | None = None) -> ModelArgs:
@@ -64,6 +60,9 @@ def read_hf_args(ckpt_dir: str, max_seq_len: int | None = None) -> ModelArgs:
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in ROPE_TYPES:
             raise CheckpointError(f"{where}: rope type {rope_type!r} is not supported (supported: {ROPE_TYPES})")
+        missing = [k for k in LLAMA3_KEYS if k not in rope] if rope_type == "llama3" else []
+        if missing:
+            raise CheckpointError(f"{where}: rope type 'llama3' needs {missing}")
         if c.get("head_dim") not in (None, dim // n_heads):
             raise CheckpointError(f"{where}: head_dim {c['head_dim']} is not hidden_size / num_attention_heads")
         args = ModelArgs(
@@ -86,12 +85,14 @@ def weight_files(ckpt_dir: str) -> dict[str, str]:
     """HF key -> the safetensors file holding it (one file, or several listed by model.safetensors.index.json)."""
     index = os.path.join(ckpt_dir, "model.safetensors.index.json")
     if os.path.isfile(index):
-        try:
-            with open(index) as f:
-                weight_map = json.load(f)["weight_map"]
-        except (OSError, ValueError, KeyError) as e:
-            raise CheckpointError(f"cannot read {index}: {e}") from e
-        return {k: os.path.join(ckpt_dir, v) for k, v in weight_map.items()}
+        weight_map = read_json(index, CheckpointError).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index} has no weight_map")
+        files = {k: os.path.join(ckpt_dir, v) for k, v in weight_map.items()}
+        absent = sorted({os.path.basename(p) for p in files.values() if not os.path.isfile(p)})
+        if absent:
+            raise CheckpointError(f"{index} names files that are not in {ckpt_dir}: {absent[:4]}")
+        return files
     single = os.path.join(ckpt_dir, "model.safetensors")
     if not os.path.isfile(single):
         bins = [f for f in os.listdir(ckpt_dir) if f.endswith(".bin")]
@@ -99,8 +100,11 @@ def weight_files(ckpt_dir: str) -> dict[str, str]:
         raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {ckpt_dir}{hint}")
     from safetensors import safe_open
 
-    with safe_open(single, framework="pt") as f:
-        return dict.fromkeys(f.keys(), single)
+    try:
+        with safe_open(single, framework="pt") as f:
+            return dict.fromkeys(f.keys(), single)
+    except Exception as e:  # safetensors raises its own error type for a truncated or foreign file
+        raise CheckpointError(f"cannot read {single}: {type(e).__name__}: {e}") from e
 
 
 def to_interleaved(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -117,17 +121,25 @@ def hf_key(ours: str) -> str:
     return f"{TOP_KEYS[name]}.weight"
 
 
-def load_hf_model(ckpt_dir, args: ModelArgs, mp_rank, mp_size, device, dtype, progress=log.info) -> Transformer:
-    """Build the model for rank `mp_rank` and fill it from the folder's safetensors, strictly, slicing at read."""
-    from safetensors import safe_open
-
+def check_split(args: ModelArgs, mp_size: int) -> None:
+    """Each rank takes an equal share of the heads, the vocabulary and the widths: the rank count must divide them."""
     sizes = {
         "num_attention_heads": args.n_heads, "num_key_value_heads": args.n_kv_heads, "vocab_size": args.vocab_size,
         "hidden_size": args.dim, "intermediate_size": args.hidden_dim,
     }  # fmt: skip
     for name, size in sizes.items():
         if size % mp_size:
-            raise CheckpointError(f"{name} {size} does not split over {mp_size} ranks")
+            raise CheckpointError(
+                f"config.json's {name} {size} does not split over {mp_size} ranks; run with a rank count that "
+                "divides the heads, key/value heads, vocabulary and widths"
+            )
+
+
+def load_hf_model(ckpt_dir, args: ModelArgs, mp_rank, mp_size, device, dtype, progress=log.info) -> Transformer:
+    """Build the model for rank `mp_rank` and fill it from the folder's safetensors, strictly, slicing at read."""
+    from safetensors import safe_open
+
+    check_split(args, mp_size)
     files = weight_files(ckpt_dir)
     tied = read_config(ckpt_dir).get("tie_word_embeddings", False)  # the output layer reads the embedding
     model = Transformer(args)  # parameters are uninitialized; every one is replaced below
@@ -161,7 +173,7 @@ def load_hf_model(ckpt_dir, args: ModelArgs, mp_rank, mp_size, device, dtype, pr
 
 def _read_slice(sl, src: str, key: str, shape, args: ModelArgs, rank: int, mp: int) -> torch.Tensor:
     """This rank's part of one HF tensor, as our parameter `key` (of local `shape`) holds it."""
-    dim = SPLIT_DIM.get(key.split(".")[-2])
+    dim = split_dim(key)
     full = list(shape)
     if dim is not None:
         full[dim] *= mp

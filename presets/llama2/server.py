@@ -81,7 +81,7 @@ def openai_model(rt: Runtime, settings: Settings, kind: str) -> OpenAIModel:
         name = os.path.basename(os.path.normpath(settings.ckpt_dir))
     return OpenAIModel(
         name, lambda: settings.max_seq_len, lambda text: rt.tokenizer.encode(text, bos=True, eos=False),
-        encode_messages, StepRunner(rt, lambda ids: rt.tokenizer.decode(ids)),
+        encode_messages, StepRunner(rt),
     )  # fmt: skip
 
 

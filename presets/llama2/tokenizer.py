@@ -5,10 +5,14 @@ eos), decode(ids), n_words, bos_id, eos_id and eos_ids (every id that ends a gen
 <|end_of_text|> and <|eot_id|>), and chat_template (the model's own, or None for Meta's Llama-2 format).
 """
 
-import json
+import logging
 import os
 
 from presets.llama2.chat_template import ChatTemplate, ChatTemplateError, load_chat_template, special_tokens
+from presets.llama2.hf_checkpoint import is_hf_folder
+from presets.llama2.json_files import read_json
+
+log = logging.getLogger(__name__)
 
 
 class TokenizerError(Exception):
@@ -41,9 +45,10 @@ class Tokenizer:
 
 class HFTokenizer:
     """A tokenizer.json (the `tokenizers` package), with its special tokens and chat template from the files
-    beside it: tokenizer_config.json, config.json and generation_config.json."""
+    beside it (tokenizer_config.json, chat_template.jinja) and the model's EOS ids from `model_dir`'s
+    config.json and generation_config.json (the tokenizer's folder when no model folder is given)."""
 
-    def __init__(self, path: str, folder: str):
+    def __init__(self, path: str, model_dir: str | None = None):
         from tokenizers import Tokenizer as Fast
 
         try:
@@ -51,6 +56,7 @@ class HFTokenizer:
         except Exception as e:  # tokenizers raises a bare Exception for malformed files
             raise TokenizerError(f"{path}: not a tokenizer.json the tokenizers package can read: {e}") from e
         self.n_words = self.tok.get_vocab_size(with_added_tokens=True)
+        folder = os.path.dirname(os.path.abspath(path))
         try:
             special = special_tokens(folder)
             self.chat_template = load_chat_template(folder)
@@ -59,7 +65,9 @@ class HFTokenizer:
         self.bos_id = self._id(special.get("bos_token"))
         eos = [self._id(special.get("eos_token"))]
         for name in ("config.json", "generation_config.json"):  # generation_config's list of stop ids first
-            value = _json(folder, name).get("eos_token_id")
+            value = read_json(os.path.join(model_dir or folder, name), TokenizerError, required=False).get(
+                "eos_token_id"
+            )
             eos = (value if isinstance(value, list) else [value]) + eos
         self.eos_ids = tuple(dict.fromkeys(i for i in eos if i is not None))
         if not self.eos_ids:
@@ -79,17 +87,6 @@ class HFTokenizer:
         return self.tok.decode(ids, skip_special_tokens=True)
 
 
-def _json(folder: str, name: str) -> dict:
-    path = os.path.join(folder, name)
-    if not os.path.isfile(path):
-        return {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError) as e:
-        raise TokenizerError(f"cannot read {path}: {e}") from e
-
-
 def find_tokenizer(ckpt_dir: str, tokenizer_path: str = "") -> str:
     """The tokenizer file: `tokenizer_path` when given, else the checkpoint folder's tokenizer.json or
     tokenizer.model (tokenizer.json first in a HuggingFace folder, which may carry both)."""
@@ -97,9 +94,7 @@ def find_tokenizer(ckpt_dir: str, tokenizer_path: str = "") -> str:
         if not os.path.isfile(tokenizer_path):
             raise TokenizerError(f"tokenizer not found: {tokenizer_path}")
         return tokenizer_path
-    names = ("tokenizer.model", "tokenizer.json")
-    if os.path.isfile(os.path.join(ckpt_dir, "config.json")):
-        names = names[::-1]
+    names = ("tokenizer.json", "tokenizer.model") if is_hf_folder(ckpt_dir) else ("tokenizer.model", "tokenizer.json")
     for name in names:
         if os.path.isfile(os.path.join(ckpt_dir, name)):
             return os.path.join(ckpt_dir, name)
@@ -107,21 +102,20 @@ def find_tokenizer(ckpt_dir: str, tokenizer_path: str = "") -> str:
 
 
 def load_tokenizer(path: str, model_dir: str | None = None) -> Tokenizer | HFTokenizer:
-    """The tokenizer in `path`, told by its content: JSON is a tokenizer.json, else a SentencePiece model.
-    The special tokens of a tokenizer.json come from its folder, then from `model_dir`'s config files."""
+    """The tokenizer in `path`, told by its content: JSON is a tokenizer.json, else a SentencePiece model
+    (which has no chat template here: the Llama-2 format is written for it; see chat_format.py)."""
     with open(path, "rb") as f:
         head = f.read(256).lstrip()
     if head.startswith(b"{"):
-        folder = os.path.dirname(os.path.abspath(path))
-        if model_dir and not os.path.isfile(os.path.join(folder, "tokenizer_config.json")):
-            folder = model_dir
-        return HFTokenizer(path, folder)
+        return HFTokenizer(path, model_dir)
     try:
         tok = Tokenizer(path)
     except (RuntimeError, OSError) as e:
         raise TokenizerError(f"{path} is neither a SentencePiece tokenizer.model nor a tokenizer.json") from e
-    try:
-        tok.chat_template = load_chat_template(model_dir or os.path.dirname(os.path.abspath(path)))
-    except ChatTemplateError as e:
-        raise TokenizerError(str(e)) from e
+    folder = model_dir or os.path.dirname(os.path.abspath(path))
+    if os.path.isfile(os.path.join(folder, "chat_template.jinja")) or "chat_template" in read_json(
+        os.path.join(folder, "tokenizer_config.json"), TokenizerError, required=False
+    ):
+        # A template writes its special tokens as text ("<s>"), which SentencePiece cannot turn into their ids.
+        log.warning("%s has a chat template, used only with a tokenizer.json; chat uses Llama-2's format", folder)
     return tok

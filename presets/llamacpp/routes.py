@@ -16,7 +16,7 @@ from quart import Blueprint, Response, current_app, jsonify, request
 
 from presets.serving.app import record_counts, runtime
 from presets.serving.errors import ApiError
-from presets.serving.params import SamplingParams
+from presets.serving.params import SamplingParams, room_left
 from presets.serving.validation import boolean, integer, json_body, number, reject_unknown
 
 llm_api = Blueprint("llm_api", __name__)
@@ -76,11 +76,7 @@ async def _prepared():
     rt = runtime()
     rt.require_ready()
     ids, params, stops = parse(body, current_app.extensions["llm_api"])
-    room = rt.max_seq_len - len(ids)
-    if room < 1:
-        raise ApiError(400, f"prompt is {len(ids)} tokens; ctx_size is {rt.max_seq_len}, so a prompt may have at "
-                       f"most {rt.max_seq_len - 1} tokens")  # fmt: skip
-    params = SamplingParams(**{**vars(params), "max_tokens": min(params.max_tokens or room, room)})
+    room_left(rt.max_seq_len, len(ids), "ctx_size")  # before a stream starts; Runtime.sequences caps n_predict to it
     return ids, params, stops
 
 

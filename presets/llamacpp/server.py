@@ -38,6 +38,7 @@ def build_runtime(cfg: LlmApiConfig, path: str) -> Runtime:
         return engine, engine.tokenizer
 
     rt = Runtime(load, params["n_ctx"], cfg.max_batch_size, cfg.max_queue_size)
+    rt.context_setting = "ctx_size"  # llm-api's name for the context, in errors
     return rt
 
 
@@ -73,7 +74,7 @@ def build_app(cfg: LlmApiConfig, path: str, exit=lambda code: None, start: bool 
     rt = build_runtime(cfg, path)
     keys = auth.load_keys(cfg.api_key, cfg.api_key_file)
     app = create_app(rt, [llm_api, openai], lambda: exit(0), keys)
-    runner = StepRunner(rt, lambda ids: rt.tokenizer.decode(ids))
+    runner = StepRunner(rt)
     params = cfg.llama_params()
     app.extensions["llm_api"] = LlmApiSettings(rt, runner, params["last_n_tokens_size"], params["seed"])
     app.extensions["openai_model"] = OpenAIModel(

@@ -21,6 +21,7 @@ class Job:
     payload: object
     result: object = None
     error: str | None = None
+    error_status: int = 503  # the HTTP status its error gives a client: 500 when generating it failed
     done: Flag = field(default_factory=Flag)
     notify: Flag | None = None  # also set when done (a stream's reader waits on it for tokens and the end)
 
@@ -103,7 +104,7 @@ class BatchLoop(EngineThread):
                 log.exception("generation failed")
                 self.last_step_failed = True
                 for job in batch:
-                    job.error = f"generation failed: {type(e).__name__}: {e}"
+                    job.error, job.error_status = f"generation failed: {type(e).__name__}: {e}", 500
             with self.cv:
                 self.running, self.batch = 0, []
                 for job in batch:

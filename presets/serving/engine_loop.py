@@ -168,5 +168,5 @@ class EngineLoop(EngineThread):
             self.last_step_failed = True
             with self.cv:
                 for seq in list(sched.running):
-                    sched.finish(seq, None, f"generation failed: {type(e).__name__}: {e}")
+                    sched.finish(seq, None, f"generation failed: {type(e).__name__}: {e}", status=500)
                 sched.blocks.reset_cache()  # blocks keyed in this step may hold nothing valid

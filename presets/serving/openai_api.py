@@ -14,11 +14,10 @@ from dataclasses import dataclass
 from quart import Blueprint, Response, current_app, jsonify, request
 
 from presets.serving.app import record, runtime
-from presets.serving.detokenizer import Detokenizer
 from presets.serving.errors import ApiError
 from presets.serving.flag import Flag
-from presets.serving.params import SamplingParams
-from presets.serving.scheduler import Sequence
+from presets.serving.params import SamplingParams, room_left
+from presets.serving.streaming import StreamedText, cut_at_stop
 from presets.serving.validation import boolean, integer, json_body, number
 
 openai = Blueprint("openai", __name__, url_prefix="/v1")
@@ -77,12 +76,11 @@ def _request(body: dict, prompts: list[list[int]], default_max: int | None):
         raise ApiError(400, "prompt is empty: it has no tokens for this model")
     longest = max(len(p) for p in prompts)
     context = m.context()
-    if longest >= context:
-        raise ApiError(400, f"this model's maximum context length is {context} tokens; the prompt has {longest}")
+    room = room_left(context, longest, "this model's maximum context length", "the longest prompt")
     max_tokens = integer(body, "max_tokens", "", default_max, lo=1)
     if max_tokens is None:
-        max_tokens = context - longest
-    if longest + max_tokens > context:
+        max_tokens = room
+    if max_tokens > room:  # OpenAI's rule: a 400, not a shorter answer as the seed routes give
         raise ApiError(
             400,
             f"this model's maximum context length is {context} tokens; the request has {longest} prompt "
@@ -98,52 +96,30 @@ def _request(body: dict, prompts: list[list[int]], default_max: int | None):
     return params, n, _stops(body), boolean(body, "stream", "", False)
 
 
-def stop_window(stops) -> int:
-    """Tokens whose text holds any stop string that the newest token completed: a character takes at most
-    4 byte tokens, plus slack for the window's own first token, whose decoding may differ."""
-    return 4 * max(len(s) for s in stops) + 8
-
-
-def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
-    """(text before the first stop string, whether one was found)."""
-    cut = min((text.find(s) for s in stops if s in text), default=-1)
-    return (text, False) if cut < 0 else (text[:cut], True)
-
-
 class StepRunner:
-    """Runs OpenAI requests on a step engine (EngineLoop): real streaming, stop strings end sequences."""
+    """Runs OpenAI (and llm-api) requests on a step engine (EngineLoop): real streaming, stop strings end
+    sequences."""
 
-    def __init__(self, rt, decode):
+    def __init__(self, rt):
         self.rt = rt
-        self.decode = decode  # (ids) -> text
 
-    def _sequences(self, prompts, params: SamplingParams, n: int, stops: list[str]) -> list[Sequence]:
-        seqs = []
-        for ids in prompts:
-            for i in range(n):  # n choices per prompt, in OpenAI's order; seeds differ per choice
-                p = params if params.seed is None else SamplingParams(**{**vars(params), "seed": params.seed + i})
-                seq = Sequence(ids, p, params.max_tokens)
-                if stops:
-                    seq.stop_check = lambda out, _s=stops: any(s in self.decode(out[-stop_window(_s) :]) for s in _s)
-                seqs.append(seq)
-        return seqs
+    def decode(self, ids: list[int]) -> str:
+        return self.rt.tokenizer.decode(ids)
 
     async def generate(self, prompts, params, n, stops) -> list[tuple[str, str, int]]:
         """(text, finish_reason, completion tokens) per choice."""
-        seqs = await self.rt.arun(self._sequences(prompts, params, n, stops))
+        seqs = await self.rt.arun(self.rt.sequences(prompts, params, n, stops))
         record(seqs)
         return [(cut_at_stop(self.decode(s.output), stops)[0], s.finish_reason, len(s.output)) for s in seqs]
 
     async def stream(self, prompts, params, n, stops):
         """Yield (choice index, new text or None, finish_reason or None) as tokens come out."""
-        seqs = self._sequences(prompts, params, n, stops)
+        seqs = self.rt.sequences(prompts, params, n, stops)
         notify = Flag()
         for seq in seqs:
             seq.notify = notify
         deadline = self.rt.submit(seqs)  # 503 now, before the stream starts, if the queue is full
-        hold = max((len(s) for s in stops), default=1) - 1  # text that may still become a stop string
-        sent = [""] * len(seqs)
-        texts = [Detokenizer(self.decode) for _ in seqs]
+        texts = [StreamedText(self.decode, stops) for _ in seqs]
         finished = [False] * len(seqs)
         try:
             while not all(finished):
@@ -154,16 +130,10 @@ class StepRunner:
                         continue
                     done = seq.done.is_set()
                     if done and seq.error:
-                        raise ApiError(503, seq.error)
-                    # Settled text of the tokens so far (incremental); the whole output decoded once at the end.
-                    text = cut_at_stop(self.decode(seq.output) if done else texts[i].update(seq.output), stops)[0]
-                    if not done:  # hold back what a later token may still turn into a stop string
-                        text = text[: max(0, len(text) - hold)]
-                    if text.startswith(sent[i]) and len(text) > len(sent[i]):
-                        yield i, text[len(sent[i]) :], None
-                        sent[i] = text
-                    elif done and not text.startswith(sent[i]):  # never silently shorter than non-streamed
-                        raise ApiError(500, "streamed text diverged from the final text; retry without stream")
+                        raise ApiError(seq.error_status, seq.error)
+                    piece = texts[i].update(list(seq.output), done)
+                    if piece:
+                        yield i, piece, None
                     if done:
                         finished[i] = True
                         yield i, None, seq.finish_reason

@@ -44,3 +44,12 @@ class SamplingParams:
             ignore_eos=boolean(params, "ignore_eos", where, False),
             seed=integer(params, "seed", where, None, lo=0, hi=2**63 - 1),
         )
+
+
+def room_left(context: int, prompt_tokens: int, setting: str, which: str = "prompt") -> int:
+    """Tokens a prompt leaves for generation in a context of `context` tokens (every route's one rule); a 400
+    naming `setting`, what sets the context (--max_seq_len, ctx_size, the model's), when it leaves none."""
+    if prompt_tokens >= context:
+        raise ApiError(400, f"{which} is {prompt_tokens} tokens; {setting} is {context} tokens, so a prompt may "
+                       f"have at most {context - 1} tokens")  # fmt: skip
+    return context - prompt_tokens

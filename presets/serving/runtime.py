@@ -4,12 +4,15 @@ import asyncio
 import logging
 import threading
 import time
+from dataclasses import replace
+from functools import partial
 
 from presets.serving.engine_loop import Call, EngineLoop
 from presets.serving.errors import ApiError
 from presets.serving.metrics import Metrics
-from presets.serving.params import SamplingParams
+from presets.serving.params import SamplingParams, room_left
 from presets.serving.scheduler import Sequence
+from presets.serving.streaming import stop_window
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +31,7 @@ class Runtime:
         self._make_loop = make_loop or self._engine_loop
         self.heartbeat_s = heartbeat_s
         self.max_seq_len = max_seq_len
+        self.context_setting = "max_seq_len"  # what sets max_seq_len, as errors name it (llm-api: ctx_size)
         self.max_batch_size = max_batch_size
         self.max_waiting = max_waiting
         self.request_timeout = request_timeout  # seconds a generation request may run; 0: no limit
@@ -122,20 +126,24 @@ class Runtime:
 
     # -- requests: coroutines of the HTTP event loop; the engine thread wakes them through Flags ----
 
-    def sequences(self, prompts: list[list[int]], params: SamplingParams) -> list[Sequence]:
-        """One Sequence per token-id prompt, bounded by max_seq_len as the seeds are; 400 when one cannot fit."""
+    def sequences(self, prompts: list[list[int]], params: SamplingParams, n: int = 1, stops=()) -> list[Sequence]:
+        """The Sequences of a request, for every route on the step engine: `n` choices per token-id prompt, in
+        order (with a seed, choice i samples with seed + i), each bounded by max_seq_len as the seeds are (400
+        when a prompt cannot fit); with `stops`, a sequence ends once its text holds one of the strings."""
         seqs = []
         for i, ids in enumerate(prompts):
-            if len(ids) >= self.max_seq_len:
-                raise ApiError(
-                    400,
-                    f"prompt {i} is {len(ids)} tokens; max_seq_len is {self.max_seq_len}, "
-                    f"so a prompt may have at most {self.max_seq_len - 1} tokens",
-                )
-            room = self.max_seq_len - len(ids)
-            max_new = min(params.max_tokens or room, room)  # the seeds: bounded by max_seq_len
-            seqs.append(Sequence(ids, params, max_new))
+            room = room_left(self.max_seq_len, len(ids), self.context_setting, f"prompt {i}")
+            for c in range(n):
+                p = params if params.seed is None else replace(params, seed=params.seed + c)
+                seq = Sequence(ids, p, min(params.max_tokens or room, room))  # the seeds: bounded by max_seq_len
+                if stops:
+                    seq.stop_check = partial(self._holds_stop, stops=stops)
+                seqs.append(seq)
         return seqs
+
+    def _holds_stop(self, output: list[int], stops) -> bool:
+        """Whether the text of a sequence's last tokens holds one of its stop strings (engine thread, each step)."""
+        return any(s in self.tokenizer.decode(output[-stop_window(stops) :]) for s in stops)
 
     async def agenerate(self, prompts: list[list[int]], params: SamplingParams) -> list[Sequence]:
         """Complete each token-id prompt. Raises ApiError for the client."""
@@ -171,7 +179,7 @@ class Runtime:
             for item in items:
                 await self.wait(item, deadline)
                 if item.error:
-                    raise ApiError(500 if item.error.startswith("generation failed") else 503, item.error)
+                    raise ApiError(item.error_status, item.error)
         finally:
             self.cancel(items)
         return items

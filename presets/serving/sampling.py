@@ -74,7 +74,8 @@ def sample(logits: torch.Tensor, seqs) -> list[int]:
     for i in (i for i in rows if 0 < seqs[i].params.top_k < vocab):  # top-k first: only k candidates to sort
         p = seqs[i].params
         values, ids = logits[i].topk(p.top_k)
-        probs = top_p_filter(torch.softmax(values / p.temperature, dim=-1)[None], torch.tensor([p.top_p]))[0]
+        top_p = torch.tensor([p.top_p], device=logits.device)  # on the logits' device (CUDA too)
+        probs = top_p_filter(torch.softmax(values / p.temperature, dim=-1)[None], top_p)[0]
         tokens[i] = ids[torch.multinomial(probs, 1, generator=seqs[i].rng)[0]]
     return tokens.tolist()
 

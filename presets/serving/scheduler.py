@@ -43,6 +43,7 @@ class Sequence:
     num_computed: int = 0  # leading tokens whose keys and values are in the cache
     finish_reason: str | None = None  # "stop" (EOS) or "length"
     error: str | None = None
+    error_status: int = 503  # the HTTP status its error gives a client: 500 when generating it failed
     rng: object = None  # the engine loop's random generator for this sequence
     arrival: float = field(default_factory=time.perf_counter)
     admitted: float | None = None  # when it first started running
@@ -241,15 +242,16 @@ class Scheduler:
             elif seq.notify:
                 seq.notify.set()
 
-    def finish(self, seq: Sequence, reason: str | None, error: str | None = None) -> None:
-        """Retire `seq` (from any state), free its blocks and wake its waiter; a finished one stays as it is."""
+    def finish(self, seq: Sequence, reason: str | None, error: str | None = None, status: int = 503) -> None:
+        """Retire `seq` (from any state), free its blocks and wake its waiter; a finished one stays as it is.
+        An `error` reaches the client with `status`: 503 (stopped, cancelled: try again), 500 (it failed)."""
         if seq.status is Status.FINISHED:
             return
         if seq.status is Status.RUNNING:
             self._leave(seq)
         elif seq.status is Status.WAITING and seq in self.waiting:
             self.waiting.remove(seq)
-        seq.status, seq.finish_reason, seq.error = Status.FINISHED, reason, error
+        seq.status, seq.finish_reason, seq.error, seq.error_status = Status.FINISHED, reason, error, status
         if reason is not None and self.on_finish:
             self.on_finish(seq)
         seq.done.set()
