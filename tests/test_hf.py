@@ -213,3 +213,37 @@ def test_ignore_eos_is_not_undone_by_the_models_generation_config(falcon_dir):
         assert rt.engine.eos_id == rt.tokenizer.eos_token_id  # read before it was cleared
     finally:
         rt.shutdown()
+
+
+def test_sampling_on_our_engine_is_seeded_and_gives_n_sequences(hf_llama_dir):
+    client, rt = hf_client(hf_llama_dir)
+    try:
+        body = {"prompt": "Once upon", "max_length": 30, "seed": 7, "top_k": 50}
+        first, again = (client.post("/chat", json=body).get_json()["Result"] for _ in range(2))
+        assert first == again and first.startswith("Once upon")
+        others = {client.post("/chat", json={**body, "seed": s}).get_json()["Result"] for s in (8, 9, 10)}
+        assert others - {first}, "three other seeds all gave the seed-7 text"
+        two = client.post("/chat", json={**body, "num_return_sequences": 2}).get_json()["Result"]
+        parts = two.split("Once upon")[1:]
+        assert len(parts) == 2 and "Once upon" + parts[0] == first and parts[0] != parts[1]
+        assert client.post("/chat", json={**body, "min_length": 2}).status_code == 200  # the prompt reaches it
+        r = client.post("/chat", json={**body, "min_length": 20})
+        assert r.status_code == 400 and "min_length=20 needs transformers' generate" in r.get_json()["detail"]
+    finally:
+        rt.shutdown()
+
+
+def test_auto_engine_falls_back_to_generate_for_a_llama_folder_ours_cannot_run(hf_llama_dir, tmp_path):
+    import shutil
+
+    folder = tmp_path / "gelu"
+    shutil.copytree(hf_llama_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "hidden_act": "gelu"}))  # transformers runs it
+    client, rt = hf_client(str(folder))
+    try:
+        assert [m["engine"] for m in client.get("/v1/models").get_json()["data"]] == ["transformers"]
+        got = client.post("/chat", json={"prompt": "Hello", "do_sample": False, "max_length": 20}).get_json()
+        assert got == {"Result": reference(str(folder), "Hello", do_sample=False, max_length=20)}
+    finally:
+        rt.shutdown()

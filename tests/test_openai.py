@@ -184,17 +184,19 @@ def test_key_file_and_environment(tmp_path, monkeypatch):
     assert parse_settings(["--api_key", "flag"]).api_key == "flag"
 
 
-def test_openai_routes_on_a_huggingface_model(request, hf_llama_dir, falcon_client):
+@pytest.mark.parametrize("engine", ["auto", "transformers"])  # auto: ours, for a Llama folder
+def test_openai_routes_on_a_huggingface_model(request, hf_llama_dir, falcon_client, engine):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "inference_api.py", "--model_id", hf_llama_dir, "--host", "127.0.0.1", "--port", str(port)]
+    cmd = [sys.executable, "inference_api.py", "--model_id", hf_llama_dir, "--host", "127.0.0.1", "--port", str(port),
+           "--engine", engine]  # fmt: skip
     proc = start(cmd, "falcon")
     with running(proc):
         wait_healthy(proc, url)
         c = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
         request.addfinalizer(c.close)
         name = os.path.basename(hf_llama_dir)
-        assert [m.id for m in c.models.list().data] == [name]
+        assert [(m.id, m.engine) for m in c.models.list().data] == [(name, "presets" if engine == "auto" else engine)]
         args = dict(model=name, prompt="The river", max_tokens=40, temperature=0)
         r = c.completions.create(**args)
         whole = r.choices[0].text

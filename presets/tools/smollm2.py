@@ -75,6 +75,8 @@ def ensure_smollm2(out_dir: str) -> str:
     out_dir = os.path.abspath(out_dir)
     if os.path.exists(os.path.join(out_dir, MARKER)):
         return out_dir
+    if os.path.isdir(out_dir) and os.listdir(out_dir):  # never ours (we rename a finished folder into place)
+        raise SystemExit(f"{out_dir} exists and is not a SmolLM2 conversion; give another folder or remove it")
     import transformers
 
     download_dir = out_dir + ".download"
@@ -96,7 +98,8 @@ def ensure_smollm2(out_dir: str) -> str:
         open(os.path.join(tmp_dir, MARKER), "w").close()
         for name in os.listdir(tmp_dir):  # safetensors comes out 0600; servers may run as another user
             os.chmod(os.path.join(tmp_dir, name), 0o644)
-        shutil.rmtree(out_dir, ignore_errors=True)  # an incomplete leftover: os.replace needs the name free
+        if os.path.isdir(out_dir):
+            os.rmdir(out_dir)  # empty (checked above): os.replace needs the name free
         os.replace(tmp_dir, out_dir)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
