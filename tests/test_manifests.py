@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import jsonschema
+import pytest
 import yaml
 
 from presets.llama2.server import TORCHRUN_DRAIN
@@ -61,18 +62,23 @@ KAITO_PRESETS = {f"llama-2-{size}{chat}" for size in ("7b", "13b", "70b") for ch
 }
 
 
-def test_kaito_workspaces_match_the_crd_schema_for_every_preset():
+@pytest.mark.parametrize("version, folder", [("v1alpha1", ""), ("v1beta1", "v1beta1")])
+def test_kaito_workspaces_match_the_crd_schema_for_every_preset(version, folder):
     with open(os.path.join(ROOT, "tests", "data", "kaito", "kaito.sh_workspaces.yaml")) as f:  # vendored, see README
         crd = yaml.safe_load(f)
-    (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1alpha1"]
-    schema = version["schema"]["openAPIV3Schema"]
-    seen = set()
-    for path in glob.glob(os.path.join(ROOT, "examples", "kaito", "*.yaml")):
+    (served,) = [v for v in crd["spec"]["versions"] if v["name"] == version]
+    schema = served["schema"]["openAPIV3Schema"]
+    seen = {}
+    for path in glob.glob(os.path.join(ROOT, "examples", "kaito", folder, "*.yaml")):
         with open(path) as f:
             ws = yaml.safe_load(f)
         jsonschema.validate(ws, schema)
-        assert ws["apiVersion"] == "kaito.sh/v1alpha1" and ws["kind"] == "Workspace", path
+        assert ws["apiVersion"] == f"kaito.sh/{version}" and ws["kind"] == "Workspace", path
         preset = ws["inference"]["preset"]
         assert preset["accessMode"] == "private" and preset["presetOptions"]["image"], path
-        seen.add(preset["name"])
-    assert seen == KAITO_PRESETS
+        seen[preset["name"]] = {k: v for k, v in ws.items() if k != "apiVersion"}
+    assert set(seen) == KAITO_PRESETS
+    if version == "v1beta1":  # the same Workspaces as the v1alpha1 ones, but for their apiVersion
+        for name, ws in seen.items():
+            with open(os.path.join(ROOT, "examples", "kaito", f"workspace-{name}.yaml")) as f:
+                assert {k: v for k, v in yaml.safe_load(f).items() if k != "apiVersion"} == ws

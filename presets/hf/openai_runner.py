@@ -8,6 +8,7 @@ from presets.serving.app import record_counts
 from presets.serving.batch_loop import Job
 from presets.serving.errors import ApiError
 from presets.serving.flag import Flag
+from presets.serving.openai_api import count_usage
 from presets.serving.params import SamplingParams
 from presets.serving.streaming import StreamedText, cut_at_stop
 
@@ -61,8 +62,10 @@ class HFRunner:
         record_counts(len(choices), sum(len(p) for p in prompts), sum(c[2] for c in choices))
         return choices
 
-    async def stream(self, prompts, params: SamplingParams, n: int, stops):
-        """Yield (choice index, new text or None, finish_reason or None); each choice is its own job, in turn."""
+    async def stream(self, prompts, params: SamplingParams, n: int, stops, usage=None):
+        """Yield (choice index, new text or None, finish_reason or None); each choice is its own job, in turn.
+        `usage` and the metrics get the request's counts when it ends (a client that left: the tokens it got)."""
+        t0 = time.perf_counter()
         jobs = []
         for ids in prompts:
             for c in range(n):
@@ -79,6 +82,10 @@ class HFRunner:
                     yield piece
         finally:
             self.rt.cancel(jobs)  # a client that left stops its generation at the next token
+            generated = [len(job.payload.streamer.tokens) for job in jobs]
+            for job, tokens in zip(jobs, generated):
+                self.rt.metrics.finished_request(t0, len(job.payload.prompt_ids), tokens)
+            count_usage(usage, prompts, generated)
 
     async def _follow(self, job, streamer, index: int, stops, deadline):
         """Pieces of one streamed job, from its streamer's tokens; the final text settles the rest."""

@@ -100,7 +100,7 @@ def build_runtime(settings: HFSettings) -> Runtime:
             warm_up_job=lambda: Job(None, HFJob("Hello", ids, warm, 1)),
         )  # fmt: skip
 
-    rt = Runtime(load, 0, settings.max_batch_size, settings.max_queue_size, make_loop=make_loop)
+    rt = Runtime(load, None, settings.max_batch_size, settings.max_queue_size, make_loop=make_loop)
     return rt
 
 
@@ -113,7 +113,8 @@ def create_hf_app(settings: HFSettings, rt: Runtime, shutdown=lambda: None):
         lambda: rt.engine.context or 2048,
         lambda text: rt.tokenizer(text).input_ids,
         lambda messages: rt.tokenizer(render_messages(messages, rt.tokenizer), add_special_tokens=False).input_ids,
-        HFRunner(rt), engine="transformers",
+        HFRunner(rt), engine="transformers", vocab_size=lambda: len(rt.tokenizer),
+        unsupported=("presence_penalty", "frequency_penalty", "logit_bias"),  # generate's penalties differ
     )  # fmt: skip
     return app
 

@@ -81,7 +81,7 @@ def openai_model(rt: Runtime, settings: Settings, kind: str) -> OpenAIModel:
         name = os.path.basename(os.path.normpath(settings.ckpt_dir))
     return OpenAIModel(
         name, lambda: settings.max_seq_len, lambda text: rt.tokenizer.encode(text, bos=True, eos=False),
-        encode_messages, StepRunner(rt),
+        encode_messages, StepRunner(rt), vocab_size=lambda: rt.tokenizer.n_words,
     )  # fmt: skip
 
 

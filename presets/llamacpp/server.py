@@ -80,6 +80,7 @@ def build_app(cfg: LlmApiConfig, path: str, exit=lambda code: None, start: bool 
     app.extensions["openai_model"] = OpenAIModel(
         cfg.served_model_name or f"{cfg.model_family}-{cfg.model_name}", lambda: rt.max_seq_len,
         lambda text: rt.tokenizer.encode(text), lambda messages: _encode_messages(rt, messages), runner,
+        vocab_size=lambda: rt.tokenizer.n_words,
     )  # fmt: skip
     rt.on_failure = lambda: exit(1)
     if start:

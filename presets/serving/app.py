@@ -14,7 +14,7 @@ from quart import Blueprint, Quart, Response, current_app, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from presets.serving import auth
-from presets.serving.errors import ApiError
+from presets.serving.errors import ApiError, openai_error
 
 log = logging.getLogger("presets.requests")
 
@@ -35,6 +35,12 @@ def record(seqs) -> None:
 
 def record_counts(sequences: int, prompt_tokens: int, generated_tokens: int) -> None:
     g.sequences, g.prompt_tokens, g.generated_tokens = sequences, prompt_tokens, generated_tokens
+
+
+def log_request(method, path, status, sequences, prompt_tokens, generated_tokens, seconds) -> None:
+    """The one log line of a request."""
+    log.info("%s %s %d sequences=%d prompt_tokens=%d generated_tokens=%d seconds=%.3f", method, path, status,
+             sequences, prompt_tokens, generated_tokens, seconds)  # fmt: skip
 
 
 @common.get("/")
@@ -90,18 +96,23 @@ def create_app(runtime_, blueprints, shutdown=lambda: None, api_keys=()) -> Quar
     for bp in blueprints:
         app.register_blueprint(bp)
 
+    def error(status: int, message: str, headers=None, param=None):
+        """The seed routes' {"detail": ...}, or OpenAI's error object on the /v1 routes."""
+        body = openai_error(status, message, param) if request.path.startswith("/v1/") else {"detail": message}
+        return jsonify(body), status, headers or {}
+
     @app.errorhandler(ApiError)
     def api_error(e: ApiError):
-        return jsonify(detail=e.detail), e.status, e.headers
+        return error(e.status, e.detail, e.headers, e.param)
 
     @app.errorhandler(HTTPException)
     def http_error(e: HTTPException):
-        return jsonify(detail=f"{e.name}: {e.description}"), e.code
+        return error(e.code, f"{e.name}: {e.description}")
 
     @app.errorhandler(Exception)
     def internal_error(e: Exception):
         log.exception("unhandled error on %s %s", request.method, request.path)
-        return jsonify(detail=f"internal error: {type(e).__name__}"), 500
+        return error(500, f"internal error: {type(e).__name__}")
 
     @app.before_request
     def start_timer():
@@ -115,15 +126,13 @@ def create_app(runtime_, blueprints, shutdown=lambda: None, api_keys=()) -> Quar
                            f"(got {request.headers.get('Content-Type') or 'none'})")  # fmt: skip
 
     @app.after_request
-    def log_request(response):
+    def after(response):
         if response.status_code == 503:
             runtime_.metrics.rejected.inc()
-        if request.path not in PROBES:  # probes would drown the log
-            log.info(
-                "%s %s %d sequences=%d prompt_tokens=%d generated_tokens=%d seconds=%.3f",
-                request.method, request.path, response.status_code, g.get("sequences", 0),
-                g.get("prompt_tokens", 0), g.get("generated_tokens", 0),
-                time.perf_counter() - g.get("start", time.perf_counter()),
+        if request.path not in PROBES and not g.get("streamed"):  # probes would drown the log; a stream logs at its end
+            log_request(
+                request.method, request.path, response.status_code, g.get("sequences", 0), g.get("prompt_tokens", 0),
+                g.get("generated_tokens", 0), time.perf_counter() - g.get("start", time.perf_counter()),
             )  # fmt: skip
         return response
 

@@ -53,10 +53,14 @@ class Metrics:
         self.preemptions.inc()
 
     def finished(self, seq) -> None:
-        """Record a completed sequence (EngineLoop's sequences carry per-token times)."""
+        """Record a retired sequence (EngineLoop's sequences carry per-token times); one that was cancelled or
+        failed counts its tokens, not its latencies."""
         times = seq.token_times
-        self.prompt_tokens.inc(len(seq.prompt))
+        if seq.admitted is not None:  # a sequence refused or cancelled while waiting computed nothing
+            self.prompt_tokens.inc(len(seq.prompt))
         self.generation_tokens.inc(len(times))
+        if seq.error:
+            return
         if seq.admitted is not None:
             self.queue.observe(seq.admitted - seq.arrival)
         if times:

@@ -11,20 +11,24 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from quart import Blueprint, Response, current_app, jsonify, request
+from quart import Blueprint, Response, current_app, g, jsonify, request
 
-from presets.serving.app import record, runtime
-from presets.serving.errors import ApiError
+from presets.serving.app import log_request, record, runtime
+from presets.serving.errors import ApiError, openai_error
 from presets.serving.flag import Flag
 from presets.serving.params import SamplingParams, room_left
 from presets.serving.streaming import StreamedText, cut_at_stop
-from presets.serving.validation import boolean, integer, json_body, number
+from presets.serving.validation import boolean, integer, json_body, number, reject_unknown
 
 openai = Blueprint("openai", __name__, url_prefix="/v1")
 
-COMMON = {"model", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "stream", "user", "ignore_eos"}
-COMPLETION_FIELDS = COMMON | {"prompt"}
-CHAT_FIELDS = COMMON | {"messages"}
+# The fields each route takes. Fields of OpenAI's API not listed are a 400 that names them, never ignored.
+COMMON = {"model", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "stream", "stream_options", "user",
+          "ignore_eos", "presence_penalty", "frequency_penalty", "logit_bias", "logprobs",
+          "response_format"}  # fmt: skip
+COMPLETION_FIELDS = COMMON | {"prompt", "echo", "best_of"}
+CHAT_FIELDS = COMMON | {"messages", "max_completion_tokens", "top_logprobs"}
+MESSAGE_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 MAX_N = 16
 STARTED = int(time.time())
 
@@ -39,6 +43,19 @@ class OpenAIModel:
     encode_messages: object  # (messages) -> ids; raises ApiError(400) when the model cannot chat
     runner: object  # generate(prompts, params, n, stops) and stream(...): see StepRunner
     engine: str = "presets"  # what runs the model: our engine, or "transformers" (generate)
+    vocab_size: object = None  # () -> the number of token ids, for token-id prompts and logit_bias
+    unsupported: tuple = ()  # fields this engine cannot honour: a 400 naming them unless neutral
+
+
+@dataclass
+class Options:
+    """A validated request's options beyond the sampling parameters."""
+
+    n: int
+    stops: list[str]
+    stream: bool
+    include_usage: bool = False
+    echo: bool = False
 
 
 def model() -> OpenAIModel:
@@ -48,7 +65,7 @@ def model() -> OpenAIModel:
 def _reject_unsupported(body: dict, allowed: set) -> None:
     unknown = sorted(set(body) - allowed)
     if unknown:
-        raise ApiError(400, f"unsupported field(s) {unknown}; this server supports {sorted(allowed)}")
+        raise ApiError(400, f"unsupported field(s) {unknown}; this server supports {sorted(allowed)}", param=unknown[0])
 
 
 def _stops(body: dict) -> list[str]:
@@ -57,43 +74,127 @@ def _stops(body: dict) -> list[str]:
         return []
     stops = [stop] if isinstance(stop, str) else stop
     if not isinstance(stops, list) or not 1 <= len(stops) <= 4 or not all(isinstance(s, str) and s for s in stops):
-        raise ApiError(400, "stop must be a non-empty string or a list of 1 to 4 non-empty strings")
+        raise ApiError(400, "stop must be a non-empty string or a list of 1 to 4 non-empty strings", param="stop")
     return stops
 
 
-def _request(body: dict, prompts: list[list[int]], default_max: int | None):
-    """(params, n, stops, stream, prompts) after validation; the context check gives the numbers."""
+def _neutral(body: dict, key: str, neutral: tuple, why: str) -> None:
+    """A field we accept only at its neutral values (those that change nothing); others are a 400 saying why."""
+    if body.get(key) not in neutral:
+        raise ApiError(400, f"{key}={body[key]!r} is not supported: {why}", param=key)
+
+
+def _logit_bias(body: dict, vocab: int | None) -> tuple:
+    bias = body.get("logit_bias")
+    if bias is None:
+        return ()
+    if not isinstance(bias, dict):
+        raise ApiError(400, "logit_bias must be an object mapping token ids to numbers", param="logit_bias")
+    pairs = []
+    for key in bias:
+        if not (isinstance(key, str) and key.isdigit() and (vocab is None or int(key) < vocab)):
+            raise ApiError(400, f"logit_bias: {key!r} is not a token id of this model (0 to {vocab and vocab - 1})",
+                           param="logit_bias")  # fmt: skip
+        pairs.append((int(key), number(bias, key, "logit_bias", 0.0, lo=-100, hi=100)))
+    return tuple(pairs)
+
+
+def _request(body: dict, prompts: list[list[int]], default_max: int | None) -> tuple[SamplingParams, Options]:
+    """The sampling parameters and options of a validated request; the context check gives the numbers."""
     m = model()
     if body.get("model") not in (None, m.name):
-        raise ApiError(404, f"model {body.get('model')!r} not found; this server serves {m.name!r}")
+        raise ApiError(404, f"model {body.get('model')!r} not found; this server serves {m.name!r}", param="model")
     if body.get("user") is not None and not isinstance(body["user"], str):
-        raise ApiError(400, "user must be a string")
+        raise ApiError(400, "user must be a string", param="user")
     n = integer(body, "n", "", 1, lo=1, hi=MAX_N)
+    _neutral(body, "best_of", (None, 1, n), "this server returns every choice it generates (n)")
+    fmt = body.get("response_format")
+    if fmt is not None and fmt != {"type": "text"}:
+        raise ApiError(400, f"response_format {json.dumps(fmt)[:80]} is not supported (only {{\"type\": \"text\"}})",
+                       param="response_format")  # fmt: skip
+    _neutral(body, "logprobs", (None, False), "log probabilities are not returned by this server")
+    _neutral(body, "top_logprobs", (None, 0), "log probabilities are not returned by this server")
+    for key in m.unsupported:
+        _neutral(body, key, (None, 0, 0.0, {}), f"the {m.engine} engine that runs this model does not implement it")
     if len(prompts) * n > runtime().max_waiting:
         raise ApiError(400, f"{len(prompts)} prompt(s) x n={n} is more than the {runtime().max_waiting} "
-                       "sequences this server queues; split the request")  # fmt: skip
+                       "sequences this server queues; split the request", param="n")  # fmt: skip
     if any(not p for p in prompts):
         raise ApiError(400, "prompt is empty: it has no tokens for this model")
     longest = max(len(p) for p in prompts)
     context = m.context()
     room = room_left(context, longest, "this model's maximum context length", "the longest prompt")
     max_tokens = integer(body, "max_tokens", "", default_max, lo=1)
-    if max_tokens is None:
-        max_tokens = room
+    newer = integer(body, "max_completion_tokens", "", None, lo=1)  # OpenAI's newer name for it
+    if newer is not None and body.get("max_tokens") not in (None, newer):
+        raise ApiError(400, "max_tokens and max_completion_tokens differ; send one", param="max_completion_tokens")
+    max_tokens = newer or max_tokens or room
     if max_tokens > room:  # OpenAI's rule: a 400, not a shorter answer as the seed routes give
         raise ApiError(
             400,
             f"this model's maximum context length is {context} tokens; the request has {longest} prompt "
-            f"tokens plus max_tokens {max_tokens} = {longest + max_tokens}",
-        )
+            f"tokens plus max_tokens {max_tokens} = {longest + max_tokens}", param="max_tokens",
+        )  # fmt: skip
+    stream = boolean(body, "stream", "", False)
+    options = body.get("stream_options")
+    if options is not None and (not stream or not isinstance(options, dict) or set(options) - {"include_usage"}):
+        raise ApiError(400, "stream_options must be {\"include_usage\": true|false}, with stream: true",
+                       param="stream_options")  # fmt: skip
     params = SamplingParams(
         temperature=number(body, "temperature", "", 1.0, lo=0, hi=2),
         top_p=number(body, "top_p", "", 1.0, lo=0, hi=1, lo_open=True),
         max_tokens=max_tokens,
         ignore_eos=boolean(body, "ignore_eos", "", False),
         seed=integer(body, "seed", "", None, lo=0, hi=2**63 - 1 - MAX_N),
+        presence_penalty=number(body, "presence_penalty", "", 0.0, lo=-2, hi=2),
+        frequency_penalty=number(body, "frequency_penalty", "", 0.0, lo=-2, hi=2),
+        logit_bias=_logit_bias(body, m.vocab_size() if m.vocab_size else None),
     )
-    return params, n, _stops(body), boolean(body, "stream", "", False)
+    include_usage = boolean(options or {}, "include_usage", "stream_options", False)
+    return params, Options(n, _stops(body), stream, include_usage, boolean(body, "echo", "", False))
+
+
+def prompt_ids(prompt, vocab: int | None) -> list[list[int]] | None:
+    """Token-id prompts ([1, 306, ...] or a list of such lists), or None when `prompt` is text."""
+    is_ids = lambda p: isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p)  # noqa: E731
+    lists = (
+        [prompt]
+        if is_ids(prompt)
+        else prompt
+        if isinstance(prompt, list) and prompt and all(map(is_ids, prompt))
+        else None
+    )
+    if lists is not None and vocab is not None and any(not 0 <= t < vocab for p in lists for t in p):
+        raise ApiError(400, f"prompt has token ids outside this model's 0..{vocab - 1}", param="prompt")
+    return lists
+
+
+def chat_messages(messages) -> list[dict]:
+    """OpenAI chat messages as {role, content} text: content parts joined, "developer" as "system"; anything
+    else in a message (other fields, other part types, other roles) is a 400 naming it."""
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "messages must be a non-empty list of {role, content} objects", param="messages")
+    out = []
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise ApiError(400, f"{where} must be an object with role and content", param=where)
+        reject_unknown(m, ("role", "content"), where)
+        if m.get("role") not in MESSAGE_ROLES:
+            raise ApiError(400, f"{where}.role must be one of {sorted(MESSAGE_ROLES)}, got {m.get('role')!r}",
+                           param=f"{where}.role")  # fmt: skip
+        content = m.get("content")
+        if isinstance(content, list):
+            for j, part in enumerate(content):
+                if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                    raise ApiError(400, f"{where}.content[{j}] must be a text part {{\"type\": \"text\", \"text\": "
+                                   "...} (this server reads text only)", param=f"{where}.content")  # fmt: skip
+                reject_unknown(part, ("type", "text"), f"{where}.content[{j}]")
+            content = "".join(part["text"] for part in content)
+        if not isinstance(content, str):
+            raise ApiError(400, f"{where}.content must be a string or a list of text parts", param=f"{where}.content")
+        out.append({"role": MESSAGE_ROLES[m["role"]], "content": content})
+    return out
 
 
 class StepRunner:
@@ -112,8 +213,9 @@ class StepRunner:
         record(seqs)
         return [(cut_at_stop(self.decode(s.output), stops)[0], s.finish_reason, len(s.output)) for s in seqs]
 
-    async def stream(self, prompts, params, n, stops):
-        """Yield (choice index, new text or None, finish_reason or None) as tokens come out."""
+    async def stream(self, prompts, params, n, stops, usage=None):
+        """Yield (choice index, new text or None, finish_reason or None) as tokens come out; `usage` gets the
+        request's counts when it ends (also when the client left: the tokens it got)."""
         seqs = self.rt.sequences(prompts, params, n, stops)
         notify = Flag()
         for seq in seqs:
@@ -139,63 +241,86 @@ class StepRunner:
                         yield i, None, seq.finish_reason
         finally:
             self.rt.cancel(seqs)  # a client that left, or a request past its time, frees its slots
+            count_usage(usage, prompts, [len(s.output) for s in seqs])
 
 
-async def _run(prompts, body, default_max, chat: bool):
-    params, n, stops, stream = _request(body, prompts, default_max)
+def count_usage(usage: dict | None, prompts, generated: list[int]) -> None:
+    """A stream's counts for its log line and usage chunk (OpenAI counts each prompt once, whatever n)."""
+    if usage is not None:
+        usage.update(sequences=len(generated), prompt_tokens=sum(map(len, prompts)), completion_tokens=sum(generated))
+
+
+async def _run(prompts, body, default_max, chat: bool, echoes=None):
+    """Generate for validated token-id `prompts`; `echoes`: the prompts' text, for echo."""
+    params, opt = _request(body, prompts, default_max)
     m = model()
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-    if stream:
-        return await _stream(rid, m, m.runner.stream(prompts, params, n, stops), n * len(prompts), chat)
-    results = await m.runner.generate(prompts, params, n, stops)
+    echoes = echoes if opt.echo else None
+    if opt.stream:
+        usage = {"sequences": 0, "prompt_tokens": 0, "completion_tokens": 0}
+        pieces = m.runner.stream(prompts, params, opt.n, opt.stops, usage)
+        return await _stream(rid, m, pieces, opt, len(prompts), chat, usage, echoes)
+    results = await m.runner.generate(prompts, params, opt.n, opt.stops)
     choices = []
     for i, (text, finish, _) in enumerate(results):
         if chat:
             choices.append({"index": i, "message": {"role": "assistant", "content": text},
                             "finish_reason": finish, "logprobs": None})  # fmt: skip
         else:
+            text = echoes[i // opt.n] + text if echoes else text
             choices.append({"index": i, "text": text, "finish_reason": finish, "logprobs": None})
-    prompt_tokens = sum(len(p) for p in prompts)
     completion = sum(tokens for _, _, tokens in results)
-    usage = {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion,
-        "total_tokens": prompt_tokens + completion,
-    }
     return jsonify(
         id=rid, object="chat.completion" if chat else "text_completion", created=int(time.time()),
-        model=m.name, choices=choices, usage=usage,
+        model=m.name, choices=choices, usage=_usage(sum(len(p) for p in prompts), completion),
     )  # fmt: skip
 
 
-async def _stream(rid: str, m: OpenAIModel, pieces, n_choices: int, chat: bool) -> Response:
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}  # fmt: skip
+
+
+async def _stream(rid, m: OpenAIModel, pieces, opt: Options, n_prompts: int, chat: bool, usage: dict, echoes):
     """Server-sent events from the runner's (index, text, finish_reason) pieces, then [DONE]; an error
-    after the stream began (the engine stopped, request_timeout) is a last event {"error": ...}."""
+    after the stream began (the engine stopped, request_timeout) is a last event {"error": ...}. The request's
+    log line is written when the stream ends, with the tokens it got (the runner counts them in `usage`)."""
     kind = "chat.completion.chunk" if chat else "text_completion"
     first = await anext(pieces, None)  # starts the generation: a full queue is still a 503 here, not mid-stream
+    n_choices = opt.n * n_prompts
+    extra = {"usage": None} if opt.include_usage else {}
+    started, method, path = g.get("start", time.perf_counter()), request.method, request.path
+    g.streamed = True  # the log line comes when the stream ends, not with the headers
+
+    def event(choices, **more):
+        body = {"id": rid, "object": kind, "created": int(time.time()), "model": m.name, "choices": choices}
+        return f"data: {json.dumps(body | extra | more, ensure_ascii=False)}\n\n"
 
     def chunk(i, text=None, finish=None, role=False):
         if chat:
             delta = {"role": "assistant"} if role else ({"content": text} if text is not None else {})
-            choice = {"index": i, "delta": delta, "finish_reason": finish, "logprobs": None}
-        else:
-            choice = {"index": i, "text": text or "", "finish_reason": finish, "logprobs": None}
-        body = {"id": rid, "object": kind, "created": int(time.time()), "model": m.name, "choices": [choice]}
-        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+            return event([{"index": i, "delta": delta, "finish_reason": finish, "logprobs": None}])
+        return event([{"index": i, "text": text or "", "finish_reason": finish, "logprobs": None}])
 
     async def events():
         try:
             if chat:
                 yield "".join(chunk(i, role=True) for i in range(n_choices))
+            if echoes:
+                yield "".join(chunk(i, echoes[i // opt.n]) for i in range(n_choices))
             if first is not None:
                 yield chunk(*first)
             async for piece in pieces:
                 yield chunk(*piece)
+            if opt.include_usage:
+                yield event([], usage=_usage(usage["prompt_tokens"], usage["completion_tokens"]))
             yield "data: [DONE]\n\n"
         except ApiError as e:
-            yield f"data: {json.dumps({'error': {'message': e.detail, 'code': e.status}})}\n\n"
+            yield f"data: {json.dumps(openai_error(e.status, e.detail, e.param))}\n\n"
         finally:
             await pieces.aclose()
+            log_request(method, path, 200, usage["sequences"], usage["prompt_tokens"], usage["completion_tokens"],
+                        time.perf_counter() - started)  # fmt: skip
 
     return Response(events(), mimetype="text/event-stream", headers={"Cache-Control": "no-cache"})
 
@@ -203,21 +328,40 @@ async def _stream(rid: str, m: OpenAIModel, pieces, n_choices: int, chat: bool) 
 @openai.get("/models")
 def models():
     """The one model this server serves."""
-    card = {"id": model().name, "object": "model", "created": STARTED, "owned_by": "presets", "engine": model().engine}
-    return jsonify(object="list", data=[card])
+    return jsonify(object="list", data=[_card()])
+
+
+@openai.get("/models/<path:model_id>")
+def model_card(model_id: str):
+    """The model `model_id`, when it is the one this server serves."""
+    if model_id != model().name:
+        raise ApiError(404, f"model {model_id!r} not found; this server serves {model().name!r}", param="model")
+    return jsonify(_card())
+
+
+def _card() -> dict:
+    return {"id": model().name, "object": "model", "created": STARTED, "owned_by": "presets", "engine": model().engine}
 
 
 @openai.post("/completions")
 async def completions():
-    """OpenAI text completion: prompt (a string or a list of strings)."""
+    """OpenAI text completion: prompt (a string, a list of strings, token ids or a list of token-id lists)."""
     body = await json_body(request)
-    runtime().require_ready()
+    rt = runtime()
+    rt.require_ready()
     _reject_unsupported(body, COMPLETION_FIELDS)
+    m = model()
     prompt = body.get("prompt")
-    prompts = [prompt] if isinstance(prompt, str) else prompt
-    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
-        raise ApiError(400, "prompt must be a string or a non-empty list of strings")
-    return await _run([model().encode_prompt(p) for p in prompts], body, 16, chat=False)
+    ids = prompt_ids(prompt, m.vocab_size() if m.vocab_size else None)
+    if ids is None:
+        texts = [prompt] if isinstance(prompt, str) else prompt
+        if not isinstance(texts, list) or not texts or not all(isinstance(p, str) for p in texts):
+            raise ApiError(400, "prompt must be a string, a list of strings, a list of token ids or a list of "
+                           "lists of token ids", param="prompt")  # fmt: skip
+        ids = [m.encode_prompt(p) for p in texts]
+    else:
+        texts = [rt.tokenizer.decode(p) for p in ids] if body.get("echo") else None
+    return await _run(ids, body, 16, chat=False, echoes=texts)
 
 
 @openai.post("/chat/completions")
@@ -226,7 +370,4 @@ async def chat_completions():
     body = await json_body(request)
     runtime().require_ready()
     _reject_unsupported(body, CHAT_FIELDS)
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise ApiError(400, "messages must be a non-empty list of {role, content} objects")
-    return await _run([model().encode_messages(messages)], body, None, chat=True)
+    return await _run([model().encode_messages(chat_messages(body.get("messages")))], body, None, chat=True)

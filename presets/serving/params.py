@@ -21,6 +21,10 @@ class SamplingParams:
     top_k: int = 0  # keep the k most likely tokens before sampling; 0: all
     repeat_penalty: float = 1.0  # llama.cpp's: logits of tokens among the last repeat_last_n are pushed down
     repeat_last_n: int = 64
+    # OpenAI's: logits[j] -= frequency_penalty * (times j was generated) + presence_penalty * (j was generated)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple = ()  # (token id, bias added to its logit) pairs
 
     @property
     def greedy(self) -> bool:

@@ -25,12 +25,12 @@ class Runtime:
     tokenizer)` makes the thread that owns the engine: by default the step engine's EngineLoop.
     """
 
-    def __init__(self, load, max_seq_len: int, max_batch_size: int, max_waiting: int,
+    def __init__(self, load, max_seq_len: int | None, max_batch_size: int, max_waiting: int,
                  heartbeat_s: float | None = None, make_loop=None, request_timeout: float = 0):  # fmt: skip
         self._load = load
         self._make_loop = make_loop or self._engine_loop
         self.heartbeat_s = heartbeat_s
-        self.max_seq_len = max_seq_len
+        self.max_seq_len = max_seq_len  # a step engine's bound on a sequence; None: the engine bounds its jobs itself
         self.context_setting = "max_seq_len"  # what sets max_seq_len, as errors name it (llm-api: ctx_size)
         self.max_batch_size = max_batch_size
         self.max_waiting = max_waiting

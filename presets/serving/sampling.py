@@ -1,4 +1,5 @@
-"""Next-token sampling: repeat penalty, greedy, temperature, top-k, top-p; each sequence has its own generator."""
+"""Next-token sampling: repeat penalty (llama.cpp's), OpenAI's presence and frequency penalties and logit bias,
+greedy, temperature, top-k, top-p; each sequence has its own generator."""
 
 import torch
 
@@ -31,6 +32,24 @@ def repeat_penalty(logits: torch.Tensor, seqs) -> torch.Tensor:
     return logits
 
 
+def openai_adjust(logits: torch.Tensor, seqs) -> torch.Tensor:
+    """OpenAI's penalties over each sequence's generated tokens (not its prompt) and its logit_bias. A copy when
+    any row has one."""
+    rows = [i for i, s in enumerate(seqs) if s.params.presence_penalty or s.params.frequency_penalty
+            or s.params.logit_bias]  # fmt: skip
+    if not rows:
+        return logits
+    logits = logits.clone()
+    for i in rows:
+        p, out = seqs[i].params, seqs[i].output
+        if out and (p.presence_penalty or p.frequency_penalty):
+            ids, counts = torch.tensor(out, device=logits.device).unique(return_counts=True)
+            logits[i, ids] -= p.frequency_penalty * counts.to(logits.dtype) + p.presence_penalty
+        for token, bias in p.logit_bias:
+            logits[i, token] += bias
+    return logits
+
+
 NUCLEUS_CANDIDATES = 256
 
 
@@ -60,7 +79,7 @@ def nucleus_sample(probs: torch.Tensor, top_p: torch.Tensor, rngs) -> list[int]:
 
 def sample(logits: torch.Tensor, seqs) -> list[int]:
     """One token id per row of `logits` (B, V), by each sequence's own SamplingParams and rng."""
-    logits = repeat_penalty(logits, seqs)
+    logits = openai_adjust(repeat_penalty(logits, seqs), seqs)
     tokens = logits.argmax(-1)  # (B,) greedy for every row; sampled rows are overwritten below
     rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
     vocab = logits.shape[-1]

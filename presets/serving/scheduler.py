@@ -252,7 +252,7 @@ class Scheduler:
         elif seq.status is Status.WAITING and seq in self.waiting:
             self.waiting.remove(seq)
         seq.status, seq.finish_reason, seq.error, seq.error_status = Status.FINISHED, reason, error, status
-        if reason is not None and self.on_finish:
+        if self.on_finish:  # cancelled and failed ones too: their tokens were computed
             self.on_finish(seq)
         seq.done.set()
         if seq.notify:

@@ -60,7 +60,8 @@ def json_object(raw: bytes, lenient_escapes: bool = False) -> dict:
 def reject_unknown(d: dict, allowed, where: str) -> None:
     unknown = sorted(set(d) - set(allowed))
     if unknown:
-        raise ApiError(400, f"{where}: unknown field(s) {unknown}; allowed: {sorted(allowed)}")
+        param = f"{where}.{unknown[0]}" if where else unknown[0]
+        raise ApiError(400, f"{where}: unknown field(s) {unknown}; allowed: {sorted(allowed)}", param=param)
 
 
 def number(d: dict, key: str, where: str, default, lo=None, hi=None, lo_open=False):
@@ -74,12 +75,12 @@ def number(d: dict, key: str, where: str, default, lo=None, hi=None, lo_open=Fal
     except OverflowError:  # an integer too large for a float
         finite = False
     if not finite:
-        raise ApiError(400, f"{name} must be a finite number, got {str(v)[:40]!r}")
+        raise ApiError(400, f"{name} must be a finite number, got {str(v)[:40]!r}", param=name)
     too_low = lo is not None and (v <= lo if lo_open else v < lo)
     if too_low or (hi is not None and v > hi):
         lo_txt = "" if lo is None else f"{'>' if lo_open else '>='} {lo}"
         hi_txt = "" if hi is None else f"<= {hi}"
-        raise ApiError(400, f"{name} must be {' and '.join(t for t in (lo_txt, hi_txt) if t)}, got {v!r}")
+        raise ApiError(400, f"{name} must be {' and '.join(t for t in (lo_txt, hi_txt) if t)}, got {v!r}", param=name)
     return float(v)
 
 
@@ -90,10 +91,10 @@ def integer(d: dict, key: str, where: str, default, lo=None, hi=None):
         return default
     name = f"{where}.{key}" if where else key
     if isinstance(v, bool) or not isinstance(v, int):
-        raise ApiError(400, f"{name} must be an integer, got {v!r}")
+        raise ApiError(400, f"{name} must be an integer, got {v!r}", param=name)
     if (lo is not None and v < lo) or (hi is not None and v > hi):
         rng = " and ".join(t for t in (lo is not None and f">= {lo}", hi is not None and f"<= {hi}") if t)
-        raise ApiError(400, f"{name} must be {rng}, got {v!r}")
+        raise ApiError(400, f"{name} must be {rng}, got {v!r}", param=name)
     return v
 
 
@@ -102,7 +103,8 @@ def boolean(d: dict, key: str, where: str, default: bool) -> bool:
     if v is _MISSING or v is None:
         return default
     if not isinstance(v, bool):
-        raise ApiError(400, f"{where + '.' if where else ''}{key} must be true or false, got {v!r}")
+        name = f"{where}.{key}" if where else key
+        raise ApiError(400, f"{name} must be true or false, got {v!r}", param=name)
     return v
 
 
