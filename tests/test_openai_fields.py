@@ -52,7 +52,6 @@ def test_neutral_values_of_fields_clients_send_by_default_are_accepted(live):
 @pytest.mark.parametrize(
     "extra, param, message",
     [
-        ({"logprobs": True}, "logprobs", "logprobs=True is not supported"),
         ({"best_of": 1}, "best_of", "unsupported field(s) ['best_of']"),  # a completions field
         ({"response_format": {"type": "json_object"}}, "response_format", "is not supported"),
         ({"messages": [{"role": "user", "content": "hi", "name": "bob"}]}, "messages[0].name", "unknown field"),
@@ -192,5 +191,66 @@ def test_generate_engine_refuses_the_penalties_it_does_not_implement(hf_llama_di
             )
         ok = client.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 4, "presence_penalty": 0})
         assert ok.status_code == 200
+    finally:
+        rt.shutdown()
+
+
+@pytest.fixture(scope="module")
+def reference(smollm2_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32, local_files_only=True).eval()
+
+
+def test_logprobs_are_the_log_softmax_of_the_models_logits(live, reference):
+    """Chat: each greedy token's logprob and its top alternatives equal log_softmax of transformers' logits
+    on the same folder at that position; completions give OpenAI's other shape with the same numbers."""
+    _, rt, oa = live
+    from presets.llama2.chat_format import encode_dialog
+
+    done = oa.chat.completions.create(model="smollm2-135m-instruct", messages=CHAT, temperature=0, max_tokens=6,
+                                      logprobs=True, top_logprobs=3)  # fmt: skip
+    content = done.choices[0].logprobs.content
+    prompt = encode_dialog(rt.tokenizer, CHAT)
+    ids = rt.tokenizer.encode(done.choices[0].message.content, bos=False, eos=False)
+    with torch.inference_mode():
+        ref = torch.log_softmax(reference(torch.tensor([prompt + ids])).logits[0, len(prompt) - 1 :], dim=-1)
+    assert len(content) == len(ids) == done.usage.completion_tokens
+    for pos, (item, token) in enumerate(zip(content, ids)):
+        top = ref[pos].topk(3)
+        assert item.token == rt.tokenizer.decode([token]) and abs(item.logprob - ref[pos, token].item()) < 1e-3
+        assert [t.token for t in item.top_logprobs] == [rt.tokenizer.decode([i]) for i in top.indices.tolist()]
+        assert all(abs(t.logprob - v) < 1e-3 for t, v in zip(item.top_logprobs, top.values.tolist()))
+        assert item.top_logprobs[0].logprob == item.logprob  # greedy: the chosen token is the likeliest
+    assert "".join(item.token for item in content) == done.choices[0].message.content
+    text = oa.completions.create(model="smollm2-135m-instruct", prompt="The capital of France is", temperature=0,
+                                 max_tokens=6, logprobs=2)  # fmt: skip
+    lp = text.choices[0].logprobs
+    assert "".join(lp.tokens) == text.choices[0].text and len(lp.top_logprobs[0]) == 2
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+    assert lp.token_logprobs[0] == max(lp.top_logprobs[0].values())
+
+
+def test_streamed_logprobs_equal_the_non_streamed_ones(live):
+    _, _, oa = live
+    args = dict(model="smollm2-135m-instruct", messages=[{"role": "user", "content": "Write a haiku about llamas."}],
+                temperature=0, max_tokens=24, logprobs=True, top_logprobs=2, stop=["\n\n"])  # fmt: skip
+    whole = oa.chat.completions.create(**args).choices[0]
+    chunks = [c.choices[0] for c in oa.chat.completions.create(**args, stream=True) if c.choices]
+    streamed = [item for c in chunks if c.logprobs for item in c.logprobs.content]
+    assert [(i.token, i.logprob) for i in streamed] == [(i.token, i.logprob) for i in whole.logprobs.content]
+    assert "".join(c.delta.content or "" for c in chunks) == whole.message.content
+
+
+def test_logprobs_requests_that_cannot_be_served_are_a_400(live, hf_llama_dir):
+    client, _, _ = live
+    r = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 2, "logprobs": 1, "echo": True})
+    assert r.status_code == 400 and r.get_json()["error"]["param"] == "logprobs"
+    r = client.post("/v1/chat/completions", json={"messages": CHAT, "max_tokens": 2, "top_logprobs": 2})
+    assert r.status_code == 400 and r.get_json()["error"]["param"] == "top_logprobs"
+    hf, rt = hf_client(hf_llama_dir, engine="transformers")
+    try:
+        r = hf.post("/v1/completions", json={"prompt": "x", "max_tokens": 2, "logprobs": 0})
+        assert r.status_code == 400 and r.get_json()["error"]["param"] == "logprobs"
     finally:
         rt.shutdown()

@@ -45,8 +45,8 @@ class HFRunner:
             "seed": params.seed,
         }  # fmt: skip
 
-    async def generate(self, prompts, params: SamplingParams, n: int, stops) -> list[tuple[str, str, int]]:
-        """(text, finish_reason, completion tokens) per choice, n per prompt."""
+    async def generate(self, prompts, params: SamplingParams, n: int, stops) -> list[tuple]:
+        """(text, finish_reason, completion tokens, None: no log probabilities) per choice, n per prompt."""
         p = self._params(params, n)
         t0 = time.perf_counter()
         jobs = await self.rt.arun(
@@ -57,7 +57,7 @@ class HFRunner:
             sequences = job.result if len(job.result) == n else job.result * n  # greedy: n equal choices
             for ids, eos in sequences:
                 text, stopped = cut_at_stop(self.rt.engine.text(ids), stops)
-                choices.append((text, "stop" if eos or stopped else "length", len(ids)))
+                choices.append((text, "stop" if eos or stopped else "length", len(ids), None))
             self.rt.metrics.finished_request(t0, len(job.payload.prompt_ids), sum(len(i) for i, _ in job.result))
         record_counts(len(choices), sum(len(p) for p in prompts), sum(c[2] for c in choices))
         return choices
@@ -95,11 +95,11 @@ class HFRunner:
             streamer.notify.clear()
             piece = text.update(list(streamer.tokens))
             if piece:
-                yield index, piece, None
+                yield index, piece, None, None
         if job.error:
             raise ApiError(job.error_status, job.error)
         ((final_ids, eos),) = job.result
         piece = text.update(final_ids, done=True)
         if piece:
-            yield index, piece, None
-        yield index, None, "stop" if eos or text.stopped else "length"
+            yield index, piece, None, None
+        yield index, None, "stop" if eos or text.stopped else "length", None

@@ -114,7 +114,8 @@ def create_hf_app(settings: HFSettings, rt: Runtime, shutdown=lambda: None):
         lambda text: rt.tokenizer(text).input_ids,
         lambda messages: rt.tokenizer(render_messages(messages, rt.tokenizer), add_special_tokens=False).input_ids,
         HFRunner(rt), engine="transformers", vocab_size=lambda: len(rt.tokenizer),
-        unsupported=("presence_penalty", "frequency_penalty", "logit_bias"),  # generate's penalties differ
+        # generate's penalties are defined otherwise; its scores are not kept for log probabilities
+        unsupported=("presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "top_logprobs"),
     )  # fmt: skip
     return app
 

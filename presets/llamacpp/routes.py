@@ -84,7 +84,7 @@ async def _prepared():
 async def generate():
     """The generated text, as a JSON string."""
     ids, params, stops = await _prepared()
-    ((text, _, _),) = await current_app.extensions["llm_api"].runner.generate([ids], params, 1, stops)
+    ((text, *_),) = await current_app.extensions["llm_api"].runner.generate([ids], params, 1, stops)
     return jsonify(text)
 
 
@@ -106,7 +106,7 @@ async def agenerate():
         try:
             if first is not None and first[1]:
                 yield _event(first[1])
-            async for _, text, _ in pieces:
+            async for _, text, *_ in pieces:
                 if text:
                     yield _event(text)
         except ApiError as e:

@@ -8,7 +8,7 @@ from presets.serving.engine_thread import EngineThread
 from presets.serving.errors import ApiError
 from presets.serving.flag import Flag
 from presets.serving.params import SamplingParams
-from presets.serving.sampling import make_rng, sample
+from presets.serving.sampling import make_rng, sample, token_logprobs
 from presets.serving.scheduler import PlanItem, Scheduler, SchedulerConfig, Sequence, StepPlan
 
 log = logging.getLogger(__name__)
@@ -157,7 +157,8 @@ class EngineLoop(EngineThread):
                     seq.rng = make_rng(seq.params.seed, self.engine.device)
             logits = self.engine.run(plan)
             sampled = plan.sampled
-            sched.postprocess(plan, sample(logits, sampled) if sampled else [], self.eos_ids)
+            tokens = sample(logits, sampled) if sampled else []
+            sched.postprocess(plan, tokens, self.eos_ids, token_logprobs(logits, sampled, tokens))
             if self.metrics:
                 self.metrics.batch_size.observe(len(plan.items))
             self.last_step_failed = False

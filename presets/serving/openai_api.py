@@ -17,7 +17,7 @@ from presets.serving.app import log_request, record, runtime
 from presets.serving.errors import ApiError, openai_error
 from presets.serving.flag import Flag
 from presets.serving.params import SamplingParams, room_left
-from presets.serving.streaming import StreamedText, cut_at_stop
+from presets.serving.streaming import StreamedText, TokenOffsets, cut_at_stop
 from presets.serving.validation import boolean, integer, json_body, number, reject_unknown
 
 openai = Blueprint("openai", __name__, url_prefix="/v1")
@@ -80,7 +80,9 @@ def _stops(body: dict) -> list[str]:
 
 def _neutral(body: dict, key: str, neutral: tuple, why: str) -> None:
     """A field we accept only at its neutral values (those that change nothing); others are a 400 saying why."""
-    if body.get(key) not in neutral:
+    value = body.get(key)
+    same = lambda n: value is n if n is None or isinstance(n, bool) else value == n and not isinstance(value, bool)  # noqa: E731
+    if not any(same(n) for n in neutral):  # (0 == False in Python: logprobs 0 is not logprobs false)
         raise ApiError(400, f"{key}={body[key]!r} is not supported: {why}", param=key)
 
 
@@ -99,8 +101,21 @@ def _logit_bias(body: dict, vocab: int | None) -> tuple:
     return tuple(pairs)
 
 
-def _request(body: dict, prompts: list[list[int]], default_max: int | None) -> tuple[SamplingParams, Options]:
-    """The sampling parameters and options of a validated request; the context check gives the numbers."""
+def _logprobs(body: dict, chat: bool) -> int | None:
+    """How many alternatives to return with each token's log probability; None: no log probabilities.
+    Completions: logprobs 0-5 (OpenAI's limit); chat: logprobs true, top_logprobs 0-20."""
+    if not chat:
+        return integer(body, "logprobs", "", None, lo=0, hi=5) if body.get("logprobs") is not False else None
+    top = integer(body, "top_logprobs", "", None, lo=0, hi=20)
+    if not boolean(body, "logprobs", "", False):
+        if top:
+            raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        return None
+    return top or 0
+
+
+def _request(body: dict, prompts: list[list[int]], default_max: int | None, chat: bool):
+    """(SamplingParams, Options) of a validated request; the context check gives the numbers."""
     m = model()
     if body.get("model") not in (None, m.name):
         raise ApiError(404, f"model {body.get('model')!r} not found; this server serves {m.name!r}", param="model")
@@ -112,10 +127,13 @@ def _request(body: dict, prompts: list[list[int]], default_max: int | None) -> t
     if fmt is not None and fmt != {"type": "text"}:
         raise ApiError(400, f"response_format {json.dumps(fmt)[:80]} is not supported (only {{\"type\": \"text\"}})",
                        param="response_format")  # fmt: skip
-    _neutral(body, "logprobs", (None, False), "log probabilities are not returned by this server")
-    _neutral(body, "top_logprobs", (None, 0), "log probabilities are not returned by this server")
     for key in m.unsupported:
-        _neutral(body, key, (None, 0, 0.0, {}), f"the {m.engine} engine that runs this model does not implement it")
+        neutral = (None, False) if key == "logprobs" else (None, 0, 0.0, {})  # logprobs 0 asks for them
+        _neutral(body, key, neutral, f"the {m.engine} engine that runs this model does not implement it")
+    logprobs = _logprobs(body, chat)
+    if logprobs is not None and boolean(body, "echo", "", False):
+        raise ApiError(400, "logprobs with echo is not supported (the prompt's log probabilities are not computed)",
+                       param="logprobs")  # fmt: skip
     if len(prompts) * n > runtime().max_waiting:
         raise ApiError(400, f"{len(prompts)} prompt(s) x n={n} is more than the {runtime().max_waiting} "
                        "sequences this server queues; split the request", param="n")  # fmt: skip
@@ -149,6 +167,7 @@ def _request(body: dict, prompts: list[list[int]], default_max: int | None) -> t
         presence_penalty=number(body, "presence_penalty", "", 0.0, lo=-2, hi=2),
         frequency_penalty=number(body, "frequency_penalty", "", 0.0, lo=-2, hi=2),
         logit_bias=_logit_bias(body, m.vocab_size() if m.vocab_size else None),
+        logprobs=logprobs,
     )
     include_usage = boolean(options or {}, "include_usage", "stream_options", False)
     return params, Options(n, _stops(body), stream, include_usage, boolean(body, "echo", "", False))
@@ -207,11 +226,21 @@ class StepRunner:
     def decode(self, ids: list[int]) -> str:
         return self.rt.tokenizer.decode(ids)
 
-    async def generate(self, prompts, params, n, stops) -> list[tuple[str, str, int]]:
-        """(text, finish_reason, completion tokens) per choice."""
+    async def generate(self, prompts, params, n, stops) -> list[tuple]:
+        """(text, finish_reason, completion tokens, log probabilities or None) per choice."""
         seqs = await self.rt.arun(self.rt.sequences(prompts, params, n, stops))
         record(seqs)
-        return [(cut_at_stop(self.decode(s.output), stops)[0], s.finish_reason, len(s.output)) for s in seqs]
+        out = []
+        for s in seqs:
+            text = cut_at_stop(self.decode(s.output), stops)[0]
+            lps = None if params.logprobs is None else self.logprobs(s, TokenOffsets(self.decode), len(text), True)
+            out.append((text, s.finish_reason, len(s.output), lps))
+        return out
+
+    @staticmethod
+    def logprobs(seq, offsets: TokenOffsets, length: int, final: bool) -> list[tuple]:
+        """(token id, (logprob, top alternatives), text offset) of the tokens the first `length` characters carry."""
+        return [(seq.output[i], seq.logprobs[i], start) for i, start in offsets.take(seq.output, length, final)]
 
     async def stream(self, prompts, params, n, stops, usage=None):
         """Yield (choice index, new text or None, finish_reason or None) as tokens come out; `usage` gets the
@@ -222,6 +251,7 @@ class StepRunner:
             seq.notify = notify
         deadline = self.rt.submit(seqs)  # 503 now, before the stream starts, if the queue is full
         texts = [StreamedText(self.decode, stops) for _ in seqs]
+        offsets = [TokenOffsets(self.decode) for _ in seqs] if params.logprobs is not None else None
         finished = [False] * len(seqs)
         try:
             while not all(finished):
@@ -234,11 +264,12 @@ class StepRunner:
                     if done and seq.error:
                         raise ApiError(seq.error_status, seq.error)
                     piece = texts[i].update(list(seq.output), done)
-                    if piece:
-                        yield i, piece, None
+                    lps = offsets and self.logprobs(seq, offsets[i], len(texts[i].sent), done)
+                    if piece or lps:
+                        yield i, piece, None, lps
                     if done:
                         finished[i] = True
-                        yield i, None, seq.finish_reason
+                        yield i, None, seq.finish_reason, None
         finally:
             self.rt.cancel(seqs)  # a client that left, or a request past its time, frees its slots
             count_usage(usage, prompts, [len(s.output) for s in seqs])
@@ -252,7 +283,7 @@ def count_usage(usage: dict | None, prompts, generated: list[int]) -> None:
 
 async def _run(prompts, body, default_max, chat: bool, echoes=None):
     """Generate for validated token-id `prompts`; `echoes`: the prompts' text, for echo."""
-    params, opt = _request(body, prompts, default_max)
+    params, opt = _request(body, prompts, default_max, chat)
     m = model()
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     echoes = echoes if opt.echo else None
@@ -261,19 +292,40 @@ async def _run(prompts, body, default_max, chat: bool, echoes=None):
         pieces = m.runner.stream(prompts, params, opt.n, opt.stops, usage)
         return await _stream(rid, m, pieces, opt, len(prompts), chat, usage, echoes)
     results = await m.runner.generate(prompts, params, opt.n, opt.stops)
+    decode = runtime().tokenizer.decode
     choices = []
-    for i, (text, finish, _) in enumerate(results):
+    for i, (text, finish, _, lps) in enumerate(results):
         if chat:
             choices.append({"index": i, "message": {"role": "assistant", "content": text},
-                            "finish_reason": finish, "logprobs": None})  # fmt: skip
+                            "finish_reason": finish, "logprobs": _logprobs_object(lps, chat, decode)})  # fmt: skip
         else:
             text = echoes[i // opt.n] + text if echoes else text
-            choices.append({"index": i, "text": text, "finish_reason": finish, "logprobs": None})
-    completion = sum(tokens for _, _, tokens in results)
+            choices.append(
+                {"index": i, "text": text, "finish_reason": finish, "logprobs": _logprobs_object(lps, chat, decode)}
+            )
+    completion = sum(r[2] for r in results)
     return jsonify(
         id=rid, object="chat.completion" if chat else "text_completion", created=int(time.time()),
         model=m.name, choices=choices, usage=_usage(sum(len(p) for p in prompts), completion),
     )  # fmt: skip
+
+
+def _logprobs_object(entries, chat: bool, text):
+    """OpenAI's logprobs of a choice (or of a chunk's tokens) from (token id, (logprob, top), text offset)
+    entries; None without them. A token is shown as its own decoded text (a piece of a character that
+    byte-level BPE splits shows as U+FFFD)."""
+    if entries is None:
+        return None
+    if chat:
+        item = lambda t, lp: {"token": text([t]), "logprob": lp, "bytes": list(text([t]).encode())}  # noqa: E731
+        return {
+            "content": [item(t, lp) | {"top_logprobs": [item(a, v) for a, v in top]} for t, (lp, top), _ in entries]
+        }
+    return {
+        "tokens": [text([t]) for t, _, _ in entries], "token_logprobs": [lp for _, (lp, _), _ in entries],
+        "top_logprobs": [{text([a]): v for a, v in top} for _, (_, top), _ in entries],
+        "text_offset": [offset for _, _, offset in entries],
+    }  # fmt: skip
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
@@ -290,17 +342,19 @@ async def _stream(rid, m: OpenAIModel, pieces, opt: Options, n_prompts: int, cha
     n_choices = opt.n * n_prompts
     extra = {"usage": None} if opt.include_usage else {}
     started, method, path = g.get("start", time.perf_counter()), request.method, request.path
+    decode = runtime().tokenizer.decode  # (the events are sent outside the request's context)
     g.streamed = True  # the log line comes when the stream ends, not with the headers
 
     def event(choices, **more):
         body = {"id": rid, "object": kind, "created": int(time.time()), "model": m.name, "choices": choices}
         return f"data: {json.dumps(body | extra | more, ensure_ascii=False)}\n\n"
 
-    def chunk(i, text=None, finish=None, role=False):
+    def chunk(i, text=None, finish=None, lps=None, role=False):
+        lp = _logprobs_object(lps, chat, decode)
         if chat:
             delta = {"role": "assistant"} if role else ({"content": text} if text is not None else {})
-            return event([{"index": i, "delta": delta, "finish_reason": finish, "logprobs": None}])
-        return event([{"index": i, "text": text or "", "finish_reason": finish, "logprobs": None}])
+            return event([{"index": i, "delta": delta, "finish_reason": finish, "logprobs": lp}])
+        return event([{"index": i, "text": text or "", "finish_reason": finish, "logprobs": lp}])
 
     async def events():
         try:

@@ -25,6 +25,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: tuple = ()  # (token id, bias added to its logit) pairs
+    logprobs: int | None = None  # return each sampled token's log probability and this many top alternatives
 
     @property
     def greedy(self) -> bool:

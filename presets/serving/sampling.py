@@ -99,6 +99,22 @@ def sample(logits: torch.Tensor, seqs) -> list[int]:
     return tokens.tolist()
 
 
+def token_logprobs(logits: torch.Tensor, seqs, tokens: list[int]) -> list | None:
+    """Per sampled row, (log probability of its token, [(id, log probability)] of the k likeliest) when its
+    sequence asks (params.logprobs = k), else None; None when no row asks. From the model's own distribution
+    (the logits before penalties, bias and temperature), as vLLM reports them."""
+    rows = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+    if not rows:
+        return None
+    out = [None] * len(seqs)
+    lp = torch.log_softmax(logits[rows].float(), dim=-1)  # (R, V)
+    for j, i in enumerate(rows):
+        k = seqs[i].params.logprobs
+        values, ids = lp[j].topk(k) if k else (lp[j][:0], lp[j][:0].long())
+        out[i] = (lp[j, tokens[i]].item(), list(zip(ids.tolist(), values.tolist())))
+    return out
+
+
 def make_rng(seed: int | None, device) -> torch.Generator:
     """A generator for one sequence: reproducible when the request gives a seed."""
     g = torch.Generator(device=device)

@@ -51,6 +51,7 @@ class Sequence:
     done: Flag = field(default_factory=Flag)
     notify: Flag | None = None  # set on every new token, for streaming readers
     stop_check: object = None  # (output ids) -> True when a stop string has appeared
+    logprobs: list = field(default_factory=list)  # with params.logprobs: (logprob, [(id, logprob), ...]) per output
     cancelled: bool = False  # the client went away: retire at the next step
 
     @property
@@ -220,21 +221,25 @@ class Scheduler:
 
     # -- after the step --------------------------------------------------------------------------
 
-    def postprocess(self, plan: StepPlan, tokens: list[int], eos_ids) -> None:
-        """Record what the step computed, append each sampled token and retire the sequences that are done."""
+    def postprocess(self, plan: StepPlan, tokens: list[int], eos_ids, logprobs=None) -> None:
+        """Record what the step computed, append each sampled token (and its log probabilities, when the
+        sequence asked: `logprobs` holds one entry per sampled token) and retire the sequences that are done."""
         now, sampled = time.perf_counter(), iter(tokens)
+        lps = iter(logprobs or [None] * len(tokens))
         for item, seq in zip(plan.items, plan.seqs):
             if seq.status is not Status.RUNNING:
                 continue
             seq.num_computed = item.start + len(item.tokens)
             if not item.sample:
                 continue
-            tok = next(sampled)
+            tok, lp = next(sampled), next(lps)
             seq.token_times.append(now)
             if tok in eos_ids and not seq.params.ignore_eos:
                 self.finish(seq, "stop")
                 continue
             seq.output.append(tok)
+            if lp is not None:
+                seq.logprobs.append(lp)
             if seq.stop_check and seq.stop_check(seq.output):
                 self.finish(seq, "stop")
             elif len(seq.output) >= seq.max_new_tokens:

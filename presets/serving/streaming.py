@@ -41,3 +41,28 @@ class StreamedText:
             return ""
         new, self.sent = text[len(self.sent) :], text
         return new
+
+
+class TokenOffsets:
+    """Where each token of a growing output ends in its text (incremental), so per-token data (log
+    probabilities) goes out with the text that carries its token."""
+
+    def __init__(self, decode):
+        self.detokenizer = Detokenizer(decode)
+        self.ends: list[int] = []  # text length once token i is in (a token that ends inside a character: 0 wide)
+        self.given = 0  # tokens handed out so far
+
+    def take(self, ids: list[int], length: int, final: bool = False) -> list[tuple[int, int]]:
+        """(index, start offset) of the tokens not handed out yet that the first `length` characters carry:
+        those ending within them; `final` (the whole answer is `length` long): those starting within them."""
+        for token in ids[len(self.ends) :]:
+            self.detokenizer.add([token])
+            self.ends.append(len(self.detokenizer.text))
+        out = []
+        while self.given < len(self.ends):
+            start = self.ends[self.given - 1] if self.given else 0
+            if not (start < length if final else self.ends[self.given] <= length):
+                break
+            out.append((self.given, start))
+            self.given += 1
+        return out
