@@ -14,7 +14,7 @@ from presets.llama2.checkpoint import CheckpointError, check_layout, load_model
 from presets.llama2.engine import CacheSettings, LlamaEngine
 from presets.llama2.hf_checkpoint import is_hf_folder
 from presets.llama2.routes import chat, completion
-from presets.llama2.tokenizer import find_tokenizer, load_tokenizer
+from presets.llama2.tokenizer import HFTokenizer, find_tokenizer, load_tokenizer
 from presets.serving import auth, device, distributed, server
 from presets.serving.app import create_app
 from presets.serving.errors import ApiError
@@ -24,6 +24,7 @@ from presets.serving.probe_server import start_probe_server
 from presets.serving.ranks import FollowerState, LeaderEngine, StepChannel, follow, heartbeat_interval
 from presets.serving.runtime import Runtime
 from presets.serving.settings import Settings, parse_settings
+from presets.serving.structured import StructuredOutput
 
 log = logging.getLogger(__name__)
 
@@ -58,13 +59,16 @@ def build_runtime(settings: Settings) -> Runtime:
 
     def load(progress):
         engine, tokenizer, group = load_engine(settings, progress)
+        if isinstance(tokenizer, HFTokenizer):  # llguidance reads a tokenizer.json, not SentencePiece
+            rt.structured = StructuredOutput(tokenizer.path, engine.model.args.vocab_size, tokenizer.eos_ids)
         return (engine if group is None else LeaderEngine(engine, StepChannel(group))), tokenizer
 
     multi = distributed.world()[1] > 1
-    return Runtime(
+    rt = Runtime(
         load, settings.max_seq_len, settings.max_batch_size, settings.max_queue_size,
         heartbeat_s=heartbeat_interval(settings.dist_timeout) if multi else None,
     )  # fmt: skip
+    return rt
 
 
 def openai_model(rt: Runtime, settings: Settings, kind: str) -> OpenAIModel:

@@ -56,6 +56,7 @@ class HFTokenizer:
         except Exception as e:  # tokenizers raises a bare Exception for malformed files
             raise TokenizerError(f"{path}: not a tokenizer.json the tokenizers package can read: {e}") from e
         self.n_words = self.tok.get_vocab_size(with_added_tokens=True)
+        self.path = path  # structured output reads the file itself (llguidance)
         folder = os.path.dirname(os.path.abspath(path))
         try:
             special = special_tokens(folder)

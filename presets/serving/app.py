@@ -127,7 +127,7 @@ def create_app(runtime_, blueprints, shutdown=lambda: None, api_keys=()) -> Quar
 
     @app.after_request
     def after(response):
-        if response.status_code == 503:
+        if response.status_code == 503 and request.path not in PROBES:  # a probe is not a refused request
             runtime_.metrics.rejected.inc()
         if request.path not in PROBES and not g.get("streamed"):  # probes would drown the log; a stream logs at its end
             log_request(

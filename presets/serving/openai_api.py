@@ -18,6 +18,7 @@ from presets.serving.errors import ApiError, openai_error
 from presets.serving.flag import Flag
 from presets.serving.params import SamplingParams, room_left
 from presets.serving.streaming import StreamedText, TokenOffsets, cut_at_stop
+from presets.serving.structured import grammar_for
 from presets.serving.validation import boolean, integer, json_body, number, reject_unknown
 
 openai = Blueprint("openai", __name__, url_prefix="/v1")
@@ -123,10 +124,10 @@ def _request(body: dict, prompts: list[list[int]], default_max: int | None, chat
         raise ApiError(400, "user must be a string", param="user")
     n = integer(body, "n", "", 1, lo=1, hi=MAX_N)
     _neutral(body, "best_of", (None, 1, n), "this server returns every choice it generates (n)")
-    fmt = body.get("response_format")
-    if fmt is not None and fmt != {"type": "text"}:
-        raise ApiError(400, f"response_format {json.dumps(fmt)[:80]} is not supported (only {{\"type\": \"text\"}})",
-                       param="response_format")  # fmt: skip
+    grammar = grammar_for(body.get("response_format"))
+    if grammar is not None and body.get("ignore_eos"):
+        raise ApiError(400, "ignore_eos cannot be combined with a response_format: the text ends where the grammar "
+                       "does", param="ignore_eos")  # fmt: skip
     for key in m.unsupported:
         neutral = (None, False) if key == "logprobs" else (None, 0, 0.0, {})  # logprobs 0 asks for them
         _neutral(body, key, neutral, f"the {m.engine} engine that runs this model does not implement it")
@@ -168,6 +169,7 @@ def _request(body: dict, prompts: list[list[int]], default_max: int | None, chat
         frequency_penalty=number(body, "frequency_penalty", "", 0.0, lo=-2, hi=2),
         logit_bias=_logit_bias(body, m.vocab_size() if m.vocab_size else None),
         logprobs=logprobs,
+        grammar=grammar,
     )
     include_usage = boolean(options or {}, "include_usage", "stream_options", False)
     return params, Options(n, _stops(body), stream, include_usage, boolean(body, "echo", "", False))
@@ -284,6 +286,12 @@ def count_usage(usage: dict | None, prompts, generated: list[int]) -> None:
 async def _run(prompts, body, default_max, chat: bool, echoes=None):
     """Generate for validated token-id `prompts`; `echoes`: the prompts' text, for echo."""
     params, opt = _request(body, prompts, default_max, chat)
+    if params.grammar is not None:
+        structured = runtime().structured
+        if structured is None:
+            raise ApiError(400, "response_format json_object/json_schema needs a model with a tokenizer.json on our "
+                           "engine; this one cannot follow a grammar", param="response_format")  # fmt: skip
+        await structured.check(params.grammar)
     m = model()
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     echoes = echoes if opt.echo else None

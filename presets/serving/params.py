@@ -26,6 +26,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     logit_bias: tuple = ()  # (token id, bias added to its logit) pairs
     logprobs: int | None = None  # return each sampled token's log probability and this many top alternatives
+    grammar: str | None = None  # structured output: the llguidance grammar the text must follow (structured.py)
 
     @property
     def greedy(self) -> bool:

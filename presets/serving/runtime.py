@@ -32,6 +32,7 @@ class Runtime:
         self.heartbeat_s = heartbeat_s
         self.max_seq_len = max_seq_len  # a step engine's bound on a sequence; None: the engine bounds its jobs itself
         self.context_setting = "max_seq_len"  # what sets max_seq_len, as errors name it (llm-api: ctx_size)
+        self.structured = None  # a StructuredOutput when the model can follow a grammar (set once it loads)
         self.max_batch_size = max_batch_size
         self.max_waiting = max_waiting
         self.request_timeout = request_timeout  # seconds a generation request may run; 0: no limit
@@ -113,8 +114,8 @@ class Runtime:
         """Why requests cannot be served now, or None."""
         if self.draining:
             return "server is shutting down (draining): send requests to another replica"
-        if self.state != "ready":
-            return f"model {self.state}: {self.progress}"
+        if self.state != "ready":  # (a failed load's progress already says "failed: ...")
+            return f"model {self.progress}" if self.state == "failed" else f"model {self.state}: {self.progress}"
         if not self.loop.alive:
             return "engine thread is not running"
         return None
@@ -136,6 +137,8 @@ class Runtime:
             for c in range(n):
                 p = params if params.seed is None else replace(params, seed=params.seed + c)
                 seq = Sequence(ids, p, min(params.max_tokens or room, room))  # the seeds: bounded by max_seq_len
+                if params.grammar is not None:
+                    seq.matcher = self.structured.matcher(params.grammar)
                 if stops:
                     seq.stop_check = partial(self._holds_stop, stops=stops)
                 seqs.append(seq)

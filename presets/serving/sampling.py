@@ -3,6 +3,8 @@ greedy, temperature, top-k, top-p; each sequence has its own generator."""
 
 import torch
 
+from presets.serving.structured import advance, constrain
+
 
 def top_p_filter(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """Zero all but the smallest set of tokens whose probability reaches top_p (per row), renormalized."""
@@ -77,9 +79,14 @@ def nucleus_sample(probs: torch.Tensor, top_p: torch.Tensor, rngs) -> list[int]:
     return out
 
 
-def sample(logits: torch.Tensor, seqs) -> list[int]:
-    """One token id per row of `logits` (B, V), by each sequence's own SamplingParams and rng."""
+def sample(raw: torch.Tensor, seqs) -> list[int]:
+    """One token id per row of `raw` logits (B, V), by each sequence's own SamplingParams and rng; a grammar's
+    matcher (structured output) masks its row first and takes the token after."""
+    logits = raw
     logits = openai_adjust(repeat_penalty(logits, seqs), seqs)
+    if any(s.matcher is not None for s in seqs):
+        logits = logits.clone() if logits is raw else logits  # the raw logits stay as they are (for logprobs)
+        constrain(logits, seqs)
     tokens = logits.argmax(-1)  # (B,) greedy for every row; sampled rows are overwritten below
     rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
     vocab = logits.shape[-1]
@@ -96,7 +103,9 @@ def sample(logits: torch.Tensor, seqs) -> list[int]:
         top_p = torch.tensor([p.top_p], device=logits.device)  # on the logits' device (CUDA too)
         probs = top_p_filter(torch.softmax(values / p.temperature, dim=-1)[None], top_p)[0]
         tokens[i] = ids[torch.multinomial(probs, 1, generator=seqs[i].rng)[0]]
-    return tokens.tolist()
+    tokens = tokens.tolist()
+    advance(seqs, tokens)
+    return tokens
 
 
 def token_logprobs(logits: torch.Tensor, seqs, tokens: list[int]) -> list | None:

@@ -52,6 +52,7 @@ class Sequence:
     notify: Flag | None = None  # set on every new token, for streaming readers
     stop_check: object = None  # (output ids) -> True when a stop string has appeared
     logprobs: list = field(default_factory=list)  # with params.logprobs: (logprob, [(id, logprob), ...]) per output
+    matcher: object = None  # with params.grammar: its llguidance matcher, which masks the logits (structured.py)
     cancelled: bool = False  # the client went away: retire at the next step
 
     @property
