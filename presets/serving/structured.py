@@ -99,11 +99,11 @@ class StructuredOutput:
 
 def allowed_tokens(matcher, vocab: int):
     """The matcher's next-token mask as booleans (vocab,): llguidance gives bits, little-endian in 32-bit words."""
+    import numpy as np
     import torch
 
-    words = torch.frombuffer(bytearray(matcher.compute_bitmask()), dtype=torch.uint8)
-    bits = (words.unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8)) & 1  # (bytes, 8), bit k of byte b: 8b + k
-    return bits.flatten()[:vocab].bool()
+    bits = np.unpackbits(np.frombuffer(matcher.compute_bitmask(), dtype=np.uint8), bitorder="little")
+    return torch.from_numpy(bits[:vocab].astype(bool))
 
 
 def constrain(logits, seqs) -> None:
