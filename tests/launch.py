@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import requests
@@ -33,15 +34,36 @@ def start(cmd: list[str], kind: str, netns: str | None = None, env: dict | None 
     if netns:
         cmd = ["ip", "netns", "exec", netns, *cmd]
     cwd = os.path.join(ROOT, "presets", "inference", kind if kind == "falcon" else f"llama2-{kind}")
-    return subprocess.Popen(
+    # Its output goes to a file, not a pipe: a pipe nobody reads fills (64 KiB of request log lines) and
+    # then blocks the server on its next log line.
+    log = tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen(
         cmd,
         cwd=cwd,
-        stdout=subprocess.PIPE,
+        stdout=log,
         stderr=subprocess.STDOUT,
         text=True,
         env={**os.environ, **(env or {})},
         start_new_session=True,  # its own process group: `running` ends torchrun's ranks with it
     )
+    proc.log = log
+    return proc
+
+
+def output(proc: subprocess.Popen) -> str:
+    """What a process started by start() has written so far (all of it once it has been reaped)."""
+    log = getattr(proc, "log", None)
+    if log is None or log.closed:
+        return getattr(proc, "final_output", "")
+    log.seek(0)
+    return log.read()
+
+
+def reaped(proc: subprocess.Popen) -> None:
+    """Keep the output of a process that has exited and close its file."""
+    if getattr(proc, "log", None) is not None and not proc.log.closed:
+        proc.final_output = output(proc)
+        proc.log.close()
 
 
 def get(url: str, netns: str | None = None, timeout: float = 5) -> tuple[int, object]:
@@ -84,7 +106,7 @@ def wait_healthy(proc: subprocess.Popen, url: str, netns: str | None = None, tim
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise AssertionError(f"server exited with {proc.returncode}:\n{proc.stdout.read()}")
+            raise AssertionError(f"server exited with {proc.returncode}:\n{output(proc)}")
         try:
             if get(f"{url}/healthz", netns, timeout=2)[0] == 200:
                 return
@@ -103,18 +125,21 @@ def running(*procs: subprocess.Popen):
         for p in procs:
             with contextlib.suppress(ProcessLookupError):
                 if os.getpgid(p.pid) == p.pid:  # started by start(): its own group
-                    os.killpg(p.pid, signal.SIGKILL)  # the ranks too: orphans would hold the output pipe open
+                    os.killpg(p.pid, signal.SIGKILL)  # the ranks too: no orphan outlives the test
                 else:
                     p.kill()
-            p.communicate()
+            p.wait()
+            reaped(p)
 
 
 def finish(proc: subprocess.Popen, timeout: float = 30) -> tuple[int, str]:
     """Wait for the process to exit by itself; (exit code, output)."""
     try:
-        out, _ = proc.communicate(timeout=timeout)
+        proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
-        out, _ = proc.communicate()
-        raise AssertionError(f"did not exit within {timeout}s:\n{out}") from None
-    return proc.returncode, out
+        proc.wait()
+        reaped(proc)
+        raise AssertionError(f"did not exit within {timeout}s:\n{output(proc)}") from None
+    reaped(proc)
+    return proc.returncode, output(proc)

@@ -3,6 +3,7 @@
 import json
 import sys
 import threading
+import time
 
 import pytest
 import torch
@@ -70,15 +71,23 @@ def test_greedy_output_equals_transformers(request, arch, engine):
 
 def test_concurrent_requests_batch_and_equal_sequential(falcon_dir):
     client, rt = hf_client(falcon_dir, max_batch_size=8)
-    batches = []
-    run_batch = rt.loop.run_batch
-    rt.loop.run_batch = lambda key, jobs: batches.append(len(jobs)) or run_batch(key, jobs)
+    release = threading.Event()
     try:
         bodies = [
             {"prompt": "The river" + " flows" * i, "do_sample": False, "max_length": 20 + 3 * i} for i in range(8)
         ]
         sequential = [client.post("/chat", json=b).get_json() for b in bodies]
-        batches.clear()
+        # The engine thread is held in its first batch until all 8 requests have reached the loop (held or
+        # queued): the queued ones must then share batches, however the threads happen to be scheduled.
+        batches = []
+        run_batch = rt.loop.run_batch
+
+        def held(key, jobs):
+            batches.append(len(jobs))
+            release.wait(60)
+            return run_batch(key, jobs)
+
+        rt.loop.run_batch = held
         together = [None] * 8
 
         def call(i):
@@ -87,11 +96,17 @@ def test_concurrent_requests_batch_and_equal_sequential(falcon_dir):
         threads = [threading.Thread(target=call, args=(i,)) for i in range(8)]
         for t in threads:
             t.start()
+        deadline = time.monotonic() + 60
+        while sum(rt.loop.counts()) < 8:  # (running, waiting) jobs
+            assert time.monotonic() < deadline, f"the 8 requests never all reached the engine: {rt.loop.counts()}"
+            time.sleep(0.01)
+        release.set()
         for t in threads:
             t.join()
         assert together == sequential
-        assert max(batches) > 1, f"requests were not batched: {batches}"
+        assert sum(batches) == 8 and max(batches) > 1, f"requests were not batched: {batches}"
     finally:
+        release.set()
         rt.shutdown()
 
 
