@@ -132,6 +132,20 @@ def running(*procs: subprocess.Popen):
             reaped(p)
 
 
+def assert_ranks_answer_as_one(kind: str, ckpt: str, nproc: int, flags: list[str], bodies: list, answers: list):
+    """A `kind` server on `nproc` ranks (torchrun) answers `bodies` (POST /generate) with `answers`, then
+    shuts down with exit 0."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = start(server_cmd(kind, ckpt, port, *flags, torchrun=["--nproc_per_node", str(nproc)]), kind)
+    with running(proc):
+        wait_healthy(proc, url)
+        assert [post(f"{url}/generate", b) for b in bodies] == [(200, a) for a in answers]
+        assert post(f"{url}/shutdown", None) == (200, {})
+        code, out = finish(proc)
+    assert code == 0, out
+
+
 def finish(proc: subprocess.Popen, timeout: float = 30) -> tuple[int, str]:
     """Wait for the process to exit by itself; (exit code, output)."""
     try:

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from presets.llama2.checkpoint import CheckpointError, check_layout, load_model
 from presets.llama2.tokenizer import HFTokenizer, find_tokenizer, load_tokenizer
 from presets.tools.tiny_hf import write_llama
-from tests.launch import ROOT, finish, free_port, post, running, server_cmd, start, wait_healthy
+from tests.launch import ROOT, assert_ranks_answer_as_one
 from tests.paged import engine_for, item, run
 
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0,
@@ -184,16 +184,8 @@ def test_two_ranks_equal_one_rank_on_an_hf_folder(request, folder):
         one_rank = [client.post("/generate", json=b).get_json() for b in bodies]
     finally:
         rt.shutdown()
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    flags = ["--max_seq_len", "128", "--max_batch_size", "4"]
-    proc = start(server_cmd("completion", folder, port, *flags, torchrun=["--nproc_per_node", "2"]), "completion")
-    with running(proc):
-        wait_healthy(proc, url)
-        assert [post(f"{url}/generate", b) for b in bodies] == [(200, r) for r in one_rank]
-        assert post(f"{url}/shutdown", None) == (200, {})
-        code, out = finish(proc)
-    assert code == 0, out
+    assert_ranks_answer_as_one("completion", folder, 2, ["--max_seq_len", "128", "--max_batch_size", "4"], bodies,
+                               one_rank)  # fmt: skip
 
 
 def test_more_start_errors_without_tracebacks(broken, tmp_path):

@@ -9,7 +9,7 @@ import torch
 from presets.llama2.chat_format import encode_dialog
 from presets.llama2.checkpoint import load_model
 from presets.llama2.tokenizer import find_tokenizer, load_tokenizer
-from tests.launch import finish, free_port, post, running, server_cmd, start, wait_healthy
+from tests.launch import assert_ranks_answer_as_one
 from tests.paged import engine_for, item, run
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Water boils at a temperature of"]
@@ -131,16 +131,8 @@ def test_three_ranks_equal_one_rank(smollm2_dir, completion):
     """9 query and 3 key/value heads split over 3 ranks (not 2: 3 KV heads do not halve)."""
     bodies = [{"prompts": [p], "parameters": {"temperature": 0, "max_gen_len": 12}} for p in PROMPTS]
     one_rank = [completion.post("/generate", json=b).get_json() for b in bodies]
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
     flags = ["--max_seq_len", "512", "--max_batch_size", "4"]
-    proc = start(server_cmd("completion", smollm2_dir, port, *flags, torchrun=["--nproc_per_node", "3"]), "completion")
-    with running(proc):
-        wait_healthy(proc, url)
-        assert [post(f"{url}/generate", b) for b in bodies] == [(200, r) for r in one_rank]
-        assert post(f"{url}/shutdown", None) == (200, {})
-        code, out = finish(proc)
-    assert code == 0, out
+    assert_ranks_answer_as_one("completion", smollm2_dir, 3, flags, bodies, one_rank)
 
 
 def test_hf_server_runs_the_folder_on_our_engine(smollm2_dir, chat):

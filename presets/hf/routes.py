@@ -47,16 +47,22 @@ def render_messages(messages, tokenizer) -> str:
         raise ApiError(400, f"messages do not fit the model's chat template: {e}") from e
 
 
-@chat.post("/chat")
-async def chat_route():
-    """Generate from `prompt`: {"Result": prompt + generated text (all sequences, joined)}."""
+async def seed_request():
+    """(runtime, generate parameters, prompt text, whether to add special tokens) of a /chat body."""
     body = await json_body(request)
     reject_unknown(body, ALLOWED, "body")
     rt = runtime()
     rt.require_ready()
-    engine = rt.engine
-    params = hf_params.parse(body, engine.vocab_size)
+    vocab = rt.engine.vocab_size if rt.engine is not None else rt.tokenizer.n_words  # generate's or ours
     text, special = prompt_text(body, rt.tokenizer)
+    return rt, hf_params.parse(body, vocab), text, special
+
+
+@chat.post("/chat")
+async def chat_route():
+    """Generate from `prompt`: {"Result": prompt + generated text (all sequences, joined)}."""
+    rt, params, text, special = await seed_request()
+    engine = rt.engine
     job = engine.job(text, params, special)
     t0 = time.perf_counter()
     (done,) = await rt.arun([Job(batch_key(params), job)])
@@ -74,13 +80,8 @@ async def chat_on_engine():
     """The same route when our engine runs the model (a Llama-architecture folder): for the parameters our
     sampler has, generate's greedy answer and the same distribution when sampling (other random draws); a 400
     for what only transformers' generate does."""
-    body = await json_body(request)
-    reject_unknown(body, ALLOWED, "body")
-    rt = runtime()
-    rt.require_ready()
+    rt, params, text, special = await seed_request()
     tok = rt.tokenizer
-    params = hf_params.parse(body, tok.n_words)
-    text, special = prompt_text(body, tok)
     ids = tok.encode(text, bos=special, eos=False)
     if not ids:
         raise ApiError(400, "prompt is empty: it has no tokens for this model")
