@@ -128,7 +128,7 @@ def running(*procs: subprocess.Popen):
                     os.killpg(p.pid, signal.SIGKILL)  # the ranks too: no orphan outlives the test
                 else:
                     p.kill()
-            p.wait()
+            p.communicate()
             reaped(p)
 
 
@@ -148,12 +148,14 @@ def assert_ranks_answer_as_one(kind: str, ckpt: str, nproc: int, flags: list[str
 
 def finish(proc: subprocess.Popen, timeout: float = 30) -> tuple[int, str]:
     """Wait for the process to exit by itself; (exit code, output)."""
+    if getattr(proc, "log", None) is None:  # not started by start(): its output comes through a pipe
+        proc.final_output = ""
     try:
-        proc.wait(timeout=timeout)
+        out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
-        proc.wait()
+        out, _ = proc.communicate()
         reaped(proc)
-        raise AssertionError(f"did not exit within {timeout}s:\n{output(proc)}") from None
+        raise AssertionError(f"did not exit within {timeout}s:\n{out or output(proc)}") from None
     reaped(proc)
-    return proc.returncode, output(proc)
+    return proc.returncode, out or output(proc)

@@ -13,6 +13,12 @@ import requests
 from presets.serving.http_server import HttpServer, Limits
 
 
+def error_message(r) -> str:
+    """The message of an error answer: OpenAI's error object on /v1, {"detail": ...} elsewhere."""
+    body = r.get_json()
+    return body["error"]["message"] if "error" in body else body["detail"]
+
+
 class LiveResponse:
     def __init__(self, r: requests.Response):
         self.raw = r

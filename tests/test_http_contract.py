@@ -19,7 +19,7 @@ from presets.serving.params import SamplingParams
 from presets.serving.runtime import Runtime
 from tests.conftest import hf_client, real_client, settings_for
 from tests.fakes import ByteTokenizer, FakeEngine
-from tests.live_client import LiveClient
+from tests.live_client import LiveClient, error_message
 
 KEY = "contract-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -106,13 +106,6 @@ def assert_capacity_503(r, what: str):
     assert r.status_code == 503, r.text
     assert r.headers["Retry-After"] == "1"
     assert f"server is at capacity (1 {what} waiting)" in r.get_json()["detail"]
-
-
-def error_message(r) -> str:
-    """The message of an error answer: {"detail": ...} on the seed routes, OpenAI's {"error": {"message": ...}}
-    on the /v1 routes (either shape on /v1, which is changing to OpenAI's)."""
-    body = r.get_json()
-    return body["error"]["message"] if "error" in body else body["detail"]
 
 
 def chat(dialogs, params=None, beside=None) -> dict:
