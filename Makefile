@@ -98,7 +98,7 @@ bench: $(STAMP) ## DESIGN.md's benchmark (vs transformers baselines), the paged 
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m presets.tools.bench_kv
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m presets.tools.bench_http
 
-bench-hf: $(STAMP) ## measure the HuggingFace server's batching gain (batch 1 vs batched) and print it
+bench-hf: $(STAMP) ## the HF server: our engine vs generate on SmolLM2 (DESIGN's workload), generate's batching gain on Falcon
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m presets.tools.bench_hf
 
 bench-llama-cpp: $(LLAMA_CPP_STAMP) ## measure the llm-api server (batched and batch 1) against llama-cpp-python one request at a time

@@ -262,3 +262,26 @@ def test_auto_engine_falls_back_to_generate_for_a_llama_folder_ours_cannot_run(h
         assert got == {"Result": reference(str(folder), "Hello", do_sample=False, max_length=20)}
     finally:
         rt.shutdown()
+
+
+def test_max_length_on_our_engine_is_capped_by_max_seq_len(hf_llama_dir):
+    """As generate caps max_length by the model's context, our engine caps it by --max_seq_len."""
+    from presets.llama2.tokenizer import find_tokenizer, load_tokenizer
+
+    client, rt = hf_client(hf_llama_dir, max_seq_len=40)
+    try:
+        tok = load_tokenizer(find_tokenizer(hf_llama_dir), hf_llama_dir)
+        prompt = "The river flows past the old mill"
+        body = {"prompt": prompt, "do_sample": False, "max_length": 200, "ignore_eos": True}
+        before = generated_tokens(client)
+        assert client.post("/chat", json=body).get_json()["Result"].startswith(prompt)
+        assert len(tok.encode(prompt, bos=True, eos=False)) + generated_tokens(client) - before == 40
+        r = client.post("/chat", json={**body, "prompt": "word " * 60})
+        assert r.status_code == 400 and "--max_seq_len is 40 tokens" in r.get_json()["detail"]
+    finally:
+        rt.shutdown()
+
+
+def generated_tokens(client) -> float:
+    (line,) = [x for x in client.get("/metrics").text.splitlines() if x.startswith("vllm:generation_tokens_total ")]
+    return float(line.split()[1])

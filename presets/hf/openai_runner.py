@@ -63,7 +63,8 @@ class HFRunner:
         return choices
 
     async def stream(self, prompts, params: SamplingParams, n: int, stops, usage=None):
-        """Yield (choice index, new text or None, finish_reason or None); each choice is its own job, in turn.
+        """Yield (choice index, new text or None, finish_reason or None, None: no log probabilities); each choice
+        is its own job, in turn.
         `usage` and the metrics get the request's counts when it ends (a client that left: the tokens it got)."""
         t0 = time.perf_counter()
         jobs = []

@@ -111,7 +111,8 @@ def new_tokens(p: dict, prompt_tokens: int, context: int | None, setting: str) -
         raise ApiError(
             400, f"prompt is {prompt_tokens} tokens, so max_length {p['max_length']} leaves no room to generate"
         )
-    return min(p["max_length"] - prompt_tokens, room or p["max_length"])
+    new = p["max_length"] - prompt_tokens
+    return new if room is None else min(new, room)
 
 
 def to_sampling(p: dict, prompt_tokens: int, context: int) -> tuple[SamplingParams, int]:

@@ -42,7 +42,7 @@ class OpenAIModel:
     context: object  # () -> the longest prompt + generation, in tokens
     encode_prompt: object  # (text) -> ids
     encode_messages: object  # (messages) -> ids; raises ApiError(400) when the model cannot chat
-    runner: object  # generate(prompts, params, n, stops) and stream(...): see StepRunner
+    runner: object  # generate(prompts, params, n, stops) and stream(..., usage): see StepRunner
     engine: str = "presets"  # what runs the model: our engine, or "transformers" (generate)
     vocab_size: object = None  # () -> the number of token ids, for token-id prompts and logit_bias
     unsupported: tuple = ()  # fields this engine cannot honour: a 400 naming them unless neutral
@@ -245,7 +245,8 @@ class StepRunner:
         return [(seq.output[i], seq.logprobs[i], start) for i, start in offsets.take(seq.output, length, final)]
 
     async def stream(self, prompts, params, n, stops, usage=None):
-        """Yield (choice index, new text or None, finish_reason or None) as tokens come out; `usage` gets the
+        """Yield (choice index, new text or None, finish_reason or None, log probabilities or None) as tokens
+        come out; `usage` gets the
         request's counts when it ends (also when the client left: the tokens it got)."""
         seqs = self.rt.sequences(prompts, params, n, stops)
         notify = Flag()
@@ -342,7 +343,7 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 
 async def _stream(rid, m: OpenAIModel, pieces, opt: Options, n_prompts: int, chat: bool, usage: dict, echoes):
-    """Server-sent events from the runner's (index, text, finish_reason) pieces, then [DONE]; an error
+    """Server-sent events from the runner's (index, text, finish_reason, logprobs) pieces, then [DONE]; an error
     after the stream began (the engine stopped, request_timeout) is a last event {"error": ...}. The request's
     log line is written when the stream ends, with the tokens it got (the runner counts them in `usage`)."""
     kind = "chat.completion.chunk" if chat else "text_completion"

@@ -82,8 +82,7 @@ def nucleus_sample(probs: torch.Tensor, top_p: torch.Tensor, rngs) -> list[int]:
 def sample(raw: torch.Tensor, seqs) -> list[int]:
     """One token id per row of `raw` logits (B, V), by each sequence's own SamplingParams and rng; a grammar's
     matcher (structured output) masks its row first and takes the token after."""
-    logits = raw
-    logits = openai_adjust(repeat_penalty(logits, seqs), seqs)
+    logits = openai_adjust(repeat_penalty(raw, seqs), seqs)
     if any(s.matcher is not None for s in seqs):
         logits = logits.clone() if logits is raw else logits  # the raw logits stay as they are (for logprobs)
         constrain(logits, seqs)

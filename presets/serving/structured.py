@@ -19,10 +19,10 @@ MAX_SCHEMA_BYTES = 64 << 10
 
 def grammar_for(response_format) -> str | None:
     """The llguidance grammar of an OpenAI response_format; None for plain text. 400 for a malformed one."""
-    from llguidance import LLMatcher
-
     if response_format is None or response_format == {"type": "text"}:
         return None
+    from llguidance import LLMatcher
+
     kind = response_format.get("type") if isinstance(response_format, dict) else None
     if kind == "json_object":
         if set(response_format) != {"type"}:
