@@ -31,10 +31,15 @@ from tests.test_llama_cpp import SEED_GENERATE as SEED_LLM_API
 
 BASE = "presets-test-base:bookworm-gomp"
 DOCKERFILES = {
-    "llama": os.path.join(ROOT, "docker", "presets", "inference", "llama-2", "Dockerfile"),
+    "llama": os.path.join(ROOT, "docker", "presets", "inference", "llama-2", "Dockerfile"),  # seed 002's command
+    "llama seed 001": os.path.join(ROOT, "docker", "presets", "llama-2", "Dockerfile"),
+    "llama seed 000": os.path.join(ROOT, "Dockerfile"),
     "falcon": os.path.join(ROOT, "docker", "presets", "inference", "falcon", "Dockerfile"),
 }
 LLM_API_DOCKERFILE = os.path.join(ROOT, "docker", "presets", "inference", "llama-cpp", "Dockerfile")
+# No network and no pull: the base made here, pip from the wheelhouse (added to each seed's command).
+OFFLINE = ["--network", "none", f"--build-arg=BASE_IMAGE={BASE}",
+           "--build-arg=PIP_FLAGS=--no-index --find-links /tmp/build"]  # fmt: skip
 KAITO_LLAMA = ("cd /workspace/llama/llama-2 && torchrun --nnodes 1 --nproc_per_node 1 "
                "inference_api.py --max_seq_len 512 --max_batch_size 8")  # fmt: skip
 
@@ -91,19 +96,61 @@ def weights():
     """Tiny checkpoints under weights/ (the build context admits it), removed afterwards."""
     llama = os.path.join(ROOT, "weights", ".docker-test-llama")
     falcon = os.path.join(ROOT, "weights", ".docker-test-falcon")
+    seed_000_root = os.path.join(ROOT, "llama")  # seed 000's layout: llama/<MODEL-VERSION>/
+    made_root = not os.path.isdir(seed_000_root)
+    seed_000 = os.path.join(seed_000_root, "presets-test-tiny")
     write_checkpoint(llama, TINY)
+    shutil.copytree(llama, seed_000, dirs_exist_ok=True)
     write_falcon(falcon)
-    yield {"llama": os.path.relpath(llama, ROOT), "falcon": os.path.relpath(falcon, ROOT)}
+    yield {
+        "llama": os.path.relpath(llama, ROOT),
+        "falcon": os.path.relpath(falcon, ROOT),
+        "llama version": "presets-test-tiny",
+    }
     shutil.rmtree(llama)
     shutil.rmtree(falcon)
+    shutil.rmtree(seed_000_root if made_root else seed_000)
 
 
-def build(kind: str, tag: str, base: str, weights_path: str, **args) -> None:
-    flags = [f"--build-arg={k}={v}" for k, v in
-             {"BASE_IMAGE": base, "PIP_FLAGS": "--no-index --find-links /tmp/build", "WEIGHTS_PATH": weights_path,
-              **args}.items()]  # fmt: skip
-    sh("docker", "build", "-q", "--network", "none", "-f", DOCKERFILES[kind], *flags, "-t", tag, ROOT,
-       env={**os.environ, "DOCKER_BUILDKIT": "0"})  # fmt: skip
+def docker_build(*argv: str, check: bool = True) -> subprocess.CompletedProcess:
+    """`docker build <argv>` run from the repository root, as the seeds say, plus OFFLINE before the context."""
+    *args, context = argv
+    out = subprocess.run(["docker", "build", "-q", *args, *OFFLINE, context], capture_output=True, text=True, cwd=ROOT,
+                         env={**os.environ, "DOCKER_BUILDKIT": "0"})  # fmt: skip
+    assert not check or out.returncode == 0, (
+        f"docker build {' '.join(argv)}:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    )
+    return out
+
+
+def build(kind: str, tag: str, weights_path: str, **args) -> None:
+    """Seed 002's form (--file, WEIGHTS_PATH, MODEL_TYPE, VERSION), or the Falcon image's."""
+    flags = [f"--build-arg={k}={v}" for k, v in {"WEIGHTS_PATH": weights_path, **args}.items()]
+    docker_build("-f", DOCKERFILES[kind], *flags, "-t", tag, ".")
+
+
+def seed_build(
+    seed: str, kind: str, weights: dict, tag: str, src_dir: str | None = None
+) -> subprocess.CompletedProcess:
+    """Seed 000's or seed 001's command for the text (kind "") or chat (kind "-chat") server, as the seed writes
+    it; src_dir replaces SRC_DIR's value (to give a wrong one)."""
+    if seed == "000":
+        src = src_dir or f"/home/kaito/presets/llama-2{kind}"
+        return docker_build("--build-arg", f"LLAMA_VERSION={weights['llama version']}", "--build-arg",
+                            f"SRC_DIR={src}", "-t", tag, ".", check=src_dir is None)  # fmt: skip
+    src = src_dir or f"presets/llama-2{kind}"
+    return docker_build("--file", "docker/presets/llama-2/Dockerfile", "--build-arg",
+                        f"LLAMA_WEIGHTS={weights['llama']}", "--build-arg", f"SRC_DIR={src}", "-t", tag, ".",
+                        check=src_dir is None)  # fmt: skip
+
+
+def image_contents(tag: str) -> str:
+    """What makes two images the same server: Kaito's folder (files and checksums), the config."""
+    files = sh("docker", "run", "--rm", "--entrypoint", "sh", tag, "-c",
+               "cd /workspace/llama/llama-2 && find . -type f | sort | xargs sha256sum").stdout  # fmt: skip
+    config = sh("docker", "inspect", "--format", "{{json .Config.Cmd}} {{json .Config.Env}} {{.Config.WorkingDir}} "
+                "{{json .Config.ExposedPorts}}", tag).stdout  # fmt: skip
+    return files + config
 
 
 def run_container(tag: str, *command: str) -> tuple[str, str]:
@@ -147,38 +194,97 @@ def test_dockerfiles_lint_and_layer_order():
         copies = [v for op, v in steps if op == "COPY"]
         deps = next(i for i, v in enumerate(copies) if v.startswith("requirements.txt"))
         code = next(i for i, v in enumerate(copies) if v.startswith("presets "))
-        weights = next(i for i, v in enumerate(copies) if v.startswith("${WEIGHTS_PATH}"))
+        weights = next(i for i, v in enumerate(copies) if v.endswith(" weights/"))
         assert deps < code < weights, "dependencies, then code, then weights"
         assert not any(op == "ADD" or "curl " in v or "wget " in v for op, v in steps), "nothing downloaded"
+    # The three Llama Dockerfiles (one per seed's command) are one recipe: the same steps but for arg names.
+    names = {"LLAMA_VERSION": "W", "LLAMA_WEIGHTS": "W", "WEIGHTS_PATH": "W", "SRC_DIR": "S", "MODEL_TYPE": "S"}
+
+    def recipe(path):
+        steps = []
+        for i in DockerfileParser(path=path).structure:
+            value = (
+                i["value"].replace("llama/${LLAMA_VERSION}", "${LLAMA_VERSION}").replace("=llama2-completion", '=""')
+            )
+            for name, same in names.items():
+                value = value.replace(name, same)
+            steps += [] if i["instruction"] == "COMMENT" else [(i["instruction"], value)]
+        return steps
+
+    llama = [recipe(path) for kind, path in DOCKERFILES.items() if kind.startswith("llama")]
+    assert len(llama) == 3 and llama[0] == llama[1] == llama[2]
     with open(os.path.join(ROOT, ".dockerignore")) as f:
         ignore = f.read().split()
     assert ignore[ignore.index("*") :][:1] == ["*"] and "!presets/" in ignore  # an allow-list context
 
 
+def answers_the_seed_requests(url: str, chat: bool) -> None:
+    assert get(url) == (200, "Server is running")
+    if not chat:
+        status, body = post(f"{url}/generate", SEED_GENERATE)
+        assert status == 200 and len(body["results"]) == 4
+    else:
+        for seed in SEED_CHATS:
+            status, body = post(f"{url}/chat", seed)
+            assert status == 200 and len(body["results"]) == len(seed["input_data"]["input_string"])
+
+
 @pytest.mark.parametrize("model_type", ["llama2-completion", "llama2-chat"])
 def test_llama_image_serves_with_kaitos_command(base_image, wheelhouse, weights, model_type):
+    """Seed 002's command; Kaito's explicit --max_batch_size 8 stays 8 (the pool's log line says 8 fit)."""
     tag = f"presets-test-llama:{model_type}"
-    build("llama", tag, base_image, weights["llama"], MODEL_TYPE=model_type, VERSION="0.0.7")
+    build("llama", tag, weights["llama"], MODEL_TYPE=model_type, VERSION="0.0.7")
     name, url = run_container(tag, "/bin/sh", "-c", KAITO_LLAMA)
     try:
         wait_healthy(name, url)
-        assert get(url) == (200, "Server is running")
-        if model_type == "llama2-completion":
-            status, body = post(f"{url}/generate", SEED_GENERATE)
-            assert status == 200 and len(body["results"]) == 4
-        else:
-            for seed in SEED_CHATS:
-                status, body = post(f"{url}/chat", seed)
-                assert status == 200 and len(body["results"]) == len(seed["input_data"]["input_string"])
+        answers_the_seed_requests(url, chat=model_type == "llama2-chat")
         version = sh("docker", "exec", name, "cat", "/workspace/llama/llama-2/version.txt").stdout.strip()
         assert version == "0.0.7"
+        logs = subprocess.run(["docker", "logs", name], capture_output=True, text=True)
+        assert "8 sequences of max_seq_len 512 fit" in logs.stdout + logs.stderr
         shutdown_exits_0(name, url)
     finally:
         remove(name)
 
 
+@pytest.mark.parametrize("seed", ["000", "001"])
+@pytest.mark.parametrize("kind", ["", "-chat"], ids=["text", "chat"])
+def test_seed_000_and_001_commands_build_the_same_image(base_image, wheelhouse, weights, seed, kind):
+    """Run verbatim from the repository root, each older command builds seed 002's image for its SRC_DIR (same
+    server, Kaito folder, weights, version, command), which serves Kaito's command."""
+    tag = f"presets-test-llama-2{kind}:seed-{seed}"
+    seed_build(seed, kind, weights, tag)
+    reference = f"presets-test-llama:reference{kind}"
+    build("llama", reference, weights["llama"], MODEL_TYPE="llama2-chat" if kind else "llama2-completion")
+    assert image_contents(tag) == image_contents(reference)
+    name, url = run_container(tag, "/bin/sh", "-c", KAITO_LLAMA)
+    try:
+        wait_healthy(name, url)
+        answers_the_seed_requests(url, chat=kind == "-chat")
+        shutdown_exits_0(name, url)
+    finally:
+        remove(name)
+
+
+def test_a_wrong_src_dir_or_missing_weights_fail_the_build_naming_the_arg(base_image, wheelhouse, weights):
+    out = seed_build("001", "", weights, "presets-test-llama:wrong", src_dir="presets/llama-3")
+    assert out.returncode != 0
+    assert (
+        "error: SRC_DIR='presets/llama-3': its last folder must be llama-2 (text completion" in out.stdout + out.stderr
+    )
+    out = docker_build("--build-arg", "SRC_DIR=/home/kaito/presets/llama-2", "-t", "presets-test-llama:wrong", ".",
+                       check=False)  # fmt: skip
+    assert out.returncode != 0
+    assert "error: LLAMA_VERSION is not set: pass --build-arg LLAMA_VERSION=<MODEL-VERSION>" in out.stdout + out.stderr
+    out = docker_build("--file", "docker/presets/llama-2/Dockerfile", "--build-arg", "LLAMA_WEIGHTS=presets/llama2",
+                       "--build-arg", "SRC_DIR=presets/llama-2-chat", "-t", "presets-test-llama:wrong", ".",
+                       check=False)  # fmt: skip
+    assert out.returncode != 0
+    assert "error: LLAMA_WEIGHTS='presets/llama2': the folder holds no checkpoint" in out.stdout + out.stderr
+
+
 def test_llama_image_default_command_and_falcon_image(base_image, wheelhouse, weights):
-    build("llama", "presets-test-llama:default", base_image, weights["llama"])
+    build("llama", "presets-test-llama:default", weights["llama"])
     name, url = run_container("presets-test-llama:default")  # the image's own CMD: one GPU (here CPU)
     try:
         wait_healthy(name, url)
@@ -186,7 +292,7 @@ def test_llama_image_default_command_and_falcon_image(base_image, wheelhouse, we
         shutdown_exits_0(name, url)
     finally:
         remove(name)
-    build("falcon", "presets-test-falcon:latest", base_image, weights["falcon"], VERSION="0.0.3")
+    build("falcon", "presets-test-falcon:latest", weights["falcon"], VERSION="0.0.3")
     name, url = run_container("presets-test-falcon:latest")
     try:
         wait_healthy(name, url)
@@ -219,9 +325,7 @@ def test_llm_api_image_runs_as_seed_004_says(base_image, wheelhouse, tmp_path):
                       "setup_params:\n  convert: false\n  migrate: false\n"
                       "model_params:\n  ctx_size: 256\n  seed: -1\n  n_threads: 2\n")  # fmt: skip
     tag = "presets-test-llm-api:latest"
-    flags = [f"--build-arg=BASE_IMAGE={base_image}", "--build-arg=PIP_FLAGS=--no-index --find-links /tmp/build"]
-    sh("docker", "build", "-q", "--network", "none", "-f", LLM_API_DOCKERFILE, *flags, "-t", tag, ROOT,
-       env={**os.environ, "DOCKER_BUILDKIT": "0"})  # fmt: skip
+    docker_build("-f", LLM_API_DOCKERFILE, "-t", tag, ".")
     port = free_port()
     name = f"presets-test-{port}"
     # The seed's memlock=16000000000 where this machine allows it; a sandbox may cap the hard limit lower.

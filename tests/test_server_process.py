@@ -37,6 +37,8 @@ def test_server_process_serves_seeds_and_shuts_down_with_0(tiny_ckpt, kind, torc
     route = "/generate" if kind == "completion" else "/chat"
     assert f"POST {route} 200 sequences=" in out and "generated_tokens=" in out  # one log line per request
     assert "Traceback" not in out
+    # No --max_batch_size: the seeds' default of 32 (on CPU the pool holds 32 x --max_seq_len positions).
+    assert "32 sequences of max_seq_len 256 fit" in out
 
 
 def test_missing_checkpoint_exits_with_a_clear_error(tmp_path):

@@ -38,7 +38,7 @@ class HFSettings(HttpSettings):
     max_seq_len: int = 0  # our engine: tokens per sequence (prompt + answer); 0: max_position_embeddings, at most 4096
     host: str = "0.0.0.0"
     port: int = 5000
-    max_batch_size: int = 8
+    max_batch_size: int = 32  # sequences generated at once, as for Llama
     max_queue_size: int = 256
     served_model_name: str = ""  # the model id of the /v1 routes; default the folder's name
     api_key: str = ""

@@ -1,0 +1,49 @@
+# Llama-2 server image with the weights baked in (seed 000's command). From the repository root:
+#
+#   docker build --build-arg LLAMA_VERSION=llama-2-7b --build-arg SRC_DIR=/home/kaito/presets/llama-2 \
+#     -t llama-2-7b:latest .
+#
+# The weights are in llama/<LLAMA_VERSION>/ of the repository (Meta's layout or a HuggingFace
+# LlamaForCausalLM folder). SRC_DIR is read as a name, not copied: its last folder picks the server,
+# llama-2 (POST /generate) or llama-2-chat (POST /chat).
+#
+# Seeds 000, 001 and 002 document three commands for this one image: ./Dockerfile,
+# docker/presets/llama-2/Dockerfile and docker/presets/inference/llama-2/Dockerfile take one each. They
+# differ only in the names of their build args; presets/tools/llama_image.py does the steps for all three.
+# The default base is a plain Python image: pip then takes torch's CUDA build from PyPI (it carries the
+# CUDA runtime; the node needs only the NVIDIA driver). Air-gapped: put wheels in .wheelhouse/ and pass
+# PIP_FLAGS="--no-index --find-links /tmp/build". See the README's Docker section.
+
+ARG BASE_IMAGE=python:3.11.11-slim-bookworm
+FROM ${BASE_IMAGE}
+
+# 1. Dependencies (change rarely): a venv with the pinned requirements.
+ARG PIP_FLAGS=""
+COPY requirements.txt constraints.txt .wheelhouse* /tmp/build/
+RUN python3 -m venv /opt/venv \
+    && grep -v '^torch==' /tmp/build/constraints.txt > /tmp/build/image-constraints.txt \
+    && /opt/venv/bin/pip install --no-cache-dir ${PIP_FLAGS} -c /tmp/build/image-constraints.txt \
+       -r /tmp/build/requirements.txt \
+    && rm -rf /tmp/build
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONPATH=/opt/presets \
+    PYTHONUNBUFFERED=1 \
+    HF_HUB_OFFLINE=1 \
+    TRANSFORMERS_OFFLINE=1
+
+# 2. Code (changes often): the presets package and the chosen server, in Kaito's layout.
+ARG SRC_DIR=""
+ARG LLAMA_VERSION=""
+COPY presets /opt/presets/presets
+WORKDIR /workspace/llama/llama-2
+RUN python -m presets.tools.llama_image server "SRC_DIR=${SRC_DIR}" "LLAMA_VERSION=${LLAMA_VERSION}"
+
+# 3. Weights (largest, last) and the version.
+ARG VERSION=0.0.1
+COPY llama/${LLAMA_VERSION} weights/
+RUN python -m presets.tools.llama_image weights "LLAMA_VERSION=${LLAMA_VERSION}" "VERSION=${VERSION}"
+
+EXPOSE 5000
+# One GPU (7B). Kaito replaces this with
+# "cd /workspace/llama/llama-2 && torchrun <flags> inference_api.py --max_seq_len 512 --max_batch_size 8".
+CMD ["torchrun", "--nproc_per_node", "1", "inference_api.py", "--max_seq_len", "512", "--max_batch_size", "8"]
