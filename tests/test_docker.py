@@ -8,10 +8,8 @@ user would build.
 import os
 import resource
 import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 import time
 
 import pytest
@@ -22,14 +20,15 @@ from dockerfile_parse import DockerfileParser
 from presets.tools.gguf_export import export
 from presets.tools.tiny_checkpoint import write_checkpoint
 from presets.tools.tiny_hf import write_falcon
+from tests import docker_env
 from tests.conftest import TINY
+from tests.docker_env import sh
 from tests.launch import ROOT, free_port, get, post
 from tests.test_api import SEED_CHATS, SEED_GENERATE
 from tests.test_hf import SEED_ADVANCED
 from tests.test_llama_cpp import GREEDY, sse_text
 from tests.test_llama_cpp import SEED_GENERATE as SEED_LLM_API
 
-BASE = "presets-test-base:bookworm-gomp"
 DOCKERFILES = {
     "llama": os.path.join(ROOT, "docker", "presets", "inference", "llama-2", "Dockerfile"),  # seed 002's command
     "llama seed 001": os.path.join(ROOT, "docker", "presets", "llama-2", "Dockerfile"),
@@ -38,57 +37,21 @@ DOCKERFILES = {
 }
 LLM_API_DOCKERFILE = os.path.join(ROOT, "docker", "presets", "inference", "llama-cpp", "Dockerfile")
 # No network and no pull: the base made here, pip from the wheelhouse (added to each seed's command).
-OFFLINE = ["--network", "none", f"--build-arg=BASE_IMAGE={BASE}",
+OFFLINE = ["--network", "none", f"--build-arg=BASE_IMAGE={docker_env.BASE}",
            "--build-arg=PIP_FLAGS=--no-index --find-links /tmp/build"]  # fmt: skip
 KAITO_LLAMA = ("cd /workspace/llama/llama-2 && torchrun --nnodes 1 --nproc_per_node 1 "
                "inference_api.py --max_seq_len 512 --max_batch_size 8")  # fmt: skip
 
 
-def sh(*cmd, **kw) -> subprocess.CompletedProcess:
-    out = subprocess.run(cmd, capture_output=True, text=True, **kw)
-    assert out.returncode == 0, f"{' '.join(cmd)}:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
-    return out
-
-
 @pytest.fixture(scope="module")
-def docker():
-    """A running Docker engine: the one already running, or one started here and stopped after."""
-    for tool in ("docker", "dockerd", "debootstrap"):
-        assert shutil.which(tool), f"{tool} is missing: run `make system-deps` (as root)"
-    if subprocess.run(["docker", "info"], capture_output=True).returncode == 0:
-        yield
-        return
-    with open(os.path.join(tempfile.gettempdir(), "presets-dockerd.log"), "w") as log:
-        started = subprocess.Popen(["dockerd"], stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.time() + 60
-        while subprocess.run(["docker", "info"], capture_output=True).returncode != 0:
-            assert time.time() < deadline and started.poll() is None, "dockerd did not start"
-            time.sleep(0.5)
-        yield
-        started.send_signal(signal.SIGTERM)  # stop the engine we started, by its PID
-        started.wait(timeout=60)
-
-
-@pytest.fixture(scope="module")
-def base_image(docker):
-    """Debian bookworm with python3, venv and OpenMP's runtime (llama.cpp), made by debootstrap; kept between runs."""
-    if subprocess.run(["docker", "image", "inspect", BASE], capture_output=True).returncode != 0:
-        with tempfile.TemporaryDirectory() as rootfs:
-            sh("debootstrap", "--variant=minbase", "--include=python3,python3-venv,ca-certificates,libgomp1",
-               "bookworm", rootfs, "http://deb.debian.org/debian")  # fmt: skip
-            with subprocess.Popen(["tar", "-C", rootfs, "-c", "."], stdout=subprocess.PIPE) as tar:
-                sh("docker", "import", "-", BASE, stdin=tar.stdout)
-    return BASE
+def base_image():
+    with docker_env.engine():
+        yield docker_env.base_image()
 
 
 @pytest.fixture(scope="module")
 def wheelhouse():
-    """The pinned requirements as wheels in .wheelhouse/ (inside the build context). llama-cpp-python's
-    wheel comes from pip's cache of the one `make install-llama-cpp` compiled."""
-    path = os.path.join(ROOT, ".wheelhouse")
-    pip = [sys.executable, "-m", "pip", "wheel", "-q", "-w", path, "-c", os.path.join(ROOT, "constraints.txt")]
-    sh(*pip, "-r", os.path.join(ROOT, "requirements.txt"), "-r", os.path.join(ROOT, "requirements-llama-cpp.txt"))
-    return path
+    return docker_env.wheelhouse()
 
 
 @pytest.fixture(scope="module")
