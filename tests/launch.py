@@ -12,6 +12,8 @@ import time
 
 import requests
 
+from tests.test_api import SEED_CHATS, SEED_GENERATE
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -73,6 +75,18 @@ def get(url: str, netns: str | None = None, timeout: float = 5) -> tuple[int, ob
 
 def post(url: str, body, netns: str | None = None, timeout: float = 60) -> tuple[int, object]:
     return call("POST", url, body, netns, timeout)
+
+
+def answers_the_seed_requests(url: str, chat: bool) -> None:
+    """The server at url answers the seed's health check and its requests (chat: seed 001's, else seed 000's)."""
+    assert get(url) == (200, "Server is running")
+    if not chat:
+        status, body = post(f"{url}/generate", SEED_GENERATE)
+        assert status == 200 and len(body["results"]) == 4
+    else:
+        for seed in SEED_CHATS:
+            status, body = post(f"{url}/chat", seed)
+            assert status == 200 and len(body["results"]) == len(seed["input_data"]["input_string"])
 
 
 _CLIENT = """

@@ -23,8 +23,7 @@ from presets.tools.tiny_hf import write_falcon
 from tests import docker_env
 from tests.conftest import TINY
 from tests.docker_env import sh
-from tests.launch import ROOT, free_port, get, post
-from tests.test_api import SEED_CHATS, SEED_GENERATE
+from tests.launch import ROOT, answers_the_seed_requests, free_port, get, post
 from tests.test_hf import SEED_ADVANCED
 from tests.test_llama_cpp import GREEDY, sse_text
 from tests.test_llama_cpp import SEED_GENERATE as SEED_LLM_API
@@ -179,17 +178,6 @@ def test_dockerfiles_lint_and_layer_order():
     with open(os.path.join(ROOT, ".dockerignore")) as f:
         ignore = f.read().split()
     assert ignore[ignore.index("*") :][:1] == ["*"] and "!presets/" in ignore  # an allow-list context
-
-
-def answers_the_seed_requests(url: str, chat: bool) -> None:
-    assert get(url) == (200, "Server is running")
-    if not chat:
-        status, body = post(f"{url}/generate", SEED_GENERATE)
-        assert status == 200 and len(body["results"]) == 4
-    else:
-        for seed in SEED_CHATS:
-            status, body = post(f"{url}/chat", seed)
-            assert status == 200 and len(body["results"]) == len(seed["input_data"]["input_string"])
 
 
 @pytest.mark.parametrize("model_type", ["llama2-completion", "llama2-chat"])

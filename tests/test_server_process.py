@@ -6,8 +6,7 @@ import shutil
 import pytest
 import requests
 
-from tests.launch import finish, free_port, post, running, server_cmd, start, wait_healthy
-from tests.test_api import SEED_CHATS, SEED_GENERATE
+from tests.launch import answers_the_seed_requests, finish, free_port, post, running, server_cmd, start, wait_healthy
 
 LAUNCHES = [("completion", None), ("chat", None), ("completion", ["--nproc_per_node", "1"])]
 
@@ -19,15 +18,8 @@ def test_server_process_serves_seeds_and_shuts_down_with_0(tiny_ckpt, kind, torc
     proc = start(server_cmd(kind, tiny_ckpt, port, "--max_seq_len", "256", torchrun=torchrun), kind)
     with running(proc):
         wait_healthy(proc, url)
-        assert requests.get(url).json() == "Server is running"
         assert requests.get(f"{url}/healthz").json() == {"status": "Healthy"}
-        if kind == "completion":
-            status, body = post(f"{url}/generate", SEED_GENERATE)
-            assert status == 200 and len(body["results"]) == 4
-        else:
-            for seed in SEED_CHATS:
-                status, body = post(f"{url}/chat", seed)
-                assert status == 200 and len(body["results"]) == len(seed["input_data"]["input_string"])
+        answers_the_seed_requests(url, chat=kind == "chat")
         bad = requests.post(f"{url}/{'generate' if kind == 'completion' else 'chat'}", data="{", timeout=5,
                             headers={"Content-Type": "application/json"})  # fmt: skip
         assert bad.status_code == 400 and "valid JSON" in bad.json()["detail"]
