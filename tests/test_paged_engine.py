@@ -12,6 +12,7 @@ from presets.llama2.checkpoint import read_args
 from presets.llama2.hf_convert import to_hf
 from presets.llama2.server import build_runtime
 from presets.llama2.tokenizer import Tokenizer
+from presets.serving.kv_memory import CPU_DEFAULT_CAP, size_pool
 from presets.serving.params import SamplingParams
 from presets.serving.scheduler import Sequence
 from tests.conftest import settings_for
@@ -147,8 +148,20 @@ def test_pool_too_small_for_one_sequence_is_a_start_error_with_the_numbers(tiny_
 
 
 def test_pool_larger_than_memory_is_a_start_error_before_allocating(tiny_ckpt):
-    rt = build_runtime(settings_for(tiny_ckpt, max_seq_len=100000, max_batch_size=4096))
+    rt = build_runtime(settings_for(tiny_ckpt, kv_cache_memory="1TiB"))
     rt.start(background=False)
     assert rt.state == "failed"
-    assert "--max_batch_size 4096 x --max_seq_len 100000 positions needs 419430400000 bytes" in rt.progress
+    assert "the KV cache from --kv_cache_memory 1024.0 GiB needs 1099511627776 bytes" in rt.progress
     assert "lower --kv_cache_memory, --max_batch_size or --max_seq_len" in rt.progress
+
+
+def test_cpu_default_pool_is_max_batch_size_sequences_up_to_4gib():
+    per_token = 2**20  # Llama-2-7B in fp32: 32 layers x keys and values x 4096 x 4 bytes
+    pool = size_pool(per_token, 16, 512, 4, requested=0, available=None)
+    assert pool.tokens == 4 * 512  # a slot cache's worth
+    pool = size_pool(per_token, 16, 512, 32, requested=0, available=None)
+    assert pool.bytes == CPU_DEFAULT_CAP and pool.tokens // 512 == 8  # not 32 x 512 positions (16 GiB)
+    assert size_pool(per_token, 16, 8192, 32, requested=0, available=None).tokens == 8192  # one sequence fits
+    with pytest.raises(ValueError, match=r"capped at 4.0 GiB \(--kv_cache_memory\) needs 4294967296 bytes"):
+        size_pool(per_token, 16, 512, 32, requested=0, available=2**30)
+    assert size_pool(per_token, 16, 512, 32, requested=8 * 2**30, available=None).bytes == 8 * 2**30  # the flag wins

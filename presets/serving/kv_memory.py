@@ -26,6 +26,9 @@ def human(n: float) -> str:
     return f"{n} B"
 
 
+CPU_DEFAULT_CAP = 4 * 2**30  # without --kv_cache_memory, a CPU pool holds at most this many bytes
+
+
 @dataclass
 class KVPool:
     num_blocks: int
@@ -49,7 +52,8 @@ class KVPool:
 def size_pool(bytes_per_token: int, block_size: int, max_seq_len: int, max_batch_size: int, requested: int,
               available: int | None, default: int | None = None) -> KVPool:  # fmt: skip
     """The pool for `requested` bytes (--kv_cache_memory), else `default` bytes, else what max_batch_size slots
-    of max_seq_len held (the slot cache's size); an error naming the flags when it is too small or too big."""
+    of max_seq_len held (the slot cache's size) up to CPU_DEFAULT_CAP; an error naming the flags when it is too
+    small or too big."""
     per_block = bytes_per_token * block_size
     if requested:
         budget, source = requested, f"--kv_cache_memory {human(requested)}"
@@ -58,6 +62,8 @@ def size_pool(bytes_per_token: int, block_size: int, max_seq_len: int, max_batch
     else:
         budget = max_batch_size * max_seq_len * bytes_per_token
         source = f"--max_batch_size {max_batch_size} x --max_seq_len {max_seq_len} positions"
+        if budget > CPU_DEFAULT_CAP:  # max_batch_size bounds running sequences; memory is --kv_cache_memory's
+            budget, source = CPU_DEFAULT_CAP, f"{source}, capped at {human(CPU_DEFAULT_CAP)} (--kv_cache_memory)"
     pool = KVPool(budget // per_block, block_size, bytes_per_token)
     need = -(-max_seq_len // block_size)
     if not requested and default is None and pool.num_blocks < need:
