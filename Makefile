@@ -31,10 +31,10 @@ $(STAMP): requirements.txt requirements-dev.txt constraints.txt pyproject.toml
 
 install-llama-cpp: $(LLAMA_CPP_STAMP) ## add the llm-api server's packages (llama-cpp-python compiles ~2 min once; pip caches it)
 
-# llama-cpp-python compiles llama.cpp (CMAKE_ARGS) without what its Python bindings never load: the
-# multimodal library (LLAVA_BUILD) and llama.cpp's "common" library (requirements-llama-cpp.cmake says
-# how). About 2 minutes instead of 5 on 2 cores; the libraries built are the same.
-LLAMA_CPP_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DCMAKE_PROJECT_llama.cpp_INCLUDE=$(abspath requirements-llama-cpp.cmake)
+# llama-cpp-python compiles llama.cpp without what our server never loads, the multimodal (mtmd) and
+# "common" libraries: requirements-llama-cpp.cmake turns both off, for the image too. About 2 minutes
+# instead of 5 on 2 cores; libllama and ggml are built as before.
+LLAMA_CPP_CMAKE_ARGS ?= -DCMAKE_PROJECT_llama.cpp_INCLUDE=$(abspath requirements-llama-cpp.cmake)
 
 $(LLAMA_CPP_STAMP): requirements-llama-cpp.txt requirements-llama-cpp.cmake constraints.txt | $(STAMP)
 	CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS) $$CMAKE_ARGS" $(BIN)/pip install --quiet -c constraints.txt -r requirements-llama-cpp.txt

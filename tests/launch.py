@@ -78,7 +78,7 @@ def post(url: str, body, netns: str | None = None, timeout: float = 60) -> tuple
 
 
 def answers_the_seed_requests(url: str, chat: bool) -> None:
-    """The server at url answers the seed's health check and its requests (chat: seed 001's, else seed 000's)."""
+    """The server at url answers the seeds' health check, then their /chat requests (chat) or /generate request."""
     assert get(url) == (200, "Server is running")
     if not chat:
         status, body = post(f"{url}/generate", SEED_GENERATE)

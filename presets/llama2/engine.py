@@ -28,7 +28,7 @@ class CacheSettings:
 class LlamaEngine:
     """The model with its KV pool. The pool's size: `memory` bytes when given; else on CUDA
     gpu_memory_utilization of the device's memory less what the weights and a largest step take; else
-    (CPU) max_batch_size x max_seq_len positions, what a slot cache would hold, up to 4 GiB (kv_memory.py)."""
+    (CPU) max_batch_size x max_seq_len positions, what a slot cache would hold, up to kv_memory.CPU_DEFAULT_CAP."""
 
     def __init__(self, model: Transformer, cache: CacheSettings, cpu_packed: bool = True, agree=None):
         """`agree(num_blocks)` -> the smallest over the ranks (each rank sizes its own pool; all must match)."""

@@ -63,7 +63,8 @@ def size_pool(bytes_per_token: int, block_size: int, max_seq_len: int, max_batch
         budget = max_batch_size * max_seq_len * bytes_per_token
         source = f"--max_batch_size {max_batch_size} x --max_seq_len {max_seq_len} positions"
         if budget > CPU_DEFAULT_CAP:  # max_batch_size bounds running sequences; memory is --kv_cache_memory's
-            budget, source = CPU_DEFAULT_CAP, f"{source}, capped at {human(CPU_DEFAULT_CAP)} (--kv_cache_memory)"
+            budget = CPU_DEFAULT_CAP
+            source = f"{source}, capped at {human(CPU_DEFAULT_CAP)} (--kv_cache_memory sets another size)"
     pool = KVPool(budget // per_block, block_size, bytes_per_token)
     need = -(-max_seq_len // block_size)
     if not requested and default is None and pool.num_blocks < need:
