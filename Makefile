@@ -36,8 +36,15 @@ install-llama-cpp: $(LLAMA_CPP_STAMP) ## add the llm-api server's packages (llam
 # instead of 5 on 2 cores; libllama and ggml are built as before.
 LLAMA_CPP_CMAKE_ARGS ?= -DCMAKE_PROJECT_llama.cpp_INCLUDE=$(abspath requirements-llama-cpp.cmake)
 
+# pip keys the wheel it compiles by the sdist alone, so a changed recipe would reuse the old wheel: the install
+# gets a pip cache of its own per recipe (the hash of requirements-llama-cpp.cmake and the CMake arguments),
+# and the build of an older recipe is uninstalled first.
+LLAMA_CPP_RECIPE = $(shell (cat requirements-llama-cpp.cmake; echo "$(LLAMA_CPP_CMAKE_ARGS) $$CMAKE_ARGS") | sha256sum | cut -c1-16)
+
 $(LLAMA_CPP_STAMP): requirements-llama-cpp.txt requirements-llama-cpp.cmake constraints.txt | $(STAMP)
-	CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS) $$CMAKE_ARGS" $(BIN)/pip install --quiet -c constraints.txt -r requirements-llama-cpp.txt
+	$(BIN)/pip uninstall --quiet --yes llama_cpp_python  # a build of another recipe, if any
+	CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS) $$CMAKE_ARGS" $(BIN)/pip install --quiet -c constraints.txt \
+		--cache-dir $(HOME)/.cache/pip/llama-cpp-$(LLAMA_CPP_RECIPE) -r requirements-llama-cpp.txt
 	touch $@
 
 demo: $(DEMO_DIR)/params.json ## generate the random-weight demo checkpoint (cached)

@@ -42,7 +42,10 @@ def gqa_ckpt(tmp_path_factory):
 
 
 def settings_for(ckpt: str, **kw) -> Settings:
+    """Settings of a Llama server on `ckpt`, in fp32 unless kw says otherwise (the tests that compare with
+    transformers or across ranks expect fp32's exact sums; `auto` is bf16 on CPUs with AVX512-BF16 or AMX)."""
     sp = os.path.join(ckpt, "tokenizer.model")  # Meta's layout; a HuggingFace folder's tokenizer is found by the server
+    kw = {"dtype": "float32", **kw}
     return Settings(ckpt_dir=ckpt, tokenizer_path=sp if os.path.isfile(sp) else "", device="cpu", **kw)
 
 
@@ -106,7 +109,7 @@ def hf_client(model_dir: str, **kw):
     from presets.hf.server import HFSettings, create_engine_app, create_hf_app, runs_on_our_engine
     from presets.hf.server import build_runtime as build_hf_runtime
 
-    settings = HFSettings(model_id=model_dir, **kw)
+    settings = HFSettings(model_id=model_dir, **{"torch_dtype": "float32", **kw})  # fp32: as settings_for
     if runs_on_our_engine(settings):
         app, rt = create_engine_app(settings)
     else:

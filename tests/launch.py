@@ -24,12 +24,13 @@ def free_port() -> int:
 
 
 def server_cmd(kind: str, ckpt: str, port: int, *flags: str, torchrun=None, host: str = "127.0.0.1") -> list[str]:
-    """The command line of a `kind` server; `torchrun` is None (plain python) or torchrun's flags."""
+    """The command line of a `kind` server in fp32 unless `flags` pass --dtype (conftest.settings_for says why);
+    `torchrun` is None (plain python) or torchrun's flags."""
     launcher = [sys.executable] if torchrun is None else [sys.executable, "-m", "torch.distributed.run", *torchrun]
     sp = os.path.join(ckpt, "tokenizer.model")  # Meta's layout; a HuggingFace folder's tokenizer is found by the server
     tokenizer = ["--tokenizer_path", sp] if os.path.isfile(sp) else []
     return [*launcher, "inference_api.py", "--ckpt_dir", ckpt, *tokenizer,
-            "--host", host, "--port", str(port), "--device", "cpu", *flags]  # fmt: skip
+            "--host", host, "--port", str(port), "--device", "cpu", "--dtype", "float32", *flags]  # fmt: skip
 
 
 def start(cmd: list[str], kind: str, netns: str | None = None, env: dict | None = None) -> subprocess.Popen:

@@ -47,10 +47,10 @@ def test_kernels_refuse_inputs_they_cannot_read(lib):
     for x in (torch.zeros(2, 9), torch.zeros(2, 8, dtype=torch.float64)):  # wrong width, wrong dtype
         with pytest.raises(ValueError, match="does not fit panels"):
             cpu_kernels.linear_bf16(x, panels, 16)
+    q = torch.zeros(1, 2, 8)
+    with pytest.raises(ValueError, match="fp32 or bf16 CPU caches"):
+        cpu_kernels.decode_attention(PagedKVCache(2, 8, 2, 8, torch.float16, "cpu"), singles([([0], 1)], 8), q)
     cache = PagedKVCache(2, 8, 2, 8, torch.float32, "cpu")
-    q = torch.zeros(1, 2, 8, dtype=torch.float64)
-    with pytest.raises(ValueError, match="fp32 CPU tensors"):
-        cpu_kernels.decode_attention(cache, singles([([0], 1)], 8), q)
     with pytest.raises(ValueError, match="decode_attention: q"):
         cpu_kernels.decode_attention(cache, singles([([0], 1)], 8), torch.zeros(1, 2, 16))
 
@@ -88,6 +88,26 @@ def test_decode_attention_equals_masked_sdpa(lib, heads, kv_heads, head_dim, blo
     ref = step.attend_singles(cache, q, gqa=heads != kv_heads)  # no kernel on this cache: SDPA with a mask
     assert got.shape == ref.shape == (3, heads, head_dim)
     assert rel_err(got, ref) < 1e-5
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 4, 16), (9, 3, 64), (2, 1, 72)])
+def test_decode_attention_reads_a_bf16_cache_as_its_fp32_values(lib, heads, kv_heads, head_dim):
+    """The bf16 model's cache: the kernel converts each value exactly, so it equals the fp32 kernel on the
+    same values bit for bit, and gives its output in q's dtype."""
+    g = torch.Generator().manual_seed(head_dim)
+    half = PagedKVCache(12, 5, kv_heads, head_dim, torch.bfloat16, "cpu")
+    half.k.copy_(torch.randn(half.k.shape, generator=g))
+    half.v.copy_(torch.randn(half.v.shape, generator=g))
+    full = PagedKVCache(12, 5, kv_heads, head_dim, torch.float32, "cpu")
+    full.k.copy_(half.k)
+    full.v.copy_(half.v)
+    step = singles(list(zip([[7], [3, 0, 11, 5], [11, 10, 9, 8, 7, 6, 5, 4]], [0, 17, 39])), 5)
+    q = torch.randn(3, heads, head_dim, generator=g).bfloat16()
+    got = cpu_kernels.decode_attention(half, step, q)
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, cpu_kernels.decode_attention(full, step, q.float()).bfloat16())
+    ref = step.attend_singles(full, q.float(), gqa=heads != kv_heads)  # SDPA in fp32 on the same values
+    assert rel_err(got.float(), ref) < 1e-2  # bf16's rounding of the output
 
 
 def test_decode_attention_refuses_positions_outside_the_cache(lib):
@@ -172,6 +192,38 @@ def test_packed_model_matches_plain_layers(request, monkeypatch, ckpt, form):
             work.append(item(3, 0, prompts[0], sample=False))
             work.append(item(3, len(prompts[0]), prompts[1]))
         assert rel_err(run(packed, *work), run(plain, *work)) < 1e-5
+
+
+@pytest.mark.parametrize("ckpt", ["tiny_ckpt", "gqa_ckpt"], ids=["mha", "gqa"])
+def test_bf16_model_packs_in_bf16_and_matches_plain_bf16_layers(request, ckpt):
+    """--dtype bfloat16: oneDNN's bf16 packing (where this CPU's oneDNN has bf16) and the decode kernel on a
+    bf16 cache, against PyTorch's bf16 layers and attention, prompts, decodes and a chunk after a cached part."""
+    ckpt = request.getfixturevalue(ckpt)
+    tok = Tokenizer(f"{ckpt}/tokenizer.model")
+    plain = engine_for(load_model(ckpt, tok, 0, 1, torch.device("cpu"), torch.bfloat16), cpu_packed=False)
+    packed_model = load_model(ckpt, tok, 0, 1, torch.device("cpu"), torch.bfloat16)
+    packed = engine_for(packed_model)
+    layer = packed_model.layers[0]
+    assert layer.attention.cache.k.dtype == torch.bfloat16  # the cache follows the compute dtype
+    linears = [layer.attention.wqkv, layer.attention.wo, layer.feed_forward.w13, layer.feed_forward.w2]
+    bf16_onednn = cpu_kernels.onednn_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert {m.packed.kind for m in linears + [packed_model.output]} == {"onednn-bf16" if bf16_onednn else "plain"}
+    want_kernel = cpu_kernels.decode_attention if cpu_kernels.native() else None
+    assert [x.attention.cache.decode_kernel for x in packed_model.layers] == [want_kernel] * len(packed_model.layers)
+    state, shard = packed_model.state_dict(), torch.load(f"{ckpt}/consolidated.00.pth", weights_only=True)
+    assert all(torch.equal(state[k], shard[k].bfloat16()) for k in state)  # the weights, exactly
+    prompts = [tok.encode(t, bos=True, eos=False) for t in ("Simply put, the theory", "Hi", "The river flows past")]
+    seqs = [2, 0, 1]
+    for engine in (plain, packed):
+        run(engine, item(2, 0, prompts[0] + prompts[2]))  # stale keys in sequence 2's blocks beyond its prompt
+    first = [run(e, *(item(s, 0, p) for s, p in zip(seqs, prompts))) for e in (plain, packed)]
+    assert rel_err(first[1], first[0]) < 2e-2  # bf16 activations rounded after sums taken in another order
+    for step in range(3):
+        work = [item(s, len(p) + step, [5 + step]) for s, p in zip(seqs, prompts)]
+        if step == 2:
+            work.append(item(3, 0, prompts[0], sample=False))
+            work.append(item(3, len(prompts[0]), prompts[1]))
+        assert rel_err(run(packed, *work), run(plain, *work)) < 2e-2
 
 
 @pytest.mark.parametrize("ckpt", ["tiny_ckpt", "gqa_ckpt"], ids=["mha", "gqa"])

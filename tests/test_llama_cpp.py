@@ -540,3 +540,42 @@ def test_chat_uses_the_files_chat_template(tiny_ckpt, tmp_path):
         assert r.get_json()["choices"][0]["message"]["content"] == rt.tokenizer.decode(seq.output)
         r = client.post("/v1/chat/completions", json={"messages": [{"role": "system", "content": "x"}]})
         assert r.status_code == 400 and "roles must alternate" in error_message(r)
+
+
+# -- CPUs with AMX: llama.cpp's AMX matmul crashes (requirements-llama-cpp.cmake) ----------------------------
+
+
+def test_our_llama_cpp_build_compiles_no_amx_kernels(tmp_path):
+    """requirements-llama-cpp.cmake's flags, as CMake hands them to the compiler, remove AMX even from a
+    -march that has it (what -march=native gives on an AMX Xeon), and keep the AVX-512 it is built with."""
+    (tmp_path / "CMakeLists.txt").write_text(
+        "cmake_minimum_required(VERSION 3.14)\nproject(probe C CXX)\n"
+        f'include("{ROOT}/requirements-llama-cpp.cmake")\nmessage(STATUS "FLAGS=${{CMAKE_CXX_FLAGS}}")\n'
+    )
+    out = subprocess.run(["cmake", "-S", tmp_path, "-B", tmp_path / "build"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    flags = next(line for line in out.stdout.splitlines() if "FLAGS=" in line).split("FLAGS=", 1)[1].split()
+    for order in ([*flags, "-march=sapphirerapids"], ["-march=sapphirerapids", *flags]):
+        macros = subprocess.run(["c++", *order, "-dM", "-E", "-x", "c++", "/dev/null"], capture_output=True,
+                                text=True, check=True).stdout  # fmt: skip
+        assert "__AVX512VNNI__" in macros and "__AVX512BF16__" in macros
+        assert "__AMX_INT8__" not in macros and "__AMX_TILE__" not in macros, order
+
+
+def test_installed_llama_cpp_has_no_amx_kernels():
+    import llama_cpp
+
+    llama_cpp.llama_backend_init()
+    info = llama_cpp.llama_print_system_info().decode()
+    assert "AVX2 = 1" in info and "AMX_INT8 = 1" not in info, info
+
+
+def test_weights_are_repacked_except_where_amx_kernels_meet_an_amx_cpu():
+    from presets.llamacpp.engine import extra_buffers_safe
+
+    built_with_amx = "CPU : AVX2 = 1 | AVX512 = 1 | AMX_INT8 = 1 | REPACK = 1 |"
+    built_without = "CPU : AVX2 = 1 | AVX512 = 1 | REPACK = 1 |"
+    xeon, epyc = frozenset({"avx512f", "amx_tile", "amx_int8", "amx_bf16"}), frozenset({"avx2", "avx512f"})
+    assert not extra_buffers_safe(built_with_amx, xeon)
+    assert extra_buffers_safe(built_with_amx, epyc)  # a build with AMX on a CPU without: never selected
+    assert extra_buffers_safe(built_without, xeon) and extra_buffers_safe(built_without, epyc)

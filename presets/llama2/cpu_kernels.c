@@ -6,6 +6,7 @@
  *   handful of rows, so its time is memory plus compute; halving the memory is most of the gain.
  * decode_attention: one query per sequence over its own blocks of the paged cache, its own positions
  *   only (a batched attention call would gather every sequence up to the longest and mask the rest).
+ *   decode_attention_bf16 reads a bf16 cache (the bf16 model's) with the same fp32 math.
  *
  * Threads: OpenMP regions with the thread count passed in (torch's), in the same OpenMP runtime as
  * torch (libgomp.so.1, already loaded by torch when this library is opened) when built with gcc;
@@ -111,39 +112,56 @@ static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-/* o[0:8*nv] (+)= sum_l p[l] * v[l*D : l*D + 8*nv]; nv is a constant after inlining. */
-static inline __attribute__((always_inline)) void weighted_sum(const int nv, const float *p, const float *v,
-                                                                int64_t L, int64_t D, float *o, int first) {
+/* 8 cache values from fp32 or bf16 storage (bf16 a constant after inlining) as 8 fp32 values. */
+static inline __attribute__((always_inline)) __m256 load8(const int bf16, const void *base, int64_t i) {
+    return bf16 ? bf16x8_to_fp32((const uint16_t *)base + i) : _mm256_loadu_ps((const float *)base + i);
+}
+
+/* o[0:8*nv] (+)= sum_l p[l] * v[l*D : l*D + 8*nv]; nv and bf16 are constants after inlining; v is
+ * element offset `at` of the cache. */
+static inline __attribute__((always_inline)) void weighted_sum(const int nv, const int bf16, const float *p,
+                                                                const void *v, int64_t at, int64_t L, int64_t D,
+                                                                float *o, int first) {
     __m256 acc[8];
     for (int j = 0; j < nv; j++) acc[j] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(o + 8 * j);
     for (int64_t l = 0; l < L; l++) {
         __m256 pl = _mm256_set1_ps(p[l]);
-        for (int j = 0; j < nv; j++) acc[j] = _mm256_fmadd_ps(pl, _mm256_loadu_ps(v + l * D + 8 * j), acc[j]);
+        for (int j = 0; j < nv; j++) acc[j] = _mm256_fmadd_ps(pl, load8(bf16, v, at + l * D + 8 * j), acc[j]);
     }
     for (int j = 0; j < nv; j++) _mm256_storeu_ps(o + 8 * j, acc[j]);
 }
 
-static void weighted_sum_any(int nv, const float *p, const float *v, int64_t L, int64_t D, float *o, int first) {
-    switch (nv) {
-    case 1: weighted_sum(1, p, v, L, D, o, first); break;
-    case 2: weighted_sum(2, p, v, L, D, o, first); break;
-    case 3: weighted_sum(3, p, v, L, D, o, first); break;
-    case 4: weighted_sum(4, p, v, L, D, o, first); break;
-    case 5: weighted_sum(5, p, v, L, D, o, first); break;
-    case 6: weighted_sum(6, p, v, L, D, o, first); break;
-    case 7: weighted_sum(7, p, v, L, D, o, first); break;
-    default: weighted_sum(8, p, v, L, D, o, first); break;
+#define WEIGHTED_SUM_CASES(BF16)                                                                                      \
+    switch (nv) {                                                                                                     \
+    case 1: weighted_sum(1, BF16, p, v, at, L, D, o, first); break;                                                   \
+    case 2: weighted_sum(2, BF16, p, v, at, L, D, o, first); break;                                                   \
+    case 3: weighted_sum(3, BF16, p, v, at, L, D, o, first); break;                                                   \
+    case 4: weighted_sum(4, BF16, p, v, at, L, D, o, first); break;                                                   \
+    case 5: weighted_sum(5, BF16, p, v, at, L, D, o, first); break;                                                   \
+    case 6: weighted_sum(6, BF16, p, v, at, L, D, o, first); break;                                                   \
+    case 7: weighted_sum(7, BF16, p, v, at, L, D, o, first); break;                                                   \
+    default: weighted_sum(8, BF16, p, v, at, L, D, o, first); break;                                                  \
+    }
+
+static void weighted_sum_any(int nv, int bf16, const float *p, const void *v, int64_t at, int64_t L, int64_t D,
+                             float *o, int first) {
+    if (bf16) {
+        WEIGHTED_SUM_CASES(1)
+    } else {
+        WEIGHTED_SUM_CASES(0)
     }
 }
 
 /* Attention of one query per sequence over its own paged cache (D a multiple of 8), after the step
- * has written its keys and values. q, out: (B, H, D); k_cache, v_cache: (blocks, KVH, BS, D); tables:
- * (B, M) block ids; sequence b attends to its positions 0..pos[b], position l in block tables[b][l / BS]
- * at offset l % BS. Query head h reads key/value head h / (H / KVH) (grouped-query attention).
- * scratch: nthreads x M*BS floats. */
-void decode_attention(const float *q, const float *k_cache, const float *v_cache, const int64_t *tables,
-                      const int64_t *pos, int64_t B, int64_t H, int64_t KVH, int64_t BS, int64_t D, int64_t M,
-                      float scale, float *out, float *scratch, int nthreads) {
+ * has written its keys and values. q, out: (B, H, D) fp32; k_cache, v_cache: (blocks, KVH, BS, D), fp32
+ * or (bf16 != 0) bf16, read as fp32; tables: (B, M) block ids; sequence b attends to its positions
+ * 0..pos[b], position l in block tables[b][l / BS] at offset l % BS. Query head h reads key/value head
+ * h / (H / KVH) (grouped-query attention). scratch: nthreads x M*BS floats. */
+static inline __attribute__((always_inline)) void attend(const int bf16, const float *q, const void *k_cache,
+                                                          const void *v_cache, const int64_t *tables,
+                                                          const int64_t *pos, int64_t B, int64_t H, int64_t KVH,
+                                                          int64_t BS, int64_t D, int64_t M, float scale,
+                                                          float *out, float *scratch, int nthreads) {
     int64_t group = H / KVH;
 #pragma omp parallel num_threads(nthreads)
     {
@@ -155,12 +173,12 @@ void decode_attention(const float *q, const float *k_cache, const float *v_cache
             const float *qi = q + i * D;
             float top = -INFINITY, sum = 0;
             for (int64_t l0 = 0; l0 < L; l0 += BS) {
-                const float *keys = k_cache + (table[l0 / BS] * KVH + g) * BS * D;
+                int64_t keys = (table[l0 / BS] * KVH + g) * BS * D; /* element offset of the block's head */
                 int64_t n = min64(BS, L - l0);
                 for (int64_t l = 0; l < n; l++) {
                     __m256 acc = _mm256_setzero_ps();
                     for (int64_t d = 0; d < D; d += 8)
-                        acc = _mm256_fmadd_ps(_mm256_loadu_ps(qi + d), _mm256_loadu_ps(keys + l * D + d), acc);
+                        acc = _mm256_fmadd_ps(_mm256_loadu_ps(qi + d), load8(bf16, k_cache, keys + l * D + d), acc);
                     float s = hsum(acc) * scale;
                     p[l0 + l] = s;
                     top = s > top ? s : top;
@@ -173,11 +191,25 @@ void decode_attention(const float *q, const float *k_cache, const float *v_cache
             for (int64_t l = 0; l < L; l++) p[l] /= sum;
             float *o = out + i * D;
             for (int64_t l0 = 0; l0 < L; l0 += BS) {
-                const float *values = v_cache + (table[l0 / BS] * KVH + g) * BS * D;
+                int64_t values = (table[l0 / BS] * KVH + g) * BS * D;
                 int64_t n = min64(BS, L - l0);
                 for (int64_t d = 0; d < D; d += 64)
-                    weighted_sum_any((int)(min64(64, D - d) / 8), p + l0, values + d, n, D, o + d, l0 == 0);
+                    weighted_sum_any((int)(min64(64, D - d) / 8), bf16, p + l0, v_cache, values + d, n, D, o + d,
+                                     l0 == 0);
             }
         }
     }
+}
+
+void decode_attention(const float *q, const float *k_cache, const float *v_cache, const int64_t *tables,
+                      const int64_t *pos, int64_t B, int64_t H, int64_t KVH, int64_t BS, int64_t D, int64_t M,
+                      float scale, float *out, float *scratch, int nthreads) {
+    attend(0, q, k_cache, v_cache, tables, pos, B, H, KVH, BS, D, M, scale, out, scratch, nthreads);
+}
+
+/* decode_attention over a bf16 cache (the bf16 model's): the same fp32 math, the cache converted on load. */
+void decode_attention_bf16(const float *q, const uint16_t *k_cache, const uint16_t *v_cache, const int64_t *tables,
+                           const int64_t *pos, int64_t B, int64_t H, int64_t KVH, int64_t BS, int64_t D, int64_t M,
+                           float scale, float *out, float *scratch, int nthreads) {
+    attend(1, q, k_cache, v_cache, tables, pos, B, H, KVH, BS, D, M, scale, out, scratch, nthreads);
 }

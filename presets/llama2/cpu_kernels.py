@@ -1,6 +1,8 @@
-"""Faster fp32 inference on CPU: the model's linear layers repacked once, and a decode attention kernel.
+"""Faster inference on CPU: the model's linear layers repacked once, and a decode attention kernel.
 
-Each linear layer's weight is packed into the first form that applies:
+A bf16 model (--dtype bfloat16, or auto on a CPU with AVX512-BF16 or AMX: serving/device.py) packs each
+weight in oneDNN's blocked bf16 layout ("onednn-bf16"): bf16 products, fp32 sums, on the CPU's bf16
+instructions. An fp32 model packs each weight into the first form that applies:
 1. bf16 panels read by `linear_bf16` of cpu_kernels.c, when every weight is exactly a bf16 value (Meta's
    checkpoints are bf16, so their fp32 upcasts are): the same fp32 math over half the bytes. A decode
    step streams every weight once for a few rows, so halving the bytes is most of its time.
@@ -44,6 +46,7 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 CFLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-fPIC", "-shared"]
 PANEL = 16  # output rows per bf16 panel (NB in cpu_kernels.c)
+KERNEL_CACHE_DTYPES = (torch.float32, torch.bfloat16)  # the KV caches decode_attention reads
 
 
 def _cache_dirs() -> list[str]:
@@ -108,7 +111,8 @@ def native() -> ctypes.CDLL | None:
         return None
     ptr, i64 = ctypes.c_void_p, ctypes.c_int64
     lib.linear_bf16.argtypes = [ptr, i64, i64, ptr, i64, ptr, ctypes.c_int]
-    lib.decode_attention.argtypes = [ptr] * 5 + [i64] * 6 + [ctypes.c_float, ptr, ptr, ctypes.c_int]
+    for fn in (lib.decode_attention, lib.decode_attention_bf16):
+        fn.argtypes = [ptr] * 5 + [i64] * 6 + [ctypes.c_float, ptr, ptr, ctypes.c_int]
     return lib
 
 
@@ -149,11 +153,17 @@ def linear_bf16(x: torch.Tensor, panels: torch.Tensor, out_features: int) -> tor
 
 
 class PackedLinear:
-    """The weight of a linear layer in the fastest form available (module docstring)."""
+    """The weight of a linear layer in the fastest form available for its dtype (module docstring)."""
 
     def __init__(self, weight: torch.Tensor, batch_hint: int):
         self.out_features, self.in_features, self.kind = weight.shape[0], weight.shape[1], "plain"
-        if native() is not None and is_bf16(weight):
+        self.dtype = weight.dtype  # what it computes in: its input's and output's dtype
+        if weight.dtype == torch.bfloat16:
+            if onednn_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():  # else bf16 in software
+                self.weight, self.kind = torch.ops.mkldnn._reorder_linear_weight(weight, batch_hint), "onednn-bf16"
+            else:
+                self.weight = weight.contiguous()
+        elif native() is not None and is_bf16(weight):
             self.weight, self.kind = bf16_panels(weight), "bf16"
         elif onednn_available():
             self.weight, self.kind = torch.ops.mkldnn._reorder_linear_weight(weight, batch_hint), "onednn"
@@ -163,13 +173,13 @@ class PackedLinear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "bf16":
             return linear_bf16(x, self.weight, self.out_features)
-        if self.kind == "onednn":
+        if self.kind in ("onednn", "onednn-bf16"):
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, None, "none", [], "")
         return F.linear(x, self.weight)
 
     def unpacked(self) -> torch.Tensor:
-        """The (N, K) fp32 weight again, exactly: the product with the identity (each sum is w * 1 plus zeros)."""
-        return self(torch.eye(self.in_features)).T.contiguous()
+        """The (N, K) weight again, exactly: the product with the identity (each sum is w * 1 plus zeros)."""
+        return self(torch.eye(self.in_features, dtype=self.dtype)).T.contiguous()
 
 
 class PackedParallelLinear(torch.nn.Module):
@@ -202,18 +212,19 @@ class PackedParallelLinear(torch.nn.Module):
             shape = (self.packed.out_features, self.packed.in_features)
             errors.append(f"{prefix}weight: shape {tuple(weight.shape)}, not {shape}")
         else:
-            self.packed = PackedLinear(weight.detach().float(), self.batch_hint)
+            self.packed = PackedLinear(weight.detach().to(self.packed.dtype), self.batch_hint)
 
 
 def _packable(m: torch.nn.Module) -> bool:
     column = isinstance(m, ColumnParallelLinear)
     if not (column or isinstance(m, RowParallelLinear)) or m.weight.device.type != "cpu":
         return False
-    return m.weight.dtype == torch.float32 and m.bias is None and (column or m.input_is_parallel)
+    return m.weight.dtype in (torch.float32, torch.bfloat16) and m.bias is None and (column or m.input_is_parallel)
 
 
 def pack_linears(model: torch.nn.Module, batch_hint: int) -> dict[str, int]:
-    """Replace every fp32 CPU parallel linear layer of `model` by a PackedParallelLinear; returns {form: layers}."""
+    """Replace every fp32 or bf16 CPU parallel linear layer of `model` by a PackedParallelLinear; returns
+    {form: layers}."""
     counts: dict[str, int] = {}
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
@@ -225,7 +236,8 @@ def pack_linears(model: torch.nn.Module, batch_hint: int) -> dict[str, int]:
 
 
 def decode_attention(cache: PagedKVCache, step: PagedStep, q: torch.Tensor) -> torch.Tensor:
-    """PagedStep.attend_singles by cpu_kernels.c: q (B, H, D) -> (B, H, D), each over its own blocks."""
+    """PagedStep.attend_singles by cpu_kernels.c: q (B, H, D) -> (B, H, D), each over its own blocks.
+    The cache is fp32 or bf16 (read as fp32); the math is fp32, the output in q's dtype."""
     B, H, D = q.shape
     n_blocks, kv_heads, bs, _ = cache.k.shape
     tables = step.single_tables.to(torch.int64).contiguous()
@@ -240,27 +252,30 @@ def decode_attention(cache: PagedKVCache, step: PagedStep, q: torch.Tensor) -> t
     if bad_pos or int(tables.min()) < 0 or int(tables.max()) >= n_blocks:
         raise IndexError(f"decode step outside the cache: positions {positions.tolist()} over {M} blocks of {bs}, "
                          f"block ids {tables.min()}..{tables.max()} of {n_blocks}")  # fmt: skip
-    for t in (q, cache.k, cache.v):
-        if t.dtype != torch.float32 or t.device.type != "cpu":
-            raise ValueError(f"decode_attention works on fp32 CPU tensors, not {t.dtype} on {t.device}")
-    q = q.contiguous()
+    for t in (cache.k, cache.v):
+        if t.dtype not in KERNEL_CACHE_DTYPES or t.device.type != "cpu" or not t.is_contiguous():
+            raise ValueError(
+                f"decode_attention works on contiguous fp32 or bf16 CPU caches, not {t.dtype} on {t.device}"
+            )
+    q32 = q.to(torch.float32).contiguous()
     out = torch.empty(B, H, D, dtype=torch.float32, device="cpu")
     threads = torch.get_num_threads()
     scratch = torch.empty(threads, M * bs, dtype=torch.float32, device="cpu")
-    native().decode_attention(
-        q.data_ptr(), cache.k.data_ptr(), cache.v.data_ptr(), tables.data_ptr(), positions.data_ptr(),
+    kernel = native().decode_attention_bf16 if cache.k.dtype == torch.bfloat16 else native().decode_attention
+    kernel(
+        q32.data_ptr(), cache.k.data_ptr(), cache.v.data_ptr(), tables.data_ptr(), positions.data_ptr(),
         B, H, kv_heads, bs, D, M, 1 / math.sqrt(D), out.data_ptr(), scratch.data_ptr(), threads,
     )  # fmt: skip
-    return out
+    return out.to(q.dtype)
 
 
 def attach_decode_attention(model: torch.nn.Module) -> int:
-    """Route every fp32 CPU cache's one-token items through decode_attention; returns how many caches."""
+    """Route every fp32 or bf16 CPU cache's one-token items through decode_attention; returns how many caches."""
     n = 0
     for m in model.modules():
         if isinstance(m, Attention) and m.cache is not None:
             c = m.cache
-            if c.k.device.type == "cpu" and c.k.dtype == torch.float32 and m.head_dim % 8 == 0 and native():
+            if c.k.device.type == "cpu" and c.k.dtype in KERNEL_CACHE_DTYPES and m.head_dim % 8 == 0 and native():
                 c.decode_kernel = decode_attention
                 n += 1
     return n

@@ -14,6 +14,8 @@ import llama_cpp
 import numpy as np
 import torch
 
+from presets.serving.device import cpu_flags
+
 log = logging.getLogger(__name__)
 
 _GGML_LOG_WARN, _GGML_LOG_ERROR = 3, 4  # ggml_log_level; DEBUG/INFO (the loading chatter) are dropped
@@ -27,6 +29,16 @@ def _log_to_python(level, text, _user_data):
 
 class LlamaCppError(Exception):
     """The model file cannot be loaded, or llama.cpp refused a step."""
+
+
+def extra_buffers_safe(system_info: str, flags: frozenset[str]) -> bool:
+    """Whether llama.cpp may repack weights into its extra buffer types (llama_model_params.use_extra_bufts).
+
+    Not where this llama.cpp was built with AMX kernels and the CPU has AMX: its AMX buffer type, first of
+    the extra ones, takes the quantized weights, and its matmul crashes the process (ggml-org/llama.cpp#20824).
+    Our build compiles no AMX kernels (requirements-llama-cpp.cmake); this guards a llama-cpp-python built
+    otherwise, at the cost of its other repacked layouts on that CPU."""
+    return not ("AMX_INT8 = 1" in system_info and "amx_int8" in flags)
 
 
 class LlamaCppTokenizer:
@@ -94,6 +106,12 @@ class LlamaCppEngine:
         llama_cpp.llama_backend_init()
         mp = llama_cpp.llama_model_default_params()
         mp.use_mmap, mp.use_mlock = use_mmap, use_mlock
+        info = llama_cpp.llama_print_system_info().decode("utf-8", "replace")
+        if not extra_buffers_safe(info, cpu_flags()):
+            log.warning("llama.cpp has AMX kernels and this CPU AMX: weights are not repacked (extra buffer types "
+                        "off), since llama.cpp's AMX matmul crashes; build llama-cpp-python with "
+                        "requirements-llama-cpp.cmake to keep its other repacked layouts")  # fmt: skip
+            mp.use_extra_bufts = False
         self.model = llama_cpp.llama_model_load_from_file(path.encode(), mp)
         if not self.model:
             raise LlamaCppError(f"llama.cpp cannot load {path} (see the llama.cpp messages above)")
