@@ -272,3 +272,24 @@ def test_engine_runs_without_c_kernels(monkeypatch, tiny_ckpt):
         assert run(engine, item(0, 0, [3])).shape == (1, tok.n_words)
     finally:
         cpu_kernels.native.cache_clear()
+
+
+def test_auto_dtype_is_bf16_only_where_the_cpu_multiplies_bf16(monkeypatch):
+    from presets.serving import device
+
+    avx2, zen4, xeon = frozenset({"avx2", "fma"}), frozenset({"avx512f", "avx512_bf16"}), frozenset({"amx_bf16"})
+    onednn_bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert device.cpu_dtype(avx2) == torch.float32
+    assert device.cpu_dtype(zen4) == device.cpu_dtype(xeon) == (torch.bfloat16 if onednn_bf16 else torch.float32)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)  # a torch without it
+    assert device.cpu_dtype(xeon) == torch.float32
+    monkeypatch.setattr(device, "cpu_flags", lambda: zen4)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    assert device.resolve("cpu", "auto") == (torch.device("cpu"), torch.bfloat16)
+    assert device.resolve("cpu", "float32") == (torch.device("cpu"), torch.float32)
+    assert (
+        device.describe(torch.device("cpu"), torch.bfloat16, "auto") == "cpu, bfloat16 (auto: the CPU has avx512_bf16)"
+    )
+    monkeypatch.setattr(device, "cpu_flags", lambda: avx2)
+    assert device.resolve("cpu", "auto") == (torch.device("cpu"), torch.float32)
+    assert "no bf16 matmul instructions" in device.describe(torch.device("cpu"), torch.float32, "auto")

@@ -125,23 +125,30 @@ def test_chat_and_v1_chat_give_transformers_greedy_answers(chat, reference, toke
     assert results[0][-1]["content"] == "The capital of France is Paris."
 
 
-def test_bf16_server_gives_transformers_bf16_greedy_text(smollm2_dir, reference, reference_bf16, tokenizer):
-    """The completion and chat routes in bf16 against transformers' greedy decoding in bf16: the same tokens
-    on all 3 prompts (16 tokens) and both dialogs (32 tokens)."""
-    from tests.conftest import real_client
-
-    client, rt = real_client(smollm2_dir, "chat", openai=True, dtype="bfloat16", **SEQ)
-    try:
-        for text in PROMPTS:
-            want = tokenizer.decode(greedy(reference, tokenizer.encode(text, bos=True, eos=False), 16, reference_bf16))
-            body = {"prompt": text, "max_tokens": 16, "temperature": 0}
-            assert client.post("/v1/completions", json=body).get_json()["choices"][0]["text"] == want
-        for dialog in DIALOGS:
-            want = tokenizer.decode(greedy(reference, encode_dialog(tokenizer, dialog), 32, reference_bf16))
-            body = {"messages": dialog, "max_tokens": 32, "temperature": 0}
-            assert client.post("/v1/chat/completions", json=body).get_json()["choices"][0]["message"]["content"] == want
-    finally:
-        rt.shutdown()
+def test_bf16_greedy_tokens_equal_transformers_bf16(smollm2_dir, reference, reference_bf16, tokenizer):
+    """Our engine in bf16 decoding greedily against transformers' generate in bf16: the 3 prompts (16 tokens) and
+    2 dialogs (32 tokens, or to EOS). All 5 are equal token for token on the development machine (AMD EPYC,
+    AVX512-BF16). bf16 logits come in steps of 0.25 at these sizes and transformers' top two differ by one step
+    at a few positions, so a CPU that sums in another order (AMX) may break such a tie the other way: a
+    difference is accepted only at a near-tie, where our token is within 0.5 of transformers' best logit."""
+    engine = engine_for(load_model(smollm2_dir, tokenizer, 0, 1, torch.device("cpu"), torch.bfloat16), 512, 5)
+    cases = [(tokenizer.encode(t, bos=True, eos=False), 16) for t in PROMPTS]
+    cases += [(encode_dialog(tokenizer, d), 32) for d in DIALOGS]
+    eos = reference[1].eos_token_id
+    for slot, (ids, n) in enumerate(cases):
+        with torch.inference_mode():
+            out = reference_bf16.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, output_scores=True,
+                                          return_dict_in_generate=True, pad_token_id=eos)  # fmt: skip
+        want, scores = out.sequences[0, len(ids) :].tolist(), [s[0].float() for s in out.scores]
+        table = list(range(slot * 32, slot * 32 + 32))  # 512 positions of the pool's 5 x 512
+        seq, logits = list(ids), run(engine, item(slot, 0, ids, table=table))
+        for i in range(len(want)):
+            token = int(logits[0].argmax())
+            if token != want[i]:
+                assert scores[i][want[i]] - scores[i][token] <= 0.5, f"case {slot}: token {i} differs, not at a tie"
+                break
+            seq.append(token)
+            logits = run(engine, item(slot, len(seq) - 1, [token], table=table))
 
 
 def test_eos_ends_the_answer_unless_ignore_eos(chat):

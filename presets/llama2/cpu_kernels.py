@@ -26,6 +26,7 @@ import hashlib
 import logging
 import math
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -222,17 +223,35 @@ def _packable(m: torch.nn.Module) -> bool:
     return m.weight.dtype in (torch.float32, torch.bfloat16) and m.bias is None and (column or m.input_is_parallel)
 
 
-def pack_linears(model: torch.nn.Module, batch_hint: int) -> dict[str, int]:
+FORMS = {  # what each packed form computes with, for the log
+    "bf16": "fp32 math over bf16 weights, cpu_kernels.c",
+    "onednn": "fp32, oneDNN",
+    "onednn-bf16": "bf16 products with fp32 sums, oneDNN",
+    "plain": "PyTorch's F.linear",
+}
+
+
+def pack_linears(model: torch.nn.Module, batch_hint: int) -> dict[str, list[str]]:
     """Replace every fp32 or bf16 CPU parallel linear layer of `model` by a PackedParallelLinear; returns
-    {form: layers}."""
-    counts: dict[str, int] = {}
-    for parent in list(model.modules()):
+    {form: names of its layers}."""
+    forms: dict[str, list[str]] = {}
+    for parent_name, parent in list(model.named_modules()):
         for name, child in list(parent.named_children()):
             if _packable(child):
                 packed = PackedParallelLinear(child, batch_hint)
                 setattr(parent, name, packed)  # the original weight goes with the old module
-                counts[packed.packed.kind] = counts.get(packed.packed.kind, 0) + 1
-    return counts
+                forms.setdefault(packed.packed.kind, []).append(f"{parent_name}.{name}".lstrip("."))
+    return forms
+
+
+def describe_forms(forms: dict[str, list[str]]) -> str:
+    """ "121 layers as onednn-bf16 (bf16 products..., oneDNN): layers.*.attention.wqkv, ..., output"; layer
+    numbers are folded into * so the line names each kind of layer once."""
+    parts = []
+    for form, names in forms.items():
+        kinds = dict.fromkeys(re.sub(r"(^|\.)\d+\.", r"\1*.", n) for n in names)
+        parts.append(f"{len(names)} layers as {form} ({FORMS[form]}): {', '.join(kinds)}")
+    return "; ".join(parts) or "none"
 
 
 def decode_attention(cache: PagedKVCache, step: PagedStep, q: torch.Tensor) -> torch.Tensor:

@@ -38,7 +38,9 @@ class LlamaEngine:
         self.max_seq_len = cache.max_seq_len
         if cpu_packed and self.device.type == "cpu":
             forms = cpu_kernels.pack_linears(model, cache.max_batch_size)
-            log.info("CPU linear layers packed as %s", forms)
+            log.info(
+                "CPU, %s: linear layers: %s", str(self.dtype).removeprefix("torch."), cpu_kernels.describe_forms(forms)
+            )
         per_token = model.kv_bytes_per_token()
         default = available = None
         if self.device.type == "cuda":
@@ -54,7 +56,9 @@ class LlamaEngine:
         self.kv_config = (pool.num_blocks, pool.block_size, cache.prefix_caching)
         log.info("%s", pool.describe(cache.max_seq_len))
         if cpu_packed and self.device.type == "cpu":
-            log.info("decode attention kernel on %d layers", cpu_kernels.attach_decode_attention(model))
+            n = cpu_kernels.attach_decode_attention(model)
+            log.info("CPU attention: one-token items by cpu_kernels.c's decode kernel on %d of %d layers (the rest and "
+                     "prompt chunks by PyTorch's SDPA)", n, len(model.layers))  # fmt: skip
 
     def _cuda_budget(self, cache: CacheSettings) -> tuple[int | None, int]:
         """(default pool bytes, bytes free now) on CUDA: a largest step (max_num_batched_tokens prompt tokens)

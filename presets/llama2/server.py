@@ -36,7 +36,7 @@ def load_engine(settings: Settings, progress=log.info):
     """(engine, tokenizer, control group) for this rank: its shard of the checkpoint on its device."""
     rank, _, local_rank = distributed.world()
     dev, dtype = device.resolve(settings.device, settings.dtype, local_rank)
-    progress(f"rank {rank}: device {dev}, dtype {dtype}")
+    progress(f"rank {rank}: {device.describe(dev, dtype, settings.dtype)}")
     group = distributed.init_model_parallel(settings.model_parallel_size, dev, settings.dist_timeout)
     tokenizer = load_tokenizer(find_tokenizer(settings.ckpt_dir, settings.tokenizer_path), settings.ckpt_dir)
     model = load_model(settings.ckpt_dir, tokenizer, rank, settings.model_parallel_size, dev, dtype, progress)

@@ -38,6 +38,16 @@ def cpu_dtype(flags: frozenset[str] | None = None) -> torch.dtype:
     return torch.bfloat16 if cpu_has_bf16(flags) else torch.float32
 
 
+def describe(dev: torch.device, dtype: torch.dtype, asked: str) -> str:
+    """The log's words for the choice: "cpu, bfloat16 (auto: the CPU has avx512_bf16)"."""
+    name = str(dtype).removeprefix("torch.")
+    if asked != "auto" or dev.type != "cpu":
+        return f"{dev}, {name}" + (" (auto)" if asked == "auto" else "")
+    has = [f for f in BF16_FLAGS if f in cpu_flags()]
+    why = f"the CPU has {' and '.join(has)}" if dtype == torch.bfloat16 else "no bf16 matmul instructions on this CPU"
+    return f"{dev}, {name} (auto: {why})"
+
+
 def resolve(device: str, dtype: str, local_rank: int = 0) -> tuple[torch.device, torch.dtype]:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -29,6 +29,7 @@ from presets.llama2.hf_convert import to_hf
 from presets.llama2.model import ModelArgs
 from presets.llama2.server import build_runtime
 from presets.llama2.tokenizer import Tokenizer
+from presets.serving import device
 from presets.serving.params import SamplingParams
 from presets.serving.settings import Settings
 from presets.tools.tiny_checkpoint import write_checkpoint
@@ -82,10 +83,10 @@ def summarize(name, seconds, records, new_tokens) -> dict:
 # -- the systems; each runs in its own process (see main) ---------------------------------------------
 
 
-def run_ours(ckpt, prompts, clients, new_tokens):
+def run_ours(ckpt, prompts, clients, new_tokens, dtype: str = "float32"):
     settings = Settings(
         ckpt_dir=ckpt, tokenizer_path=f"{ckpt}/tokenizer.model", device="cpu", max_batch_size=clients,
-        max_seq_len=max(map(len, prompts)) + new_tokens, max_queue_size=len(prompts),
+        max_seq_len=max(map(len, prompts)) + new_tokens, max_queue_size=len(prompts), dtype=dtype,
     )  # fmt: skip
     rt = build_runtime(settings)
     rt.start()  # loads on a thread that then exits, as in the server: only the engine thread computes
@@ -99,7 +100,7 @@ def run_ours(ckpt, prompts, clients, new_tokens):
 
     seconds, records = closed_loop(prompts, clients, serve)
     rt.shutdown()
-    return summarize("this server (continuous batching)", seconds, records, new_tokens)
+    return summarize(f"this server (continuous batching, {dtype})", seconds, records, new_tokens)
 
 
 class _Timer:
@@ -238,7 +239,10 @@ def main(argv=None):
     args = read_args(a.ckpt_dir, tok)
     prompts = make_prompts(a.requests, args.vocab_size)
 
+    # Ours in fp32 (the bench model's dtype), and in bf16 where --dtype auto picks it (serving/device.py).
     rows = [_in_process(run_ours, a.ckpt_dir, prompts, a.clients, a.new_tokens)]
+    if device.cpu_dtype() == torch.bfloat16:
+        rows.append(_in_process(run_ours, a.ckpt_dir, prompts, a.clients, a.new_tokens, "bfloat16"))
     rows.append(_in_process(run_hf, a.ckpt_dir, prompts, a.clients, a.new_tokens, a.clients))
     if not a.skip_one_at_a_time:
         rows.append(_in_process(run_hf, a.ckpt_dir, prompts, a.clients, a.new_tokens, 1))
@@ -256,9 +260,10 @@ def main(argv=None):
     print(f"model: dim {args.dim}, {args.n_layers} layers, {args.n_heads} heads, vocab {args.vocab_size}, fp32")
     print(f"workload: {a.requests} requests, {a.clients} clients, prompts 16-128 tokens, {a.new_tokens} new tokens\n")
     print_table(rows)
-    ours = rows[0]["tokens_per_s"]
-    for r in rows[1:]:
-        print(f"\nthis server / {r['system']}: {ours / r['tokens_per_s']:.2f}x", end="")
+    ours = [r for r in rows if r["system"].startswith("this server")]
+    for o in ours:
+        for r in rows[len(ours) :]:
+            print(f"\n{o['system']} / {r['system']}: {o['tokens_per_s'] / r['tokens_per_s']:.2f}x", end="")
     floor = weight_bytes / bw
     print(
         f"\n\nbandwidth floor: {weight_bytes / 1e6:.0f} MB of weights / {bw / 1e9:.1f} GB/s measured read "
