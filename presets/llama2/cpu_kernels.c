@@ -112,6 +112,64 @@ static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
+/* The 8 horizontal sums of a[0..7], in one vector: lane j holds the sum of a[j]'s lanes. */
+static inline __m256 hsum8(const __m256 a[8]) {
+    __m256 s01 = _mm256_hadd_ps(a[0], a[1]), s23 = _mm256_hadd_ps(a[2], a[3]);
+    __m256 s45 = _mm256_hadd_ps(a[4], a[5]), s67 = _mm256_hadd_ps(a[6], a[7]);
+    __m256 s0123 = _mm256_hadd_ps(s01, s23), s4567 = _mm256_hadd_ps(s45, s67);
+    /* s0123 lanes: a0 a1 a2 a3 (low halves), a0 a1 a2 a3 (high halves); likewise s4567 for a4..a7 */
+    __m256 lo = _mm256_permute2f128_ps(s0123, s4567, 0x20), hi = _mm256_permute2f128_ps(s0123, s4567, 0x31);
+    return _mm256_add_ps(lo, hi);
+}
+
+/* e^x for x <= 0, 8 at a time: 2^n * e^r with n = round(x / ln 2), r = x - n ln 2 in [-ln2/2, ln2/2] (ln 2
+ * split in two parts so r is exact), e^r by its Taylor series to r^7 (error under 1e-8 relative). Below -87
+ * the result is 0, as expf's underflows. */
+static inline __m256 exp8(__m256 x) {
+    const __m256 min = _mm256_set1_ps(-87.0f);
+    __m256 under = _mm256_cmp_ps(x, min, _CMP_LT_OQ);
+    x = _mm256_max_ps(x, min);
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 e = _mm256_set1_ps(1.0f / 5040);
+    e = _mm256_fmadd_ps(e, r, _mm256_set1_ps(1.0f / 720));
+    e = _mm256_fmadd_ps(e, r, _mm256_set1_ps(1.0f / 120));
+    e = _mm256_fmadd_ps(e, r, _mm256_set1_ps(1.0f / 24));
+    e = _mm256_fmadd_ps(e, r, _mm256_set1_ps(1.0f / 6));
+    e = _mm256_fmadd_ps(e, r, _mm256_set1_ps(0.5f));
+    e = _mm256_fmadd_ps(e, r, _mm256_set1_ps(1.0f));
+    e = _mm256_fmadd_ps(e, r, _mm256_set1_ps(1.0f));
+    __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_andnot_ps(under, _mm256_mul_ps(e, _mm256_castsi256_ps(bits)));
+}
+
+/* p[0:L] = softmax(p[0:L]). */
+static void softmax(float *p, int64_t L) {
+    __m256 top8 = _mm256_set1_ps(-INFINITY);
+    int64_t l = 0;
+    for (; l + 8 <= L; l += 8) top8 = _mm256_max_ps(top8, _mm256_loadu_ps(p + l));
+    float lanes[8], top = -INFINITY, sum = 0;
+    _mm256_storeu_ps(lanes, top8);
+    for (int j = 0; j < 8; j++) top = lanes[j] > top ? lanes[j] : top;
+    for (; l < L; l++) top = p[l] > top ? p[l] : top;
+    __m256 sum8 = _mm256_setzero_ps(), t = _mm256_set1_ps(top);
+    for (l = 0; l + 8 <= L; l += 8) {
+        __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p + l), t));
+        _mm256_storeu_ps(p + l, e);
+        sum8 = _mm256_add_ps(sum8, e);
+    }
+    sum = hsum(sum8);
+    for (; l < L; l++) {
+        p[l] = expf(p[l] - top);
+        sum += p[l];
+    }
+    __m256 inv = _mm256_set1_ps(1.0f / sum);
+    for (l = 0; l + 8 <= L; l += 8) _mm256_storeu_ps(p + l, _mm256_mul_ps(_mm256_loadu_ps(p + l), inv));
+    for (; l < L; l++) p[l] *= 1.0f / sum;
+}
+
 /* 8 cache values from fp32 or bf16 storage (bf16 a constant after inlining) as 8 fp32 values. */
 static inline __attribute__((always_inline)) __m256 load8(const int bf16, const void *base, int64_t i) {
     return bf16 ? bf16x8_to_fp32((const uint16_t *)base + i) : _mm256_loadu_ps((const float *)base + i);
@@ -171,24 +229,27 @@ static inline __attribute__((always_inline)) void attend(const int bf16, const f
             int64_t b = i / H, L = pos[b] + 1, g = (i % H) / group;
             const int64_t *table = tables + b * M;
             const float *qi = q + i * D;
-            float top = -INFINITY, sum = 0;
             for (int64_t l0 = 0; l0 < L; l0 += BS) {
                 int64_t keys = (table[l0 / BS] * KVH + g) * BS * D; /* element offset of the block's head */
-                int64_t n = min64(BS, L - l0);
-                for (int64_t l = 0; l < n; l++) {
+                int64_t n = min64(BS, L - l0), l = 0;
+                for (; l + 8 <= n; l += 8) { /* 8 keys at once, their 8 sums reduced together */
+                    __m256 acc[8];
+                    for (int j = 0; j < 8; j++) acc[j] = _mm256_setzero_ps();
+                    for (int64_t d = 0; d < D; d += 8) {
+                        __m256 qd = _mm256_loadu_ps(qi + d);
+                        for (int j = 0; j < 8; j++)
+                            acc[j] = _mm256_fmadd_ps(qd, load8(bf16, k_cache, keys + (l + j) * D + d), acc[j]);
+                    }
+                    _mm256_storeu_ps(p + l0 + l, _mm256_mul_ps(hsum8(acc), _mm256_set1_ps(scale)));
+                }
+                for (; l < n; l++) {
                     __m256 acc = _mm256_setzero_ps();
                     for (int64_t d = 0; d < D; d += 8)
                         acc = _mm256_fmadd_ps(_mm256_loadu_ps(qi + d), load8(bf16, k_cache, keys + l * D + d), acc);
-                    float s = hsum(acc) * scale;
-                    p[l0 + l] = s;
-                    top = s > top ? s : top;
+                    p[l0 + l] = hsum(acc) * scale;
                 }
             }
-            for (int64_t l = 0; l < L; l++) {
-                p[l] = expf(p[l] - top);
-                sum += p[l];
-            }
-            for (int64_t l = 0; l < L; l++) p[l] /= sum;
+            softmax(p, L);
             float *o = out + i * D;
             for (int64_t l0 = 0; l0 < L; l0 += BS) {
                 int64_t values = (table[l0 / BS] * KVH + g) * BS * D;
