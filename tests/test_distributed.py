@@ -62,6 +62,26 @@ def test_two_ranks_equal_one_rank_completion_with_idle_past_timeout(two_shards, 
     assert "rank 1: rank 0 asked to exit" in out
 
 
+def test_two_ranks_serve_in_bf16(two_shards):
+    """bf16 (what --dtype auto is on CPUs with AVX512-BF16 or AMX) on 2 ranks: gloo reduces the bf16 partial sums
+    of the row-parallel layers, 8 concurrent requests each get their 12 tokens. (Not compared with one rank:
+    two rounded partial sums are not one rounded sum, so near-ties of random weights may go either way.)"""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    flags = [*SEQ, "--dtype", "bfloat16"]
+    proc = start(server_cmd("completion", two_shards, port, *flags, torchrun=["--nproc_per_node", "2"]), "completion")
+    with running(proc):
+        wait_healthy(proc, url)
+        bodies = [{"prompt": b["prompts"][0], "max_tokens": 12, "temperature": 0, "ignore_eos": True}
+                  for b in greedy_bodies()]  # fmt: skip
+        answers = concurrently(lambda b: post(f"{url}/v1/completions", b), [(b,) for b in bodies])
+        assert [(code, a["usage"]["completion_tokens"]) for code, a in answers] == [(200, 12)] * len(bodies)
+        assert post(f"{url}/shutdown", None) == (200, {})
+        code, out = finish(proc)
+    assert code == 0, out
+    assert "rank 0: cpu, bfloat16" in out and "rank 1: cpu, bfloat16" in out
+
+
 def test_two_ranks_with_prefix_hits_chunks_and_preemption_equal_one_rank(two_shards, completion_client):
     """8 KV blocks per rank (two of these sequences at a time), 8-token steps, prefix caching: every
     feature of the paged cache is active, and each rank runs the same plans."""

@@ -1,12 +1,25 @@
 """Real server processes, as a user runs them, driven over HTTP on loopback."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import requests
 
-from tests.launch import answers_the_seed_requests, finish, free_port, post, running, server_cmd, start, wait_healthy
+from tests.launch import (
+    ROOT,
+    answers_the_seed_requests,
+    finish,
+    free_port,
+    post,
+    running,
+    server_cmd,
+    start,
+    wait_healthy,
+)
 
 LAUNCHES = [("completion", None), ("chat", None), ("completion", ["--nproc_per_node", "1"])]
 
@@ -51,3 +64,27 @@ def test_shard_that_does_not_match_params_fails_loading_with_exit_code(tiny_ckpt
     code, out = finish(proc, timeout=60)
     assert code == 1, out  # a model that cannot load ends the server with exit code 1
     assert "does not match params.json" in out or "has shape" in out
+
+
+PROBE = """
+import os, runpy, sys
+order = []
+class Note:
+    def find_spec(self, name, path=None, target=None):
+        order.append(name)
+sys.meta_path.insert(0, Note())
+runpy.run_path(sys.argv[1])  # the entry point's imports, not its main()
+print(order.index("presets.omp_spin") < order.index("torch"), os.environ.get("GOMP_SPINCOUNT"))
+"""
+
+
+@pytest.mark.parametrize("entry", ["llama2-completion", "llama2-chat", "falcon"])
+def test_entry_points_set_openmp_spin_before_torch_loads(entry):
+    """presets/omp_spin.py's spin count is in the environment before torch loads libgomp; the user's wins."""
+    path = os.path.join(ROOT, "presets", "inference", entry, "inference_api.py")
+    base = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    for extra, want in (({}, "True 10000000"), ({"GOMP_SPINCOUNT": "5"}, "True 5"),
+                        ({"OMP_WAIT_POLICY": "PASSIVE"}, "True None")):  # fmt: skip
+        out = subprocess.run([sys.executable, "-c", PROBE, path], env=base | extra, cwd=ROOT, capture_output=True,
+                             text=True, timeout=120)  # fmt: skip
+        assert out.stdout.strip() == want, out.stderr[-2000:]

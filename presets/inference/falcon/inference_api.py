@@ -1,5 +1,6 @@
 """Falcon (or any local HuggingFace causal LM) server: `python inference_api.py [flags]`."""
 
+import presets.omp_spin  # noqa: F401  (first: it sets OpenMP up before torch loads)
 from presets.hf.server import main
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Llama-2 completion server: `python inference_api.py [flags]` or `torchrun ... inference_api.py [flags]`."""
 
+import presets.omp_spin  # noqa: F401  (first: it sets OpenMP up before torch loads)
 from presets.llama2.server import main
 
 if __name__ == "__main__":
