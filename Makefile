@@ -128,13 +128,17 @@ LLAMA_SERVER := $(LLAMA_SERVER_DIR)/build/bin/llama-server
 
 llama-server: $(LLAMA_SERVER) ## build llama.cpp's llama-server (a CPU peer of bench-peer) from the pinned llama-cpp-python sdist (~15 min)
 
+# Without llama.cpp's AMX kernels, which crash on Xeons with AMX (see requirements-llama-cpp.cmake).
+NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
+
 $(LLAMA_SERVER): constraints.txt | $(STAMP)
 	rm -rf $(LLAMA_SERVER_DIR)/src && mkdir -p $(LLAMA_SERVER_DIR)/src
 	$(BIN)/pip download --quiet --no-deps --no-binary :all: -d $(LLAMA_SERVER_DIR) \
 		"llama_cpp_python==$$(sed -n 's/^llama_cpp_python==//p' constraints.txt)"
 	tar -xzf $(LLAMA_SERVER_DIR)/llama_cpp_python-*.tar.gz -C $(LLAMA_SERVER_DIR)/src --strip-components 1
 	cmake -S $(LLAMA_SERVER_DIR)/src/vendor/llama.cpp -B $(LLAMA_SERVER_DIR)/build -DCMAKE_BUILD_TYPE=Release \
-		-DLLAMA_CURL=OFF -DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
+		-DLLAMA_CURL=OFF -DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+		-DCMAKE_C_FLAGS="$(NO_AMX)" -DCMAKE_CXX_FLAGS="$(NO_AMX)"
 	cmake --build $(LLAMA_SERVER_DIR)/build --target llama-server -j $$(nproc)
 
 # vLLM's CPU build, the other peer of bench-peer, in a venv of its own (never part of `make test`). The wheel

@@ -142,11 +142,10 @@ class Attention(nn.Module):
 
     def forward(self, x, freqs, step: PagedStep):
         B, T, _ = x.shape
-        q, k, v = self.wqkv(x).split(self.qkv_sizes, dim=-1)  # each (B, T, heads * hd)
-        q = q.view(B, T, self.n_local_heads, self.head_dim)
-        k = k.view(B, T, self.n_local_kv_heads, self.head_dim)
+        qk, v = self.wqkv(x).split([self.qkv_sizes[0] + self.qkv_sizes[1], self.qkv_sizes[2]], dim=-1)
+        qk = apply_rope(qk.view(B, T, -1, self.head_dim), freqs)  # q's and k's heads rotated in one pass
+        q, k = qk.split([self.n_local_heads, self.n_local_kv_heads], dim=2)
         v = v.view(B, T, self.n_local_kv_heads, self.head_dim)
-        q, k = apply_rope(q, freqs), apply_rope(k, freqs)
         out = step.attend(self.cache, q, k, v, gqa=self.n_local_heads != self.n_local_kv_heads)  # (1, h, N, hd)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
