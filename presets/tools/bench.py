@@ -10,7 +10,8 @@ the first token (queueing included), inter-token latency is between consecutive 
 request. Ours is driven through Runtime.generate, the call the HTTP routes make (HTTP excluded).
 Baselines: (a) transformers `generate`, one request at a time; (b) transformers `generate` on
 static batches of `clients` requests (left-padded). Each system runs in a process of its own, with
-one thread doing all its torch work (a second thread that has run OpenMP work slows the first).
+one thread doing all its torch work (a second thread that has run OpenMP work slows the first), and
+OpenMP's spin set as the servers set it (presets/omp_spin.py), for every system alike.
 """
 
 import argparse
@@ -21,6 +22,9 @@ import statistics
 import threading
 import time
 
+import presets.omp_spin  # noqa: F401  (before torch: the servers' OpenMP setting, inherited by each system's process)
+
+# isort: split
 import torch
 
 from presets.llama2 import cpu_kernels
