@@ -16,13 +16,14 @@ llama.cpp's own converter (convert_hf_to_gguf.py) does for this architecture, an
 """
 
 import argparse
-import json
 import os
 
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFWriter, LlamaFileType, TokenType
 from gguf.quants import quantize
 from safetensors.torch import load_file
+
+from presets.llama2.json_files import read_json
 
 # HuggingFace's names -> GGUF's, per layer ("model.layers.N." -> "blk.N.") and global.
 LAYER_NAMES = {
@@ -32,11 +33,6 @@ LAYER_NAMES = {
 }  # fmt: skip
 GLOBAL_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
 FILE_TYPES = {"f32": LlamaFileType.ALL_F32, "f16": LlamaFileType.MOSTLY_F16, "q8_0": LlamaFileType.MOSTLY_Q8_0}
-
-
-def read_json(path: str) -> dict:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
 
 
 def unrotate(w: np.ndarray, n_heads: int) -> np.ndarray:
