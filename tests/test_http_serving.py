@@ -162,8 +162,8 @@ RAW_TABLE = [  # (name, raw request, status, words in the JSON detail)
     ("form POST to /shutdown", http("POST", "/shutdown", b"Content-Type: application/x-www-form-urlencoded",
                                     b"Content-Length: 3", body=b"a=1"), 415, "application/json"),
     ("no API key", http("POST", "/generate", JSON, b"Content-Length: 2", body=b"{}", key=False), 401, "API key"),
-    ("/shutdown from another origin", http("POST", "/shutdown", b"Origin: http://evil.example", b"Content-Length: 0"),
-     403, "another origin"),
+    ("/shutdown from a browser", http("POST", "/shutdown", b"Origin: http://evil.example", b"Content-Length: 0"),
+     403, "web browser"),
     ("unknown route", http("GET", "/nope", b"Connection: close"), 404, "Not Found"),
 ]  # fmt: skip
 

@@ -16,7 +16,7 @@ from presets.hf.routes import chat, engine_chat, render_messages
 from presets.llama2 import server as llama_server
 from presets.llama2.checkpoint import CheckpointError, check_layout
 from presets.llama2.hf_checkpoint import read_config
-from presets.serving import auth, server
+from presets.serving import auth, logs, server
 from presets.serving.app import create_app
 from presets.serving.batch_loop import BatchLoop, Job
 from presets.serving.openai_api import OpenAIModel, openai
@@ -144,7 +144,7 @@ def build_app(settings: HFSettings, exit):
 
 def main(argv=None) -> None:
     """Entry point of presets/inference/falcon/inference_api.py."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.setup()
     settings = parse_settings(argv, "HuggingFace causal LM server (Falcon)", HFSettings)
     try:
         loader.check_folder(settings.model_id)

@@ -1,6 +1,8 @@
 """Chat prompts: the model's own chat template when its folder has one, else Meta's Llama-2 format ([INST] ...
 [/INST] turns, <<SYS>> merged into the first user turn) with the seeds' special-tags rule."""
 
+import unicodedata
+
 from presets.llama2.chat_template import ChatTemplateError
 from presets.serving.errors import ApiError
 
@@ -33,14 +35,24 @@ def check_dialog(dialog, where: str) -> list[dict]:
     return dialog
 
 
-def has_special_tags(dialog: list[dict]) -> bool:
-    return any(tag in msg["content"] for msg in dialog for tag in SPECIAL_TAGS)
+def has_special_tags(dialog: list[dict], tokenizer=None) -> bool:
+    """Whether a message holds a tag as written, or as the model would read it: a tokenizer normalizes text
+    (SentencePiece's NFKC makes fullwidth `［INST］` the ids of `[INST]`), so the text its ids decode to is
+    checked too."""
+    for msg in dialog:
+        text = msg["content"]
+        seen = [text, unicodedata.normalize("NFKC", text)]
+        if tokenizer is not None:
+            seen.append(tokenizer.decode(tokenizer.encode(text, bos=False, eos=False)))
+        if any(tag in t for t in seen for tag in SPECIAL_TAGS):
+            return True
+    return False
 
 
 def refused(tokenizer, dialog: list[dict]) -> bool:
     """The seeds' rule: in Meta's format a dialog may not write its own [INST]/<<SYS>> tags (a template's
     model has other control tokens, which its tokenizer keeps apart from text: the rule does not apply)."""
-    return getattr(tokenizer, "chat_template", None) is None and has_special_tags(dialog)
+    return getattr(tokenizer, "chat_template", None) is None and has_special_tags(dialog, tokenizer)
 
 
 def encode_dialog(tokenizer, dialog: list[dict]) -> list[int]:

@@ -23,7 +23,9 @@ async def generate():
     rt = runtime()
     rt.require_ready()
     prompts = string_list(body.get("prompts"), "prompts", rt.max_waiting)
-    params = SamplingParams.from_seed_parameters(body.get("parameters"), "parameters", COMPLETION_MAX_GEN_LEN)
+    params = SamplingParams.from_seed_parameters(
+        body.get("parameters"), "parameters", COMPLETION_MAX_GEN_LEN, rt.max_seq_len
+    )
     ids = [rt.tokenizer.encode(p, bos=True, eos=False) for p in prompts]
     seqs = await rt.agenerate(ids, params)
     record(seqs)
@@ -51,7 +53,7 @@ async def chat_completion():
     # `parameters` may sit inside input_data or beside it (the seeds show both); inside wins.
     where = "input_data.parameters" if data.get("parameters") is not None else "parameters"
     raw = data.get("parameters") if data.get("parameters") is not None else body.get("parameters")
-    params = SamplingParams.from_seed_parameters(raw, where, None)
+    params = SamplingParams.from_seed_parameters(raw, where, None, rt.max_seq_len)
 
     safe = [i for i, d in enumerate(dialogs) if not refused(rt.tokenizer, d)]
     seqs = await rt.agenerate([encode_dialog(rt.tokenizer, dialogs[i]) for i in safe], params) if safe else []

@@ -15,7 +15,7 @@ from presets.llama2.engine import CacheSettings, LlamaEngine
 from presets.llama2.hf_checkpoint import is_hf_folder
 from presets.llama2.routes import chat, completion
 from presets.llama2.tokenizer import HFTokenizer, find_tokenizer, load_tokenizer
-from presets.serving import auth, device, distributed, server
+from presets.serving import auth, device, distributed, logs, server
 from presets.serving.app import create_app
 from presets.serving.errors import ApiError
 from presets.serving.kv_memory import parse_bytes
@@ -143,7 +143,7 @@ def run_follower(settings: Settings) -> None:
 
 def main(kind: str, argv=None) -> None:
     """Entry point of presets/inference/llama2-<kind>/inference_api.py."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.setup()
     settings = parse_settings(argv, f"Llama-2 {kind} server")
     try:
         check_layout(settings.ckpt_dir, settings.tokenizer_path, settings.model_parallel_size, settings.max_seq_len)

@@ -14,7 +14,7 @@ import threading
 
 from quart import Blueprint, Response, current_app, jsonify, request
 
-from presets.serving.app import record_counts, runtime
+from presets.serving.app import logged_stream, record_counts, runtime
 from presets.serving.errors import ApiError
 from presets.serving.params import SamplingParams, room_left
 from presets.serving.validation import boolean, integer, json_body, number, reject_unknown
@@ -99,7 +99,8 @@ def _event(text: str, event: str | None = None) -> str:
 async def agenerate():
     """Server-sent events, one per new piece of text; their data concatenates to /generate's text."""
     ids, params, stops = await _prepared()
-    pieces = current_app.extensions["llm_api"].runner.stream([ids], params, 1, stops)
+    usage = {"sequences": 0, "prompt_tokens": 0, "completion_tokens": 0}
+    pieces = current_app.extensions["llm_api"].runner.stream([ids], params, 1, stops, usage)
     first = await anext(pieces, None)  # starts generating: a full queue is still a 503 here, not mid-stream
 
     async def events():
@@ -110,11 +111,12 @@ async def agenerate():
                 if text:
                     yield _event(text)
         except ApiError as e:
+            usage["end"] = f"error_{e.status}"
             yield _event(e.detail, "error")
         finally:
             await pieces.aclose()
 
-    return Response(events(), mimetype="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return Response(logged_stream(events(), usage), mimetype="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
 @llm_api.post("/embeddings")

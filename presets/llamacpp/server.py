@@ -16,7 +16,7 @@ from presets.llamacpp import model_file
 from presets.llamacpp.config import ConfigError, LlmApiConfig, load_config
 from presets.llamacpp.engine import LlamaCppEngine
 from presets.llamacpp.routes import LlmApiSettings, llm_api
-from presets.serving import auth, server
+from presets.serving import auth, logs, server
 from presets.serving.app import create_app
 from presets.serving.errors import ApiError
 from presets.serving.openai_api import OpenAIModel, StepRunner, openai
@@ -111,7 +111,7 @@ def main(argv=None) -> None:
         cfg = load_config(args.config)
     except ConfigError as e:
         sys.exit(f"config error: {e}")
-    logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.setup(cfg.log_level.upper())
     try:
         auth.load_keys(cfg.api_key, cfg.api_key_file)
         path = model_file.resolve(cfg)

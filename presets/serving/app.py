@@ -8,7 +8,6 @@ instead of holding a thread, so thousands of open requests and streams cost no O
 import asyncio
 import logging
 import time
-from urllib.parse import urlsplit
 
 from quart import Blueprint, Quart, Response, current_app, g, jsonify, request
 from werkzeug.exceptions import HTTPException
@@ -37,10 +36,31 @@ def record_counts(sequences: int, prompt_tokens: int, generated_tokens: int) -> 
     g.sequences, g.prompt_tokens, g.generated_tokens = sequences, prompt_tokens, generated_tokens
 
 
-def log_request(method, path, status, sequences, prompt_tokens, generated_tokens, seconds) -> None:
-    """The one log line of a request."""
-    log.info("%s %s %d sequences=%d prompt_tokens=%d generated_tokens=%d seconds=%.3f", method, path, status,
-             sequences, prompt_tokens, generated_tokens, seconds)  # fmt: skip
+def log_request(method, path, status, sequences, prompt_tokens, generated_tokens, seconds, end="") -> None:
+    """The one log line of a request; `end`: how a stream ended when not with its last event (the client left...)."""
+    log.info("%s %s %d sequences=%d prompt_tokens=%d generated_tokens=%d seconds=%.3f%s", method, path, status,
+             sequences, prompt_tokens, generated_tokens, seconds, f" end={end}" if end else "")  # fmt: skip
+
+
+def logged_stream(events, usage: dict):
+    """A stream's chunks (the async generator `events`) with the request's log line written when the stream
+    ends: its counts from `usage` (the runner fills them), and `end=client_gone` when the client left or
+    stopped reading before the last chunk, or `end=` what `events` put in usage["end"] (an error's status)."""
+    started, method, path = g.get("start", time.perf_counter()), request.method, request.path
+    g.streamed = True  # the log line comes when the stream ends, not with the headers
+
+    async def logged():
+        end = "client_gone"
+        try:
+            async for chunk in events:
+                yield chunk
+            end = usage.get("end", "")
+        finally:
+            await events.aclose()
+            log_request(method, path, 200, usage["sequences"], usage["prompt_tokens"], usage["completion_tokens"],
+                        time.perf_counter() - started, end)  # fmt: skip
+
+    return logged()
 
 
 @common.get("/")
@@ -66,12 +86,18 @@ def metrics():
     return Response(runtime().metrics.render(), mimetype="text/plain; version=0.0.4")
 
 
+# Headers every current browser sends with a POST (fetch, XHR or form) and command-line clients do not.
+BROWSER_HEADERS = ("Origin", "Sec-Fetch-Site", "Sec-Fetch-Mode", "Sec-Fetch-Dest")
+
+
 @common.post("/shutdown")
 async def shutdown():
-    """Answer 200 {}, then stop the engine and exit 0. A browser page of another origin may not ask."""
-    origin = request.headers.get("Origin")
-    if origin is not None and urlsplit(origin).netloc != request.headers.get("Host", ""):
-        raise ApiError(403, f"POST /shutdown from another origin ({origin}) is refused")
+    """Answer 200 {}, then stop the engine and exit 0. Never for a web browser: a page's origin proves nothing
+    (under DNS rebinding a hostile page is same-origin with the server), so any browser's request is refused."""
+    sent = [h for h in BROWSER_HEADERS if h in request.headers]
+    if sent:
+        raise ApiError(403, f"POST /shutdown from a web browser is refused (it sent {', '.join(sent)}); "
+                       "send it with curl or the Kubernetes preStop hook")  # fmt: skip
     await asyncio.to_thread(runtime().shutdown)  # waits for the engine's current step, off the event loop
     current_app.extensions["shutdown"]()
     return jsonify({})
@@ -88,6 +114,8 @@ def create_app(runtime_, blueprints, shutdown=lambda: None, api_keys=()) -> Quar
     """
     app = Quart("presets")
     app.config.update(MAX_CONTENT_LENGTH=None, BODY_TIMEOUT=None, RESPONSE_TIMEOUT=None)
+    app.url_map.merge_slashes = False  # no redirects: werkzeug builds their Location from the Host header
+    app.url_map.strict_slashes = False
     app.json.ensure_ascii = False
     app.json.sort_keys = False
     app.extensions["runtime"] = runtime_
@@ -111,7 +139,7 @@ def create_app(runtime_, blueprints, shutdown=lambda: None, api_keys=()) -> Quar
 
     @app.errorhandler(Exception)
     def internal_error(e: Exception):
-        log.exception("unhandled error on %s %s", request.method, request.path)
+        log.error("unhandled error on %s %s", request.method, request.path, exc_info=e)
         return error(500, f"internal error: {type(e).__name__}")
 
     @app.before_request

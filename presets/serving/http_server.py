@@ -9,9 +9,16 @@ listening socket kept open so probes see 503 while requests finish, which both c
 A connection costs no thread: idle, slow and streaming clients are coroutines. Per connection:
 - idle (before a request's first byte): closed silently after `keepalive_timeout`;
 - request head: must complete within `header_timeout` of its first byte (else 408), at most
-  `max_header_bytes` and `max_headers` fields (else 431); malformed framing is 400;
+  `max_header_bytes` and `max_headers` fields (else 431); malformed framing is 400, and so is what
+  request smuggling rides on (RFC 9112 6.1, 5.2, 2.2): both Content-Length and Transfer-Encoding, a
+  folded header line, a bare LF or CR as a line end; a method in lower case is 400 (methods are
+  case-sensitive: `head` is not HEAD);
 - body: `Content-Length` over `max_body_bytes` is 413 before a byte of it is read, a chunked body is
   cut off at the limit (413); the whole body must arrive within `body_timeout` of the head (else 408);
+- a client that closes its sending side after a whole request (a half-close) is answered; one that left
+  entirely is noticed when writing to it fails (a stream stops there);
+- an answer the client reads none of for `write_timeout` seconds is given up: the socket is closed at
+  once (not left to flush), so it stops counting against `max_connections` only when it is gone;
 - over `max_connections` open connections, a new one gets 503 and is closed.
 Every error is JSON `{"detail": ...}` and closes the connection.
 """
@@ -19,6 +26,7 @@ Every error is JSON `{"detail": ...}` and closes the connection.
 import asyncio
 import json
 import logging
+import re
 import socket
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -29,7 +37,9 @@ import h11
 log = logging.getLogger(__name__)
 
 READ_SIZE = 65536
-WRITE_TIMEOUT = 60.0  # seconds an answer may wait for the client to read any of it
+# In a request head: a line end other than CRLF, or a line that starts with a space or tab (obs-fold).
+_LAX_LINE = re.compile(rb"(?<!\r)\n|\r(?!\n)|\n[ \t]")
+_HEAD_END = re.compile(rb"\r?\n\r?\n")
 
 
 @dataclass
@@ -41,6 +51,7 @@ class Limits:
     max_header_bytes: int = 16384
     max_headers: int = 100
     max_body_bytes: int = 1 << 20
+    write_timeout: float = 60.0  # seconds an answer may wait for the client to read any of it
 
 
 class _Reject(Exception):
@@ -128,7 +139,12 @@ class _Connection:
         self.local = tuple(local[:2]) if local else None
 
     def close(self) -> None:
-        if not self.writer.is_closing():
+        """Close the socket; at once when answer bytes are still unsent (a client that stopped reading would
+        otherwise keep it open, uncounted, until the kernel gives up on it)."""
+        transport = self.writer.transport
+        if transport.get_write_buffer_size():
+            transport.abort()
+        elif not self.writer.is_closing():
             self.writer.close()
 
     # -- reading ---------------------------------------------------------------------------------
@@ -148,11 +164,20 @@ class _Connection:
                 raise _Reject(431, f"request head over {self.limits.max_header_bytes} bytes") from None
             raise _Reject(400, f"malformed HTTP request: {e}") from None
 
+    def _check_line_ends(self) -> None:
+        """400 for a complete head that h11 would read leniently (bare LF or CR, folded lines): a proxy in front
+        may read it otherwise, and the difference is how a second request gets smuggled past it."""
+        head = self.h11.trailing_data[0]
+        end = _HEAD_END.search(head)
+        if end and (end.group() != b"\r\n\r\n" or _LAX_LINE.search(head[: end.start()])):
+            raise _Reject(400, "malformed HTTP request: header lines must end in CRLF and may not be folded")
+
     async def _request_head(self):
         """The next h11.Request, or None when the client closed or stayed idle too long."""
         loop = asyncio.get_running_loop()
         deadline = None
         while True:
+            self._check_line_ends()
             event = self._next_event()
             if isinstance(event, h11.Request):
                 return event
@@ -284,6 +309,12 @@ class _Exchange:
         size = len(self.request.target) + sum(len(k) + len(v) + 4 for k, v in self.request.headers)
         if size > limits.max_header_bytes:
             raise _Reject(431, f"request head over {limits.max_header_bytes} bytes")
+        names = {name for name, _ in self.request.headers}
+        if {b"content-length", b"transfer-encoding"} <= names:
+            raise _Reject(400, "request has both Content-Length and Transfer-Encoding (RFC 9112 6.1: a request may "
+                          "be smuggled in such a body)")  # fmt: skip
+        if not self.request.method.isupper():
+            raise _Reject(400, f"unknown method {self.request.method.decode()!r}: methods are case-sensitive")
         for name, value in self.request.headers:
             if name == b"content-length" and int(value) > limits.max_body_bytes:
                 raise _Reject(
@@ -326,14 +357,15 @@ class _Exchange:
     _watch_task = None
 
     async def _watch_disconnect(self) -> None:
-        """After the body: read ahead (pipelined bytes are kept for the next request) to see the client leave."""
+        """After the body: read ahead (pipelined bytes are kept for the next request) to see the client leave.
+        An end of input is not a leave: a client may close its sending side once its request is whole (a
+        half-close) and still read the answer; one that closed the whole socket makes the next write fail."""
         conn = self.conn
         try:
             while not conn.eof and len(conn.h11.trailing_data[0]) < conn.limits.max_header_bytes:
                 await conn._read(None)
         except (ConnectionError, OSError):  # a reset: the client is gone
             conn.eof = True
-        if conn.eof:
             self.disconnected.set()
 
     async def _receive(self) -> dict:
@@ -395,9 +427,14 @@ class _Exchange:
                 conn._send(h11.EndOfMessage())
                 self.finished = True
             try:  # a client that stops reading must not hold its request (and a drain) forever
-                await asyncio.wait_for(conn.writer.drain(), WRITE_TIMEOUT)
+                await asyncio.wait_for(conn.writer.drain(), conn.limits.write_timeout)
             except TimeoutError:
-                raise ConnectionResetError(f"the client read nothing for {WRITE_TIMEOUT:g}s") from None
+                unsent = conn.writer.transport.get_write_buffer_size()
+                log.warning("gave up on %s %s from %s: the client read nothing for %gs (%d bytes unsent); "
+                            "connection closed", self.request.method.decode(), self.request.target.decode("latin-1"),
+                            conn.client, conn.limits.write_timeout, unsent)  # fmt: skip
+                conn.close()
+                raise ConnectionResetError(f"the client read nothing for {conn.limits.write_timeout:g}s") from None
 
 
 def _phrase(status: int) -> str:

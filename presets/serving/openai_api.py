@@ -7,16 +7,17 @@ ignored. `stream: true` sends server-sent events whose text concatenates to the 
 """
 
 import json
+import re
 import time
 import uuid
 from dataclasses import dataclass
 
-from quart import Blueprint, Response, current_app, g, jsonify, request
+from quart import Blueprint, Response, current_app, jsonify, request
 
-from presets.serving.app import log_request, record, runtime
+from presets.serving.app import logged_stream, record, runtime
 from presets.serving.errors import ApiError, openai_error
 from presets.serving.flag import Flag
-from presets.serving.params import SamplingParams, room_left
+from presets.serving.params import MAX_TEMPERATURE, SamplingParams, room_left
 from presets.serving.streaming import StreamedText, TokenOffsets, cut_at_stop
 from presets.serving.structured import grammar_for
 from presets.serving.validation import boolean, integer, json_body, number, reject_unknown
@@ -87,16 +88,24 @@ def _neutral(body: dict, key: str, neutral: tuple, why: str) -> None:
         raise ApiError(400, f"{key}={body[key]!r} is not supported: {why}", param=key)
 
 
+MAX_LOGIT_BIAS = 300  # entries, as OpenAI's API allows
+_TOKEN_ID = re.compile(r"0|[1-9][0-9]{0,9}")  # one spelling per id: ASCII digits, no leading zeros
+
+
 def _logit_bias(body: dict, vocab: int | None) -> tuple:
+    """(token id, bias) pairs: at most 300, one per token, each bias in [-100, 100]."""
     bias = body.get("logit_bias")
     if bias is None:
         return ()
     if not isinstance(bias, dict):
         raise ApiError(400, "logit_bias must be an object mapping token ids to numbers", param="logit_bias")
+    if len(bias) > MAX_LOGIT_BIAS:
+        raise ApiError(400, f"logit_bias has {len(bias)} entries; at most {MAX_LOGIT_BIAS}", param="logit_bias")
     pairs = []
     for key in bias:
-        if not (isinstance(key, str) and key.isdigit() and (vocab is None or int(key) < vocab)):
-            raise ApiError(400, f"logit_bias: {key!r} is not a token id of this model (0 to {vocab and vocab - 1})",
+        if not (_TOKEN_ID.fullmatch(key) and (vocab is None or int(key) < vocab)):
+            raise ApiError(400, f"logit_bias: {key[:20]!r} is not a token id of this model (0 to "
+                           f"{vocab and vocab - 1}, in decimal digits without leading zeros)",
                            param="logit_bias")  # fmt: skip
         pairs.append((int(key), number(bias, key, "logit_bias", 0.0, lo=-100, hi=100)))
     return tuple(pairs)
@@ -160,7 +169,7 @@ def _request(body: dict, prompts: list[list[int]], default_max: int | None, chat
         raise ApiError(400, "stream_options must be {\"include_usage\": true|false}, with stream: true",
                        param="stream_options")  # fmt: skip
     params = SamplingParams(
-        temperature=number(body, "temperature", "", 1.0, lo=0, hi=2),
+        temperature=number(body, "temperature", "", 1.0, lo=0, hi=MAX_TEMPERATURE),
         top_p=number(body, "top_p", "", 1.0, lo=0, hi=1, lo_open=True),
         max_tokens=max_tokens,
         ignore_eos=boolean(body, "ignore_eos", "", False),
@@ -350,9 +359,7 @@ async def _stream(rid, m: OpenAIModel, pieces, opt: Options, n_prompts: int, cha
     first = await anext(pieces, None)  # starts the generation: a full queue is still a 503 here, not mid-stream
     n_choices = opt.n * n_prompts
     extra = {"usage": None} if opt.include_usage else {}
-    started, method, path = g.get("start", time.perf_counter()), request.method, request.path
     decode = runtime().tokenizer.decode  # (the events are sent outside the request's context)
-    g.streamed = True  # the log line comes when the stream ends, not with the headers
 
     def event(choices, **more):
         body = {"id": rid, "object": kind, "created": int(time.time()), "model": m.name, "choices": choices}
@@ -379,13 +386,12 @@ async def _stream(rid, m: OpenAIModel, pieces, opt: Options, n_prompts: int, cha
                 yield event([], usage=_usage(usage["prompt_tokens"], usage["completion_tokens"]))
             yield "data: [DONE]\n\n"
         except ApiError as e:
+            usage["end"] = f"error_{e.status}"
             yield f"data: {json.dumps(openai_error(e.status, e.detail, e.param))}\n\n"
         finally:
             await pieces.aclose()
-            log_request(method, path, 200, usage["sequences"], usage["prompt_tokens"], usage["completion_tokens"],
-                        time.perf_counter() - started)  # fmt: skip
 
-    return Response(events(), mimetype="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return Response(logged_stream(events(), usage), mimetype="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
 @openai.get("/models")

@@ -47,8 +47,11 @@ def openai_adjust(logits: torch.Tensor, seqs) -> torch.Tensor:
         if out and (p.presence_penalty or p.frequency_penalty):
             ids, counts = torch.tensor(out, device=logits.device).unique(return_counts=True)
             logits[i, ids] -= p.frequency_penalty * counts.to(logits.dtype) + p.presence_penalty
-        for token, bias in p.logit_bias:
-            logits[i, token] += bias
+    biased = [(i, token, bias) for i in rows for token, bias in seqs[i].params.logit_bias]
+    if biased:  # one op for the whole batch (each (row, token) once: the request's validation sees to it)
+        at = torch.tensor([(i, token) for i, token, _ in biased], device=logits.device).T  # (2, entries)
+        values = torch.tensor([bias for _, _, bias in biased], dtype=logits.dtype, device=logits.device)
+        logits.index_put_((at[0], at[1]), values, accumulate=True)
     return logits
 
 

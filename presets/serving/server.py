@@ -32,7 +32,7 @@ class ServerProcess:
         h = self.http
         return Limits(
             max_connections=h.max_connections, header_timeout=h.read_timeout, body_timeout=h.read_timeout,
-            max_body_bytes=h.max_request_bytes,
+            max_body_bytes=h.max_request_bytes, write_timeout=h.write_timeout,
         )  # fmt: skip
 
     def exit(self, code: int = 0) -> None:

@@ -13,6 +13,7 @@ class HttpSettings:
 
     max_connections: int = 4096  # open client connections; one more is answered 503 and closed
     read_timeout: float = 30.0  # seconds a request head (from its first byte) and then its body may take; else 408
+    write_timeout: float = 60.0  # seconds an answer may wait for the client to read any of it; then it is closed
     max_request_bytes: int = 1 << 20  # a larger body is 413, read no further
     request_timeout: float = 0.0  # seconds a generation may run (504, or a stream's last event); 0: no limit
     drain_timeout: float = 30.0  # after SIGTERM: seconds in-flight requests may finish (Kubernetes' grace: 30 s)
@@ -22,6 +23,7 @@ class HttpSettings:
         return [
             ("max_connections", ">= 1", self.max_connections >= 1),
             ("read_timeout", "> 0", self.read_timeout > 0),
+            ("write_timeout", "> 0", self.write_timeout > 0),
             ("max_request_bytes", ">= 1024", self.max_request_bytes >= 1024),
             ("request_timeout", ">= 0 (0: no limit)", self.request_timeout >= 0),
             ("drain_timeout", ">= 0", self.drain_timeout >= 0),

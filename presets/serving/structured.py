@@ -45,7 +45,33 @@ def grammar_for(response_format) -> str | None:
     schema = spec.get("schema", {"type": "object"})
     if len(json.dumps(schema)) > MAX_SCHEMA_BYTES:
         raise ApiError(400, f"response_format schema is over {MAX_SCHEMA_BYTES} bytes", param="response_format")
-    return LLMatcher.grammar_from_json_schema(schema)
+    where = _oversized_integer(schema, "schema")
+    if where:
+        raise ApiError(400, f"response_format: {where} is an integer outside -2**63 .. 2**64-1, which the grammar "
+                       "engine cannot hold", param="response_format.json_schema.schema")  # fmt: skip
+    try:
+        return LLMatcher.grammar_from_json_schema(schema)
+    except ValueError as e:  # what llguidance cannot take that the walk above does not foresee
+        raise ApiError(400, f"response_format: unsupported schema: {str(e)[:300]}", param="response_format") from e
+
+
+INT_RANGE = (-(2**63), 2**64 - 1)  # llguidance reads JSON integers as i64 or u64
+
+
+def _oversized_integer(value, path: str) -> str:
+    """The path of an integer in `value` that llguidance cannot read ("" when none); a loop, not recursion:
+    a schema may nest as deep as JSON lets it."""
+    todo = [(value, path)]
+    while todo:
+        value, path = todo.pop()
+        if isinstance(value, int) and not isinstance(value, bool):
+            if not INT_RANGE[0] <= value <= INT_RANGE[1]:
+                return path
+        elif isinstance(value, dict):
+            todo += [(item, f"{path}.{key}") for key, item in value.items()]
+        elif isinstance(value, list):
+            todo += [(item, f"{path}[{i}]") for i, item in enumerate(value)]
+    return ""
 
 
 class StructuredOutput:
