@@ -8,13 +8,13 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from presets.llama2.model import ModelArgs  # noqa: E402
-from presets.llama2.server import build_runtime  # noqa: E402
-from presets.serving.app import create_app  # noqa: E402
-from presets.serving.distributed import init_model_parallel  # noqa: E402
-from presets.serving.http_server import Limits  # noqa: E402
-from presets.serving.runtime import Runtime  # noqa: E402
-from presets.serving.settings import Settings  # noqa: E402
+from presets.engine.runtime import Runtime  # noqa: E402
+from presets.http.app import create_app  # noqa: E402
+from presets.http.server import Limits  # noqa: E402
+from presets.models.llama.model import ModelArgs  # noqa: E402
+from presets.process.distributed import init_model_parallel  # noqa: E402
+from presets.process.settings import Settings  # noqa: E402
+from presets.servers.llama import build_runtime  # noqa: E402
 from presets.tools.tiny_checkpoint import write_checkpoint  # noqa: E402
 from tests.fakes import ByteTokenizer, FakeEngine  # noqa: E402
 from tests.live_client import LiveClient  # noqa: E402
@@ -52,9 +52,9 @@ def settings_for(ckpt: str, **kw) -> Settings:
 def real_client(ckpt: str, kind: str, openai: bool = False, **kw):
     """A Flask test client of the `kind` server on checkpoint `ckpt`, model loaded and warmed up (with the
     OpenAI routes when `openai`)."""
-    from presets.llama2.routes import chat, completion
-    from presets.llama2.server import openai_model
-    from presets.serving.openai_api import openai as openai_routes
+    from presets.api.kaito_llama import chat, completion
+    from presets.api.openai import openai as openai_routes
+    from presets.servers.llama import openai_model
 
     settings = settings_for(ckpt, **kw)
     rt = build_runtime(settings)
@@ -106,8 +106,8 @@ def hf_llama_dir(tmp_path_factory):
 def hf_client(model_dir: str, **kw):
     """A Flask test client of the HF server on `model_dir` (engine as the server picks it, or kw's `engine`),
     model loaded and warmed up."""
-    from presets.hf.server import HFSettings, create_engine_app, create_hf_app, runs_on_our_engine
-    from presets.hf.server import build_runtime as build_hf_runtime
+    from presets.servers.hf import HFSettings, create_engine_app, create_hf_app, runs_on_our_engine
+    from presets.servers.hf import build_runtime as build_hf_runtime
 
     settings = HFSettings(model_id=model_dir, **{"torch_dtype": "float32", **kw})  # fp32: as settings_for
     if runs_on_our_engine(settings):

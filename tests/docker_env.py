@@ -50,8 +50,14 @@ def base_image() -> str:
     runs. Needs a running engine."""
     if subprocess.run(["docker", "image", "inspect", BASE], capture_output=True).returncode != 0:
         with tempfile.TemporaryDirectory() as rootfs:
-            sh("debootstrap", "--variant=minbase", "--include=python3,python3-venv,ca-certificates,libgomp1",
-               "bookworm", rootfs, "http://deb.debian.org/debian")  # fmt: skip
+            sh(
+                "debootstrap",
+                "--variant=minbase",
+                "--include=python3,python3-venv,ca-certificates,libgomp1",
+                "bookworm",
+                rootfs,
+                "http://deb.debian.org/debian",
+            )
             with subprocess.Popen(["tar", "-C", rootfs, "-c", "."], stdout=subprocess.PIPE) as tar:
                 sh("docker", "import", "-", BASE, stdin=tar.stdout)
     return BASE

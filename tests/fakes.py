@@ -27,8 +27,15 @@ class FakeEngine:
 
     device = torch.device("cpu")
 
-    def __init__(self, vocab: int = 256 + OFFSET, step_seconds: float = 0.0, num_blocks: int = 1024,
-                 block_size: int = 16, max_num_batched_tokens: int = 2048, prefix_caching: bool = True):  # fmt: skip
+    def __init__(
+        self,
+        vocab: int = 256 + OFFSET,
+        step_seconds: float = 0.0,
+        num_blocks: int = 1024,
+        block_size: int = 16,
+        max_num_batched_tokens: int = 2048,
+        prefix_caching: bool = True,
+    ):
         self.vocab = vocab
         self.step_seconds = step_seconds
         self.kv_config = (num_blocks, block_size, prefix_caching)

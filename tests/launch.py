@@ -29,8 +29,22 @@ def server_cmd(kind: str, ckpt: str, port: int, *flags: str, torchrun=None, host
     launcher = [sys.executable] if torchrun is None else [sys.executable, "-m", "torch.distributed.run", *torchrun]
     sp = os.path.join(ckpt, "tokenizer.model")  # Meta's layout; a HuggingFace folder's tokenizer is found by the server
     tokenizer = ["--tokenizer_path", sp] if os.path.isfile(sp) else []
-    return [*launcher, "inference_api.py", "--ckpt_dir", ckpt, *tokenizer,
-            "--host", host, "--port", str(port), "--device", "cpu", "--dtype", "float32", *flags]  # fmt: skip
+    return [
+        *launcher,
+        "inference_api.py",
+        "--ckpt_dir",
+        ckpt,
+        *tokenizer,
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--device",
+        "cpu",
+        "--dtype",
+        "float32",
+        *flags,
+    ]
 
 
 def start(cmd: list[str], kind: str, netns: str | None = None, env: dict | None = None) -> subprocess.Popen:
@@ -108,8 +122,19 @@ def call(method: str, url: str, body, netns: str | None, timeout: float) -> tupl
     if netns is None:
         r = requests.request(method, url, json=body, timeout=timeout)
         return r.status_code, r.json()
-    args = ["ip", "netns", "exec", netns, sys.executable, "-c", _CLIENT, method, url,
-            "-" if body is None else json.dumps(body), str(timeout)]  # fmt: skip
+    args = [
+        "ip",
+        "netns",
+        "exec",
+        netns,
+        sys.executable,
+        "-c",
+        _CLIENT,
+        method,
+        url,
+        "-" if body is None else json.dumps(body),
+        str(timeout),
+    ]
     out = subprocess.run(args, capture_output=True, text=True, timeout=timeout + 10)
     if out.returncode != 0:
         raise requests.ConnectionError(out.stderr.strip().splitlines()[-1] if out.stderr else "failed")

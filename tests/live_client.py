@@ -10,7 +10,7 @@ import threading
 
 import requests
 
-from presets.serving.http_server import HttpServer, Limits
+from presets.http.server import HttpServer, Limits
 
 
 def error_message(r) -> str:

@@ -1,7 +1,7 @@
 """Driving a step engine by hand: plan items with explicit block tables (what the scheduler would send)."""
 
-from presets.llama2.engine import CacheSettings, LlamaEngine
-from presets.serving.scheduler import PlanItem, StepPlan
+from presets.engine.scheduler import PlanItem, StepPlan
+from presets.models.llama.engine import CacheSettings, LlamaEngine
 
 BLOCK = 16
 PER_SEQ = 8  # blocks each hand-driven sequence owns: 128 positions
@@ -28,7 +28,7 @@ def run(engine, *items: PlanItem, all_logits: bool = False):
         return engine.run(StepPlan(list(items)))
     import torch
 
-    from presets.llama2.kv_cache import PagedStep
+    from presets.models.llama.kv_cache import PagedStep
 
     with torch.inference_mode():
         tokens, step = PagedStep.build(list(items), BLOCK, engine.device)

@@ -5,7 +5,7 @@ import threading
 
 import pytest
 
-from presets.llama2.chat_format import UNSAFE_ERROR
+from presets.api.chat_format import UNSAFE_ERROR
 from tests.live_client import LiveClient
 
 SEED_GENERATE = {
@@ -255,9 +255,9 @@ def test_tiny_temperature_is_greedy_not_nan(completion_client):
 def test_seed_routes_answer_503_while_loading():
     import threading as th
 
-    from presets.llama2.routes import completion
-    from presets.serving.app import create_app
-    from presets.serving.runtime import Runtime
+    from presets.api.kaito_llama import completion
+    from presets.engine.runtime import Runtime
+    from presets.http.app import create_app
 
     release = th.Event()
     rt = Runtime(lambda progress: release.wait() and None, max_seq_len=64, max_batch_size=2, max_waiting=4)

@@ -5,9 +5,9 @@ import random
 
 import pytest
 
-from presets.serving.block_manager import BlockManager
-from presets.serving.params import SamplingParams
-from presets.serving.scheduler import Scheduler, SchedulerConfig, Sequence, Status
+from presets.engine.block_manager import BlockManager
+from presets.engine.params import SamplingParams
+from presets.engine.scheduler import Scheduler, SchedulerConfig, Sequence, Status
 
 VOCAB = 1000
 
@@ -178,8 +178,9 @@ def test_decode_without_a_free_block_preempts_the_newest_and_it_is_recomputed():
 def test_sequence_that_can_never_fit_is_named_with_the_numbers():
     sched = Scheduler(SchedulerConfig(2, 4, 16))
     why = sched.fits_alone(Sequence([1] * 60, SamplingParams(), 10))
-    assert why == ("the prompt (60 tokens) plus 10 new tokens needs 5 KV blocks of 16 tokens; the cache has 4 "
-                   "(64 tokens)")  # fmt: skip
+    assert why == (
+        "the prompt (60 tokens) plus 10 new tokens needs 5 KV blocks of 16 tokens; the cache has 4 (64 tokens)"
+    )
 
 
 def test_eviction_takes_unkeyed_blocks_first_then_the_oldest_cached():

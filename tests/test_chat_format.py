@@ -2,9 +2,9 @@
 
 import pytest
 
-from presets.llama2.chat_format import check_dialog, encode_dialog, has_special_tags
-from presets.llama2.tokenizer import Tokenizer
-from presets.serving.errors import ApiError
+from presets.api.chat_format import check_dialog, encode_dialog, has_special_tags
+from presets.api.errors import ApiError
+from presets.models.llama.tokenizer import Tokenizer
 
 DIALOG = [
     {"role": "system", "content": "Always answer with Haiku"},
@@ -38,15 +38,38 @@ def test_chat_format_golden_ids(tok):
     ids = encode_dialog(tok, [{"role": "user", "content": "hi"}])
     assert tok.decode(ids) == "[INST] hi [/INST]"
     assert ids[0] == 1 and tok.sp.id_to_piece(ids[1:]) == [
-        "▁", "<0x5B>", "I", "N", "S", "T", "<0x5D>", "▁h", "i", "▁", "<0x5B>", "/", "I", "N", "S", "T", "<0x5D>"
-    ]  # fmt: skip
+        "▁",
+        "<0x5B>",
+        "I",
+        "N",
+        "S",
+        "T",
+        "<0x5D>",
+        "▁h",
+        "i",
+        "▁",
+        "<0x5B>",
+        "/",
+        "I",
+        "N",
+        "S",
+        "T",
+        "<0x5D>",
+    ]
 
 
 @pytest.mark.parametrize(
     "roles",
-    [["assistant"], ["user", "user"], ["system"], ["user", "assistant"], ["system", "assistant", "user"],
-     ["user", "system", "user"], ["user", "assistant", "assistant"]],
-)  # fmt: skip
+    [
+        ["assistant"],
+        ["user", "user"],
+        ["system"],
+        ["user", "assistant"],
+        ["system", "assistant", "user"],
+        ["user", "system", "user"],
+        ["user", "assistant", "assistant"],
+    ],
+)
 def test_wrong_role_order_is_rejected(roles):
     dialog = [{"role": r, "content": "x"} for r in roles]
     with pytest.raises(ApiError, match="input_string\\[3\\]: roles must") as e:
@@ -56,9 +79,14 @@ def test_wrong_role_order_is_rejected(roles):
 
 @pytest.mark.parametrize(
     "dialog, message",
-    [([], "non-empty list"), ("hi", "non-empty list"), ([{"role": "bot", "content": "x"}], "role must be one of"),
-     ([{"role": "user", "content": 5}], "content must be a string"), (["hi"], "must be an object")],
-)  # fmt: skip
+    [
+        ([], "non-empty list"),
+        ("hi", "non-empty list"),
+        ([{"role": "bot", "content": "x"}], "role must be one of"),
+        ([{"role": "user", "content": 5}], "content must be a string"),
+        (["hi"], "must be an object"),
+    ],
+)
 def test_malformed_dialogs(dialog, message):
     with pytest.raises(ApiError, match=message):
         check_dialog(dialog, "d")

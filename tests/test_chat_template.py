@@ -1,4 +1,4 @@
-"""presets.llama2.chat_template renders a model folder's chat template as transformers' apply_chat_template does.
+"""presets.api.chat_template renders a model folder's chat template as transformers' apply_chat_template does.
 
 Each tokenizer folder is made here (a tokenizer trained on the bundled corpus), so nothing is downloaded.
 """
@@ -13,7 +13,7 @@ import pytest
 from tokenizers import Tokenizer
 from transformers import AutoTokenizer
 
-from presets.llama2.chat_template import ChatTemplate, ChatTemplateError, load_chat_template
+from presets.api.chat_template import ChatTemplate, ChatTemplateError, load_chat_template
 from presets.tools.tiny_hf import LLAMA2_CHAT_TEMPLATE, train_tokenizer
 
 LLAMA2_SPECIAL = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>"}
@@ -87,12 +87,24 @@ TOJSON_TOKENS = ["<|unk|>", "<|system|>", "<|user|>", "<|assistant|>", "<|sep|>"
 TEMPLATES = {
     "llama2": (LLAMA2_CHAT_TEMPLATE, LLAMA2_SPECIAL, ["<unk>", "<s>", "</s>"]),
     "llama2-strict": (LLAMA2_STRICT_TEMPLATE, LLAMA2_SPECIAL, ["<unk>", "<s>", "</s>"]),
-    "chatml": (CHATML_TEMPLATE, {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"},
-               CHATML_TOKENS),
+    "chatml": (
+        CHATML_TEMPLATE,
+        {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"},
+        CHATML_TOKENS,
+    ),
     "llama3": (LLAMA3_TEMPLATE, {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"}, LLAMA3_TOKENS),
-    "tojson": (TOJSON_TEMPLATE, {"bos_token": "<|system|>", "eos_token": "<|sep|>", "unk_token": "<|unk|>",
-                                 "mask_token": "<|user|>", "cls_token": "<|assistant|>"}, TOJSON_TOKENS),
-}  # fmt: skip
+    "tojson": (
+        TOJSON_TEMPLATE,
+        {
+            "bos_token": "<|system|>",
+            "eos_token": "<|sep|>",
+            "unk_token": "<|unk|>",
+            "mask_token": "<|user|>",
+            "cls_token": "<|assistant|>",
+        },
+        TOJSON_TOKENS,
+    ),
+}
 
 DIALOGS = {
     "user-only": [{"role": "user", "content": "Hello!"}],

@@ -8,8 +8,8 @@ import pytest
 import sentencepiece as spm
 import torch
 
-from presets.llama2.checkpoint import CheckpointError, check_layout, load_model
-from presets.llama2.tokenizer import Tokenizer
+from presets.models.llama.checkpoint import CheckpointError, check_layout, load_model
+from presets.models.llama.tokenizer import Tokenizer
 from presets.tools.tiny_checkpoint import train_tokenizer, write_checkpoint
 from tests.conftest import TINY
 
@@ -37,8 +37,13 @@ def test_two_shards_split_as_meta_does(tiny_ckpt, tmp_path):
     two = write_checkpoint(str(tmp_path / "two"), TINY, shards=2)
     one = torch.load(f"{tiny_ckpt}/consolidated.00.pth", weights_only=True)
     s0, s1 = (torch.load(f"{two}/consolidated.{i:02d}.pth", weights_only=True) for i in range(2))
-    for key, dim in [("output.weight", 0), ("layers.1.attention.wq.weight", 0), ("layers.0.feed_forward.w2.weight", 1),
-                     ("tok_embeddings.weight", 1), ("layers.0.attention.wo.weight", 1)]:  # fmt: skip
+    for key, dim in [
+        ("output.weight", 0),
+        ("layers.1.attention.wq.weight", 0),
+        ("layers.0.feed_forward.w2.weight", 1),
+        ("tok_embeddings.weight", 1),
+        ("layers.0.attention.wo.weight", 1),
+    ]:
         assert s0[key].shape[dim] * 2 == one[key].shape[dim]
         assert torch.equal(torch.cat([s0[key], s1[key]], dim), one[key])
     assert torch.equal(s0["norm.weight"], one["norm.weight"]) and torch.equal(s1["norm.weight"], one["norm.weight"])

@@ -5,11 +5,11 @@ import math
 import pytest
 import torch
 
-from presets.llama2 import cpu_kernels
-from presets.llama2.checkpoint import load_model
-from presets.llama2.kv_cache import PagedKVCache, PagedStep
-from presets.llama2.tokenizer import Tokenizer
-from presets.serving.scheduler import PlanItem
+from presets.engine.scheduler import PlanItem
+from presets.models.llama import cpu_kernels
+from presets.models.llama.checkpoint import load_model
+from presets.models.llama.kv_cache import PagedKVCache, PagedStep
+from presets.models.llama.tokenizer import Tokenizer
 from tests.paged import engine_for, item, run
 
 HAS_AVX2 = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
@@ -275,7 +275,7 @@ def test_engine_runs_without_c_kernels(monkeypatch, tiny_ckpt):
 
 
 def test_auto_dtype_is_bf16_only_where_the_cpu_multiplies_bf16(monkeypatch):
-    from presets.serving import device
+    from presets.process import device
 
     avx2, zen4, xeon = frozenset({"avx2", "fma"}), frozenset({"avx512f", "avx512_bf16"}), frozenset({"amx_bf16"})
     onednn_bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()

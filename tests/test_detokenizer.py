@@ -5,8 +5,8 @@ import random
 
 import pytest
 
-from presets.llama2.tokenizer import find_tokenizer, load_tokenizer
-from presets.serving.detokenizer import Detokenizer
+from presets.api.detokenizer import Detokenizer
+from presets.models.llama.tokenizer import find_tokenizer, load_tokenizer
 
 TEXTS = [
     "Llamas 🦙 and rockets 🚀🚀 fly; 日本語のテキストと中文字符。 Ünïcödé café — naïve.",

@@ -27,8 +27,7 @@ def two_shards(tmp_path_factory):
 
 def greedy_bodies():
     params = {**GREEDY, "ignore_eos": True}
-    return [{"prompts": [f"The river flows past mill {i}" + " and on" * i], "parameters": params}
-            for i in range(8)]  # fmt: skip
+    return [{"prompts": [f"The river flows past mill {i}" + " and on" * i], "parameters": params} for i in range(8)]
 
 
 def concurrently(fn, args_list):
@@ -72,8 +71,9 @@ def test_two_ranks_serve_in_bf16(two_shards):
     proc = start(server_cmd("completion", two_shards, port, *flags, torchrun=["--nproc_per_node", "2"]), "completion")
     with running(proc):
         wait_healthy(proc, url)
-        bodies = [{"prompt": b["prompts"][0], "max_tokens": 12, "temperature": 0, "ignore_eos": True}
-                  for b in greedy_bodies()]  # fmt: skip
+        bodies = [
+            {"prompt": b["prompts"][0], "max_tokens": 12, "temperature": 0, "ignore_eos": True} for b in greedy_bodies()
+        ]
         answers = concurrently(lambda b: post(f"{url}/v1/completions", b), [(b,) for b in bodies])
         assert [(code, a["usage"]["completion_tokens"]) for code, a in answers] == [(200, 12)] * len(bodies)
         assert post(f"{url}/shutdown", None) == (200, {})
@@ -166,10 +166,21 @@ def test_killed_worker_makes_master_fail_fast(two_shards, two_hosts, sig):
     rdzv_port = free_port() if shared else 29500
     flags = [*SEQ, "--dist_timeout", "8"]
     procs = [
-        start(server_cmd("completion", two_shards, ports[n], *flags, host=h["ip"],
-                         torchrun=node_flags("static", two_hosts, n, rdzv_port)), "completion", h["netns"], h["env"])
+        start(
+            server_cmd(
+                "completion",
+                two_shards,
+                ports[n],
+                *flags,
+                host=h["ip"],
+                torchrun=node_flags("static", two_hosts, n, rdzv_port),
+            ),
+            "completion",
+            h["netns"],
+            h["env"],
+        )
         for n, h in enumerate(two_hosts)
-    ]  # fmt: skip
+    ]
     url, ns = f"http://{two_hosts[0]['ip']}:{ports[0]}", two_hosts[0]["netns"]
     with running(*procs):
         for proc, port, host in zip(procs, ports, two_hosts):
@@ -218,13 +229,18 @@ def two_hosts():
     """Two network namespaces joined by a veth pair, each its own host; localhost when that is impossible."""
     tag = str(os.getpid() % 100000)
     ns, veth = [f"presets{tag}n{i}" for i in range(2)], [f"pv{tag}x{i}" for i in range(2)]
-    cmds = [["ip", "netns", "add", ns[0]], ["ip", "netns", "add", ns[1]],
-            ["ip", "link", "add", veth[0], "type", "veth", "peer", "name", veth[1]]]  # fmt: skip
+    cmds = [
+        ["ip", "netns", "add", ns[0]],
+        ["ip", "netns", "add", ns[1]],
+        ["ip", "link", "add", veth[0], "type", "veth", "peer", "name", veth[1]],
+    ]
     for i in range(2):
-        cmds += [["ip", "link", "set", veth[i], "netns", ns[i]],
-                 ["ip", "-n", ns[i], "addr", "add", f"{NODE_IPS[i]}/24", "dev", veth[i]],
-                 ["ip", "-n", ns[i], "link", "set", veth[i], "up"],
-                 ["ip", "-n", ns[i], "link", "set", "lo", "up"]]  # fmt: skip
+        cmds += [
+            ["ip", "link", "set", veth[i], "netns", ns[i]],
+            ["ip", "-n", ns[i], "addr", "add", f"{NODE_IPS[i]}/24", "dev", veth[i]],
+            ["ip", "-n", ns[i], "link", "set", veth[i], "up"],
+            ["ip", "-n", ns[i], "link", "set", "lo", "up"],
+        ]
     try:
         for c in cmds:
             subprocess.run(c, check=True, capture_output=True)
@@ -241,11 +257,34 @@ def two_hosts():
 
 def node_flags(form: str, hosts, node: int, rdzv_port: int) -> list[str]:
     if form == "static":
-        return ["--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(node),
-                "--master_addr", hosts[0]["ip"], "--master_port", str(rdzv_port)]  # fmt: skip
-    flags = ["--nnodes", "2", "--nproc_per_node", "1", "--max_restarts", "3", "--rdzv_id", "job",
-             "--rdzv_backend", "c10d", "--rdzv_endpoint", f"{hosts[0]['ip']}:{rdzv_port}",
-             "--local-addr", hosts[node]["ip"]]  # fmt: skip
+        return [
+            "--nnodes",
+            "2",
+            "--nproc_per_node",
+            "1",
+            "--node_rank",
+            str(node),
+            "--master_addr",
+            hosts[0]["ip"],
+            "--master_port",
+            str(rdzv_port),
+        ]
+    flags = [
+        "--nnodes",
+        "2",
+        "--nproc_per_node",
+        "1",
+        "--max_restarts",
+        "3",
+        "--rdzv_id",
+        "job",
+        "--rdzv_backend",
+        "c10d",
+        "--rdzv_endpoint",
+        f"{hosts[0]['ip']}:{rdzv_port}",
+        "--local-addr",
+        hosts[node]["ip"],
+    ]
     return flags + (["--rdzv-conf", "is_host=1"] if node == 0 else [])
 
 
@@ -256,8 +295,14 @@ def test_two_nodes_serve_probes_and_equal_one_rank(two_shards, completion_client
     rdzv_port = free_port() if shared else 29500
     procs = []
     for node, host in enumerate(two_hosts):
-        cmd = server_cmd("completion", two_shards, ports[node], *SEQ, host=host["ip"],
-                         torchrun=node_flags(form, two_hosts, node, rdzv_port))  # fmt: skip
+        cmd = server_cmd(
+            "completion",
+            two_shards,
+            ports[node],
+            *SEQ,
+            host=host["ip"],
+            torchrun=node_flags(form, two_hosts, node, rdzv_port),
+        )
         procs.append(start(cmd, "completion", host["netns"], host["env"]))
     urls = [f"http://{h['ip']}:{p}" for h, p in zip(two_hosts, ports)]
     with running(*procs):
@@ -282,10 +327,21 @@ def test_worker_node_health_follows_the_master(two_shards, two_hosts):
     rdzv_port = free_port() if shared else 29500
     flags = [*SEQ, "--dist_timeout", "12"]  # heartbeats every 3 s; a worker is stale after 7 s
     procs = [
-        start(server_cmd("completion", two_shards, ports[n], *flags, host=h["ip"],
-                         torchrun=node_flags("static", two_hosts, n, rdzv_port)), "completion", h["netns"], h["env"])
+        start(
+            server_cmd(
+                "completion",
+                two_shards,
+                ports[n],
+                *flags,
+                host=h["ip"],
+                torchrun=node_flags("static", two_hosts, n, rdzv_port),
+            ),
+            "completion",
+            h["netns"],
+            h["env"],
+        )
         for n, h in enumerate(two_hosts)
-    ]  # fmt: skip
+    ]
     urls = [f"http://{h['ip']}:{p}" for h, p in zip(two_hosts, ports)]
     worker_ns = two_hosts[1]["netns"]
     with running(*procs):

@@ -36,10 +36,16 @@ DOCKERFILES = {
 }
 LLM_API_DOCKERFILE = os.path.join(ROOT, "docker", "presets", "inference", "llama-cpp", "Dockerfile")
 # No network and no pull: the base made here, pip from the wheelhouse (added to each seed's command).
-OFFLINE = ["--network", "none", f"--build-arg=BASE_IMAGE={docker_env.BASE}",
-           "--build-arg=PIP_FLAGS=--no-index --find-links /tmp/build"]  # fmt: skip
-KAITO_LLAMA = ("cd /workspace/llama/llama-2 && torchrun --nnodes 1 --nproc_per_node 1 "
-               "inference_api.py --max_seq_len 512 --max_batch_size 8")  # fmt: skip
+OFFLINE = [
+    "--network",
+    "none",
+    f"--build-arg=BASE_IMAGE={docker_env.BASE}",
+    "--build-arg=PIP_FLAGS=--no-index --find-links /tmp/build",
+]
+KAITO_LLAMA = (
+    "cd /workspace/llama/llama-2 && torchrun --nnodes 1 --nproc_per_node 1 "
+    "inference_api.py --max_seq_len 512 --max_batch_size 8"
+)
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +83,13 @@ def weights():
 def docker_build(*argv: str, check: bool = True) -> subprocess.CompletedProcess:
     """`docker build <argv>` run from the repository root, as the seeds say, plus OFFLINE before the context."""
     *args, context = argv
-    out = subprocess.run(["docker", "build", "-q", *args, *OFFLINE, context], capture_output=True, text=True, cwd=ROOT,
-                         env={**os.environ, "DOCKER_BUILDKIT": "0"})  # fmt: skip
+    out = subprocess.run(
+        ["docker", "build", "-q", *args, *OFFLINE, context],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "DOCKER_BUILDKIT": "0"},
+    )
     assert not check or out.returncode == 0, (
         f"docker build {' '.join(argv)}:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
     )
@@ -98,20 +109,50 @@ def seed_build(
     it; src_dir replaces SRC_DIR's value (to give a wrong one)."""
     if seed == "000":
         src = src_dir or f"/home/kaito/presets/llama-2{kind}"
-        return docker_build("--build-arg", f"LLAMA_VERSION={weights['llama version']}", "--build-arg",
-                            f"SRC_DIR={src}", "-t", tag, ".", check=src_dir is None)  # fmt: skip
+        return docker_build(
+            "--build-arg",
+            f"LLAMA_VERSION={weights['llama version']}",
+            "--build-arg",
+            f"SRC_DIR={src}",
+            "-t",
+            tag,
+            ".",
+            check=src_dir is None,
+        )
     src = src_dir or f"presets/llama-2{kind}"
-    return docker_build("--file", "docker/presets/llama-2/Dockerfile", "--build-arg",
-                        f"LLAMA_WEIGHTS={weights['llama']}", "--build-arg", f"SRC_DIR={src}", "-t", tag, ".",
-                        check=src_dir is None)  # fmt: skip
+    return docker_build(
+        "--file",
+        "docker/presets/llama-2/Dockerfile",
+        "--build-arg",
+        f"LLAMA_WEIGHTS={weights['llama']}",
+        "--build-arg",
+        f"SRC_DIR={src}",
+        "-t",
+        tag,
+        ".",
+        check=src_dir is None,
+    )
 
 
 def image_contents(tag: str) -> str:
     """What makes two images the same server: Kaito's folder (files and checksums), the config."""
-    files = sh("docker", "run", "--rm", "--entrypoint", "sh", tag, "-c",
-               "cd /workspace/llama/llama-2 && find . -type f | sort | xargs sha256sum").stdout  # fmt: skip
-    config = sh("docker", "inspect", "--format", "{{json .Config.Cmd}} {{json .Config.Env}} {{.Config.WorkingDir}} "
-                "{{json .Config.ExposedPorts}}", tag).stdout  # fmt: skip
+    files = sh(
+        "docker",
+        "run",
+        "--rm",
+        "--entrypoint",
+        "sh",
+        tag,
+        "-c",
+        "cd /workspace/llama/llama-2 && find . -type f | sort | xargs sha256sum",
+    ).stdout
+    config = sh(
+        "docker",
+        "inspect",
+        "--format",
+        "{{json .Config.Cmd}} {{json .Config.Env}} {{.Config.WorkingDir}} {{json .Config.ExposedPorts}}",
+        tag,
+    ).stdout
     return files + config
 
 
@@ -223,15 +264,25 @@ def test_a_wrong_src_dir_or_missing_weights_fail_the_build_naming_the_arg(base_i
     assert (
         "error: SRC_DIR='presets/llama-3': its last folder must be llama-2 (text completion" in out.stdout + out.stderr
     )
-    out = docker_build("--build-arg", "SRC_DIR=/home/kaito/presets/llama-2", "-t", "presets-test-llama:wrong", ".",
-                       check=False)  # fmt: skip
+    out = docker_build(
+        "--build-arg", "SRC_DIR=/home/kaito/presets/llama-2", "-t", "presets-test-llama:wrong", ".", check=False
+    )
     assert out.returncode != 0
     assert "error: LLAMA_VERSION is not set: pass --build-arg LLAMA_VERSION=<MODEL-VERSION>" in out.stdout + out.stderr
-    out = docker_build("--file", "docker/presets/llama-2/Dockerfile", "--build-arg", "LLAMA_WEIGHTS=presets/llama2",
-                       "--build-arg", "SRC_DIR=presets/llama-2-chat", "-t", "presets-test-llama:wrong", ".",
-                       check=False)  # fmt: skip
+    out = docker_build(
+        "--file",
+        "docker/presets/llama-2/Dockerfile",
+        "--build-arg",
+        "LLAMA_WEIGHTS=presets/models/llama",
+        "--build-arg",
+        "SRC_DIR=presets/llama-2-chat",
+        "-t",
+        "presets-test-llama:wrong",
+        ".",
+        check=False,
+    )
     assert out.returncode != 0
-    assert "error: LLAMA_WEIGHTS='presets/llama2': the folder holds no checkpoint" in out.stdout + out.stderr
+    assert "error: LLAMA_WEIGHTS='presets/models/llama': the folder holds no checkpoint" in out.stdout + out.stderr
 
 
 def test_llama_image_default_command_and_falcon_image(base_image, wheelhouse, weights):
@@ -272,9 +323,11 @@ def test_llm_api_image_runs_as_seed_004_says(base_image, wheelhouse, tmp_path):
     models.mkdir()
     export(write_checkpoint(str(tmp_path / "ckpt"), TINY), str(models / "ggml-llama-tiny-q4.bin"))
     config = tmp_path / "config.yaml"
-    config.write_text("models_dir: /models\nmodel_family: llama\nmodel_name: tiny\n"
-                      "setup_params:\n  convert: false\n  migrate: false\n"
-                      "model_params:\n  ctx_size: 256\n  seed: -1\n  n_threads: 2\n")  # fmt: skip
+    config.write_text(
+        "models_dir: /models\nmodel_family: llama\nmodel_name: tiny\n"
+        "setup_params:\n  convert: false\n  migrate: false\n"
+        "model_params:\n  ctx_size: 256\n  seed: -1\n  n_threads: 2\n"
+    )
     tag = "presets-test-llm-api:latest"
     docker_build("-f", LLM_API_DOCKERFILE, "-t", tag, ".")
     port = free_port()
@@ -282,8 +335,22 @@ def test_llm_api_image_runs_as_seed_004_says(base_image, wheelhouse, tmp_path):
     # The seed's memlock=16000000000 where this machine allows it; a sandbox may cap the hard limit lower.
     hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)[1]
     memlock = 16000000000 if hard == resource.RLIM_INFINITY else min(16000000000, hard)
-    sh("docker", "run", "-d", "--name", name, "-v", f"{models}/:/models:rw", "-v", f"{config}:/llm-api/config.yaml:ro",
-       "-p", f"127.0.0.1:{port}:8000", "--ulimit", f"memlock={memlock}", tag)  # fmt: skip
+    sh(
+        "docker",
+        "run",
+        "-d",
+        "--name",
+        name,
+        "-v",
+        f"{models}/:/models:rw",
+        "-v",
+        f"{config}:/llm-api/config.yaml:ro",
+        "-p",
+        f"127.0.0.1:{port}:8000",
+        "--ulimit",
+        f"memlock={memlock}",
+        tag,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(name, url)
@@ -292,8 +359,9 @@ def test_llm_api_image_runs_as_seed_004_says(base_image, wheelhouse, tmp_path):
         )
         assert r.status_code == 200 and isinstance(r.json(), str)
         status, text = post(f"{url}/generate", {"prompt": "Hello", "params": {"n_predict": 12, **GREEDY}})
-        stream = requests.post(f"{url}/agenerate", json={"prompt": "Hello", "params": {"n_predict": 12, **GREEDY}},
-                               timeout=60)  # fmt: skip
+        stream = requests.post(
+            f"{url}/agenerate", json={"prompt": "Hello", "params": {"n_predict": 12, **GREEDY}}, timeout=60
+        )
         assert status == 200 and sse_text(stream.text) == (text, [])
         status, vector = post(f"{url}/embeddings", {"text": "Hello"})
         assert status == 200 and len(vector) == TINY.dim

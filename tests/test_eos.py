@@ -99,15 +99,19 @@ def smollm2_gguf(model_dir: str) -> str:
 @pytest.fixture(scope="module")
 def llm_api(smollm2_dir, tmp_path_factory):
     """A client of the llm-api app on the GGUF file, found as config.yaml's setup_params.filename in models_dir."""
-    from presets.llamacpp.config import load_config
-    from presets.llamacpp.model_file import resolve
-    from presets.llamacpp.server import build_app
+    from presets.models.llamacpp.model_file import resolve
+    from presets.servers.llm_api import build_app
+    from presets.servers.llm_api_config import load_config
 
     gguf = smollm2_gguf(smollm2_dir)
     # One llama.cpp thread: ggml's spinning worker threads would fight the HTTP and engine threads on a small machine.
-    cfg = {"models_dir": os.path.dirname(gguf), "model_family": "llama", "model_name": "smollm2",
-           "setup_params": {"filename": os.path.basename(gguf)},
-           "model_params": {"ctx_size": 256, "seed": -1, "n_threads": 1, "n_batch": 64}}  # fmt: skip
+    cfg = {
+        "models_dir": os.path.dirname(gguf),
+        "model_family": "llama",
+        "model_name": "smollm2",
+        "setup_params": {"filename": os.path.basename(gguf)},
+        "model_params": {"ctx_size": 256, "seed": -1, "n_threads": 1, "n_batch": 64},
+    }
     path = tmp_path_factory.mktemp("llm-api") / "config.yaml"
     path.write_text(json.dumps(cfg))  # JSON is YAML
     cfg = load_config(str(path), environ={})

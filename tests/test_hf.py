@@ -9,20 +9,37 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from presets.hf.engine import HFJob
-from presets.hf.params import DEFAULTS, EXTRAS
+from presets.models.hf.engine import HFJob
+from presets.models.hf.params import DEFAULTS, EXTRAS
 from tests.conftest import hf_client
 from tests.launch import finish, free_port, post, running, start, wait_healthy
 
 SEED_BASIC = {"prompt": "YOUR_PROMPT_HERE"}
 SEED_ADVANCED = {
-    "prompt": "YOUR_PROMPT_HERE", "max_length": 200, "min_length": 0, "do_sample": True, "early_stopping": False,
-    "num_beams": 1, "num_beam_groups": 1, "diversity_penalty": 0.0, "temperature": 1.0, "top_k": 10, "top_p": 1,
-    "typical_p": 1, "repetition_penalty": 1, "length_penalty": 1, "no_repeat_ngram_size": 0,
-    "encoder_no_repeat_ngram_size": 0, "bad_words_ids": None, "num_return_sequences": 1, "output_scores": False,
-    "return_dict_in_generate": False, "forced_bos_token_id": None, "forced_eos_token_id": None,
+    "prompt": "YOUR_PROMPT_HERE",
+    "max_length": 200,
+    "min_length": 0,
+    "do_sample": True,
+    "early_stopping": False,
+    "num_beams": 1,
+    "num_beam_groups": 1,
+    "diversity_penalty": 0.0,
+    "temperature": 1.0,
+    "top_k": 10,
+    "top_p": 1,
+    "typical_p": 1,
+    "repetition_penalty": 1,
+    "length_penalty": 1,
+    "no_repeat_ngram_size": 0,
+    "encoder_no_repeat_ngram_size": 0,
+    "bad_words_ids": None,
+    "num_return_sequences": 1,
+    "output_scores": False,
+    "return_dict_in_generate": False,
+    "forced_bos_token_id": None,
+    "forced_eos_token_id": None,
     "remove_invalid_values": None,
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("body", [SEED_BASIC, SEED_ADVANCED], ids=["basic", "advanced"])
@@ -266,7 +283,7 @@ def test_auto_engine_falls_back_to_generate_for_a_llama_folder_ours_cannot_run(h
 
 def test_max_length_on_our_engine_is_capped_by_max_seq_len(hf_llama_dir):
     """As generate caps max_length by the model's context, our engine caps it by --max_seq_len."""
-    from presets.llama2.tokenizer import find_tokenizer, load_tokenizer
+    from presets.models.llama.tokenizer import find_tokenizer, load_tokenizer
 
     client, rt = hf_client(hf_llama_dir, max_seq_len=40)
     try:

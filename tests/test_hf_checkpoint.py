@@ -11,29 +11,37 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from presets.llama2.checkpoint import CheckpointError, check_layout, load_model
-from presets.llama2.tokenizer import HFTokenizer, find_tokenizer, load_tokenizer
+from presets.models.llama.checkpoint import CheckpointError, check_layout, load_model
+from presets.models.llama.tokenizer import HFTokenizer, find_tokenizer, load_tokenizer
 from presets.tools.tiny_hf import write_llama
 from tests.launch import ROOT, assert_ranks_answer_as_one
 from tests.paged import engine_for, item, run
 
-LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0,
-               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}  # fmt: skip
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 5e5,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}
 PROMPT = "The river flows past the old mill and the quick brown fox " * 3
 
 
 @pytest.fixture(scope="module")
 def tied_dir(tmp_path_factory):
     """GQA 4/2, tied embeddings, rope_theta 5e5, weights in 5 safetensors shards with an index."""
-    return write_llama(str(tmp_path_factory.mktemp("tied")), seed=3, tie=True, rope={"rope_theta": 5e5},
-                       max_shard_size="100KB")  # fmt: skip
+    return write_llama(
+        str(tmp_path_factory.mktemp("tied")), seed=3, tie=True, rope={"rope_theta": 5e5}, max_shard_size="100KB"
+    )
 
 
 @pytest.fixture(scope="module")
 def llama3_dir(tmp_path_factory):
     """GQA 8/2, Llama 3.1's rope scaling, sharded safetensors; unlike the tied model's, its greedy text varies."""
-    return write_llama(str(tmp_path_factory.mktemp("llama3")), seed=4, rope=LLAMA3_ROPE, heads=(8, 2),
-                       max_shard_size="100KB")  # fmt: skip
+    return write_llama(
+        str(tmp_path_factory.mktemp("llama3")), seed=4, rope=LLAMA3_ROPE, heads=(8, 2), max_shard_size="100KB"
+    )
 
 
 def pair(folder):
@@ -166,8 +174,9 @@ def test_server_exits_non_zero_with_one_line_error_for_a_bad_folder(broken):
     cwd = os.path.join(ROOT, "presets", "inference", "llama2-completion")
     out = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=120)
     assert out.returncode != 0
-    assert out.stderr.strip().splitlines() == [f"error: {broken}/config.json: hidden_act='gelu' is not supported "
-                                               "(the Llama engine implements 'silu')"]  # fmt: skip
+    assert out.stderr.strip().splitlines() == [
+        f"error: {broken}/config.json: hidden_act='gelu' is not supported (the Llama engine implements 'silu')"
+    ]
 
 
 @pytest.mark.parametrize("folder", ["tied_dir", "llama3_dir"])
@@ -178,14 +187,20 @@ def test_two_ranks_equal_one_rank_on_an_hf_folder(request, folder):
 
     folder = request.getfixturevalue(folder)
     client, rt = real_client(folder, "completion", max_seq_len=128, max_batch_size=4)
-    bodies = [{"prompts": [f"The river flows past mill {i}" + " and on" * i],
-               "parameters": {"temperature": 0, "max_gen_len": 12, "ignore_eos": True}} for i in range(4)]  # fmt: skip
+    bodies = [
+        {
+            "prompts": [f"The river flows past mill {i}" + " and on" * i],
+            "parameters": {"temperature": 0, "max_gen_len": 12, "ignore_eos": True},
+        }
+        for i in range(4)
+    ]
     try:
         one_rank = [client.post("/generate", json=b).get_json() for b in bodies]
     finally:
         rt.shutdown()
-    assert_ranks_answer_as_one("completion", folder, 2, ["--max_seq_len", "128", "--max_batch_size", "4"], bodies,
-                               one_rank)  # fmt: skip
+    assert_ranks_answer_as_one(
+        "completion", folder, 2, ["--max_seq_len", "128", "--max_batch_size", "4"], bodies, one_rank
+    )
 
 
 def test_more_start_errors_without_tracebacks(broken, tmp_path):
@@ -201,7 +216,7 @@ def test_more_start_errors_without_tracebacks(broken, tmp_path):
     index = os.path.join(broken, "model.safetensors.index.json")
     os.remove(os.path.join(broken, read_json(index)["weight_map"]["model.norm.weight"]))
     with pytest.raises(CheckpointError, match="names files that are not in"):
-        from presets.llama2.hf_checkpoint import weight_files
+        from presets.models.llama.hf_checkpoint import weight_files
 
         weight_files(broken)
     single = tmp_path / "single"
@@ -214,7 +229,7 @@ def test_more_start_errors_without_tracebacks(broken, tmp_path):
 
 def test_several_eos_ids_each_end_the_answer(llama3_dir, tmp_path):
     """generation_config.json's list of EOS ids (as Llama 3's): the second id ends a greedy answer too."""
-    from presets.serving.params import SamplingParams
+    from presets.engine.params import SamplingParams
     from tests.conftest import real_client
 
     folder = str(tmp_path / "eos")
@@ -243,7 +258,7 @@ def test_several_eos_ids_each_end_the_answer(llama3_dir, tmp_path):
 
 def test_a_sentencepiece_tokenizer_keeps_the_llama2_format(tiny_ckpt, tied_dir, tmp_path):
     """A template writes "<s>" as text, which SentencePiece cannot turn into BOS: the Llama-2 format is used."""
-    from presets.llama2.chat_format import encode_dialog, encode_llama2
+    from presets.api.chat_format import encode_dialog, encode_llama2
 
     folder = tmp_path / "sp"
     shutil.copytree(tied_dir, folder)

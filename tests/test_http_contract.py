@@ -11,12 +11,12 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from presets.llama2.chat_format import UNSAFE_ERROR, encode_dialog
-from presets.llama2.routes import completion
-from presets.llama2.tokenizer import Tokenizer
-from presets.serving.app import create_app
-from presets.serving.params import SamplingParams
-from presets.serving.runtime import Runtime
+from presets.api.chat_format import UNSAFE_ERROR, encode_dialog
+from presets.api.kaito_llama import completion
+from presets.engine.params import SamplingParams
+from presets.engine.runtime import Runtime
+from presets.http.app import create_app
+from presets.models.llama.tokenizer import Tokenizer
 from tests.conftest import hf_client, real_client, settings_for
 from tests.fakes import ByteTokenizer, FakeEngine
 from tests.live_client import LiveClient, error_message
@@ -147,16 +147,22 @@ def hf_keyed(request):
 @pytest.fixture(scope="module")
 def llm_api_keyed(tiny_ckpt, tmp_path_factory):
     """The llm-api server on the tiny checkpoint as GGUF: one sequence at a time, a queue of one, an API key."""
-    from presets.llamacpp.config import load_config
-    from presets.llamacpp.server import build_app
+    from presets.servers.llm_api import build_app
+    from presets.servers.llm_api_config import load_config
     from presets.tools.gguf_export import export
 
     folder = tmp_path_factory.mktemp("llm-api")
     export(tiny_ckpt, str(folder / "ggml-llama-tiny-q4.bin"))
-    cfg = {"models_dir": str(folder), "model_family": "llama", "model_name": "tiny",
-           "setup_params": {"convert": False, "migrate": False},
-           "model_params": {"ctx_size": 128, "seed": -1, "n_threads": 1, "n_batch": 64, "last_n_tokens_size": 16},
-           "max_batch_size": 1, "max_queue_size": 1, "api_key": KEY}  # fmt: skip
+    cfg = {
+        "models_dir": str(folder),
+        "model_family": "llama",
+        "model_name": "tiny",
+        "setup_params": {"convert": False, "migrate": False},
+        "model_params": {"ctx_size": 128, "seed": -1, "n_threads": 1, "n_batch": 64, "last_n_tokens_size": 16},
+        "max_batch_size": 1,
+        "max_queue_size": 1,
+        "api_key": KEY,
+    }
     (folder / "config.yaml").write_text(json.dumps(cfg))  # JSON is YAML
     config = load_config(str(folder / "config.yaml"), environ={})
     app = build_app(config, config.model_file, start=False)
@@ -406,7 +412,7 @@ def test_chat_parameters_inside_input_data_win_over_those_beside_it(chat_server,
 
 def test_shutdown_with_a_wrong_key_is_401_and_the_server_keeps_serving(tiny_ckpt):
     """The Llama server as its launcher builds it (keys from --api_key, exit on /shutdown)."""
-    from presets.llama2.server import build_app
+    from presets.servers.llama import build_app
 
     exits = []
     app = build_app(settings_for(tiny_ckpt, max_seq_len=128, api_key=KEY), "completion", exits.append)

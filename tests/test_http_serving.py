@@ -31,9 +31,13 @@ def serving(tiny_ckpt, tmp_path, *flags, kind="completion"):
     log_path = tmp_path / f"server-{port}.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
-            server_cmd(kind, tiny_ckpt, port, *flags), cwd=os.path.join(ROOT, "presets", "inference", f"llama2-{kind}"),
-            stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-        )  # fmt: skip
+            server_cmd(kind, tiny_ckpt, port, *flags),
+            cwd=os.path.join(ROOT, "presets", "inference", f"llama2-{kind}"),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(proc, url)
@@ -149,23 +153,49 @@ JSON, CHUNKED = b"Content-Type: application/json", b"Transfer-Encoding: chunked"
 RAW_TABLE = [  # (name, raw request, status, words in the JSON detail)
     ("head over 16 KiB", http("GET", "/healthz", b"X: " + b"a" * 20000), 431, "16384 bytes"),
     ("too many header fields", http("GET", "/healthz", *[b"X%d: 1" % i for i in range(120)]), 431, "header fields"),
-    ("Content-Length over the limit", http("POST", "/generate", JSON, b"Content-Length: %d" % BIG), 413,
-     "max_request_bytes"),
-    ("chunked body over the limit", http("POST", "/generate", JSON, CHUNKED, body=b"%x\r\n%s\r\n0\r\n\r\n" % (
-        BIG, b"x" * BIG)), 413, "max_request_bytes"),
+    (
+        "Content-Length over the limit",
+        http("POST", "/generate", JSON, b"Content-Length: %d" % BIG),
+        413,
+        "max_request_bytes",
+    ),
+    (
+        "chunked body over the limit",
+        http("POST", "/generate", JSON, CHUNKED, body=b"%x\r\n%s\r\n0\r\n\r\n" % (BIG, b"x" * BIG)),
+        413,
+        "max_request_bytes",
+    ),
     ("chunk size zz", http("POST", "/generate", JSON, CHUNKED, body=b"zz\r\n{}\r\n0\r\n\r\n"), 400, "malformed"),
-    ("chunk shorter than its data", http("POST", "/generate", JSON, CHUNKED, body=b'2\r\n{"prompts"}\r\n0\r\n\r\n'),
-     400, "malformed"),
+    (
+        "chunk shorter than its data",
+        http("POST", "/generate", JSON, CHUNKED, body=b'2\r\n{"prompts"}\r\n0\r\n\r\n'),
+        400,
+        "malformed",
+    ),
     ("not HTTP", b"HELLO THERE\r\n\r\n", 400, "malformed"),
-    ("text/plain POST", http("POST", "/generate", b"Content-Type: text/plain", b"Content-Length: 2", body=b"{}"), 415,
-     "application/json"),
-    ("form POST to /shutdown", http("POST", "/shutdown", b"Content-Type: application/x-www-form-urlencoded",
-                                    b"Content-Length: 3", body=b"a=1"), 415, "application/json"),
+    (
+        "text/plain POST",
+        http("POST", "/generate", b"Content-Type: text/plain", b"Content-Length: 2", body=b"{}"),
+        415,
+        "application/json",
+    ),
+    (
+        "form POST to /shutdown",
+        http(
+            "POST", "/shutdown", b"Content-Type: application/x-www-form-urlencoded", b"Content-Length: 3", body=b"a=1"
+        ),
+        415,
+        "application/json",
+    ),
     ("no API key", http("POST", "/generate", JSON, b"Content-Length: 2", body=b"{}", key=False), 401, "API key"),
-    ("/shutdown from a browser", http("POST", "/shutdown", b"Origin: http://evil.example", b"Content-Length: 0"),
-     403, "web browser"),
+    (
+        "/shutdown from a browser",
+        http("POST", "/shutdown", b"Origin: http://evil.example", b"Content-Length: 0"),
+        403,
+        "web browser",
+    ),
     ("unknown route", http("GET", "/nope", b"Connection: close"), 404, "Not Found"),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize("name, data, status, words", RAW_TABLE, ids=[row[0] for row in RAW_TABLE])
@@ -215,8 +245,7 @@ def test_slow_and_idle_connections_cost_no_worker(srv):
         t0 = time.monotonic()
         assert requests.get(f"{url}/healthz", timeout=5).status_code == 200
         short = {"prompts": ["Hi"], "parameters": {**GREEDY, "max_gen_len": 4}}
-        r = requests.post(f"{url}/generate", headers=AUTH, json=short,
-                          timeout=5)  # fmt: skip
+        r = requests.post(f"{url}/generate", headers=AUTH, json=short, timeout=5)
         assert r.status_code == 200
         assert time.monotonic() - t0 < 1.0
     finally:
@@ -286,8 +315,9 @@ def in_flight(url: str, port: int, n_each: int, tokens: int):
     results = []
 
     def plain():
-        r = requests.post(f"{url}/generate", json={"prompts": ["Hi"], "parameters": {**GREEDY, "max_gen_len": tokens}},
-                          timeout=120)  # fmt: skip
+        r = requests.post(
+            f"{url}/generate", json={"prompts": ["Hi"], "parameters": {**GREEDY, "max_gen_len": tokens}}, timeout=120
+        )
         results.append(("plain", r.status_code, r.json()))
 
     def streamed():
@@ -364,9 +394,11 @@ def test_sigterm_under_torchrun_drains_and_every_rank_exits_0(tiny_ckpt, tmp_pat
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
             server_cmd("completion", ckpt, port, "--max_seq_len", "4096", torchrun=torchrun),
-            cwd=os.path.join(ROOT, "presets", "inference", "llama2-completion"), stdout=log,
-            stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
+            cwd=os.path.join(ROOT, "presets", "inference", "llama2-completion"),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(proc, url, timeout=120)

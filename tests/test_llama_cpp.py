@@ -17,14 +17,14 @@ import requests
 import torch
 from gguf import GGUFReader
 
-from presets.llama2.checkpoint import merge_shards, read_args
-from presets.llama2.hf_convert import to_hf
-from presets.llama2.tokenizer import Tokenizer
-from presets.llamacpp.config import ConfigError, load_config
-from presets.llamacpp.engine import LlamaCppEngine
-from presets.llamacpp.server import build_app
-from presets.serving.params import SamplingParams
-from presets.serving.scheduler import PlanItem, StepPlan
+from presets.engine.params import SamplingParams
+from presets.engine.scheduler import PlanItem, StepPlan
+from presets.models.llama.checkpoint import merge_shards, read_args
+from presets.models.llama.hf_convert import to_hf
+from presets.models.llama.tokenizer import Tokenizer
+from presets.models.llamacpp.engine import LlamaCppEngine
+from presets.servers.llm_api import build_app
+from presets.servers.llm_api_config import ConfigError, load_config
 from presets.tools.gguf_export import export
 from presets.tools.tiny_checkpoint import write_checkpoint
 from tests.conftest import TINY, real_client
@@ -56,10 +56,20 @@ def models_dir(tiny_ckpt, tmp_path_factory):
 
 
 def write_config(folder, models_dir: str, **extra) -> str:
-    cfg = {"models_dir": models_dir, "model_family": "llama", "model_name": "tiny",
-           "setup_params": {"convert": False, "migrate": False},
-           "model_params": {"ctx_size": 128, "seed": -1, "n_threads": 2, "n_batch": 64, "n_parts": -1,
-                            "last_n_tokens_size": 16}} | extra  # fmt: skip
+    cfg = {
+        "models_dir": models_dir,
+        "model_family": "llama",
+        "model_name": "tiny",
+        "setup_params": {"convert": False, "migrate": False},
+        "model_params": {
+            "ctx_size": 128,
+            "seed": -1,
+            "n_threads": 2,
+            "n_batch": 64,
+            "n_parts": -1,
+            "last_n_tokens_size": 16,
+        },
+    } | extra
     path = os.path.join(folder, "config.yaml")
     with open(path, "w") as f:
         json.dump(cfg, f)  # JSON is YAML
@@ -263,7 +273,7 @@ def test_embeddings_are_the_models_mean_hidden_state(llm, tiny_ckpt):
 
 
 def test_a_failed_engine_call_fails_its_request_only(llm):
-    from presets.serving.errors import ApiError
+    from presets.api.errors import ApiError
 
     rt = llm.application.extensions["runtime"]
     with pytest.raises(ApiError) as e:
@@ -274,7 +284,7 @@ def test_a_failed_engine_call_fails_its_request_only(llm):
 
 def test_model_params_seed_makes_unseeded_sampling_repeat_across_restarts():
     """model_params.seed seeds the sequence of per-request seeds (as llama.cpp seeded its sampler); -1: random."""
-    from presets.llamacpp.routes import LlmApiSettings
+    from presets.api.llm_api import LlmApiSettings
 
     first, again = LlmApiSettings(None, None, 64, 1337), LlmApiSettings(None, None, 64, 1337)
     assert [first.next_seed() for _ in range(3)] == [again.next_seed() for _ in range(3)]
@@ -365,7 +375,7 @@ def test_body_encodings(llm):
 
 def test_event_stream_lines():
     """Every kind of line break in a piece becomes a data line (SSE cannot carry a carriage return)."""
-    from presets.llamacpp.routes import _event
+    from presets.api.llm_api import _event
 
     assert sse_text(_event("a\r\nb\rc\nd") + _event(" e")) == ("a\nb\nc\nd e", [])
 
@@ -373,8 +383,12 @@ def test_event_stream_lines():
 def test_empty_prompt_of_a_model_without_bos_is_a_400(tiny_ckpt, tmp_path):
     with serving(tiny_ckpt, tmp_path, "nobos", add_bos=False) as (app, _):
         client = LiveClient(app)
-        for route, body in (("/generate", {"prompt": ""}), ("/agenerate", {"prompt": ""}),
-                            ("/embeddings", {"text": ""}), ("/v1/completions", {"prompt": ""})):  # fmt: skip
+        for route, body in (
+            ("/generate", {"prompt": ""}),
+            ("/agenerate", {"prompt": ""}),
+            ("/embeddings", {"text": ""}),
+            ("/v1/completions", {"prompt": ""}),
+        ):
             r = client.post(route, json=body)
             assert r.status_code == 400 and "empty" in error_message(r), route
         assert client.post("/generate", json={"prompt": "Hello", "params": {"n_predict": 3}}).status_code == 200
@@ -396,9 +410,14 @@ def test_openai_routes_on_llama_cpp(llm):
 
 def test_environment_overrides_the_file(tmp_path):
     path = write_config(tmp_path, "/from/file", model_name="7b", port=8000)
-    env = {"LLM_API_MODELS_DIR": "/models", "LLM_API_PORT": "9001", "LLM_API_MODEL_PARAMS__CTX_SIZE": "4096",
-           "LLM_API_SETUP_PARAMS__REPO_ID": "user/repo", "LLM_API_SETUP_PARAMS__FILENAME": "m.gguf",
-           "UNRELATED": "1"}  # fmt: skip
+    env = {
+        "LLM_API_MODELS_DIR": "/models",
+        "LLM_API_PORT": "9001",
+        "LLM_API_MODEL_PARAMS__CTX_SIZE": "4096",
+        "LLM_API_SETUP_PARAMS__REPO_ID": "user/repo",
+        "LLM_API_SETUP_PARAMS__FILENAME": "m.gguf",
+        "UNRELATED": "1",
+    }
     cfg = load_config(str(path), env)
     assert (cfg.models_dir, cfg.port, cfg.model_name) == ("/models", 9001, "7b")
     assert cfg.model_params["ctx_size"] == 4096 and cfg.model_params["n_threads"] == 2  # the rest of the file stays
@@ -445,18 +464,26 @@ def test_bad_config_is_refused_naming_the_key(tmp_path, extra, env, named):
 
 def test_model_file_under_its_own_name_in_models_dir(tmp_path, models_dir):
     """setup_params.filename alone names a file already in models_dir; llm-api's derived name comes first."""
-    from presets.llamacpp.model_file import resolve
+    from presets.models.llamacpp.model_file import resolve
 
-    cfg = load_config(write_config(tmp_path, models_dir, model_name="other",
-                                   setup_params={"filename": "ggml-llama-tiny-q4.bin"}), environ={})  # fmt: skip
+    cfg = load_config(
+        write_config(tmp_path, models_dir, model_name="other", setup_params={"filename": "ggml-llama-tiny-q4.bin"}),
+        environ={},
+    )
     assert resolve(cfg) == os.path.join(models_dir, "ggml-llama-tiny-q4.bin")
     cfg = load_config(write_config(tmp_path, models_dir, setup_params={"filename": "absent.gguf"}), environ={})
     assert resolve(cfg) == os.path.join(models_dir, "ggml-llama-tiny-q4.bin")
 
 
 def run_server(folder, env=None, timeout=30):
-    proc = subprocess.Popen([sys.executable, ENTRY], cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env={**os.environ, **(env or {})})  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, ENTRY],
+        cwd=folder,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
     return proc
 
 
@@ -468,7 +495,7 @@ def run_server(folder, env=None, timeout=30):
             {"model_name": "missing", "setup_params": {"repo_id": "user/repo", "filename": "model.gguf"}},
             {"HF_HUB_OFFLINE": "1"},
             "error: cannot download model.gguf from user/repo: the HuggingFace Hub cannot be reached here",
-        ),  # fmt: skip
+        ),
         ({"model_name": "missing"}, {}, "error: model file not found:"),
         ({"model_name": "notgguf"}, {}, "is not a GGUF file"),
     ],
@@ -496,13 +523,19 @@ def test_real_server_process(tmp_path, models_dir):
         status, text = post(f"{url}/generate", {"prompt": "Hello", "params": {"n_predict": 8, **GREEDY}})
         assert status == 200 and isinstance(text, str)
         assert post(f"{url}/embeddings", {"text": "Hello"})[0] == 200
-        chunked = requests.post(f"{url}/generate", data=iter([b'{"prompt": "', b"x" * (2 << 20), b'"}']), timeout=30,
-                                headers={"Content-Type": "application/json"})  # fmt: skip
+        chunked = requests.post(
+            f"{url}/generate",
+            data=iter([b'{"prompt": "', b"x" * (2 << 20), b'"}']),
+            timeout=30,
+            headers={"Content-Type": "application/json"},
+        )
         assert chunked.status_code == 413  # a chunked body over max_request_bytes, as with a Content-Length
         busy = {"prompt": "Hello " * 60, "params": {"n_predict": -1, "ignore_eos": True, **GREEDY}}
         with ThreadPoolExecutor(12) as pool:  # shutdown while requests generate and wait in the queue
-            calls = [pool.submit(post, f"{url}/{route}", body) for route, body in
-                     [("generate", busy)] * 8 + [("embeddings", {"text": "Hello " * 60})] * 4]  # fmt: skip
+            calls = [
+                pool.submit(post, f"{url}/{route}", body)
+                for route, body in [("generate", busy)] * 8 + [("embeddings", {"text": "Hello " * 60})] * 4
+            ]
             deadline = time.time() + 20
             while "vllm:num_requests_running 0.0" in requests.get(f"{url}/metrics", timeout=5).text:
                 assert time.time() < deadline, "the requests never started"
@@ -525,12 +558,15 @@ LLAMA2_TEMPLATE = (
 
 def test_chat_uses_the_files_chat_template(tiny_ckpt, tmp_path):
     """A GGUF with Llama-2's chat template: /v1/chat/completions sends exactly Meta's chat token ids."""
-    from presets.llama2.chat_format import encode_dialog
-    from presets.llamacpp.server import _encode_messages
+    from presets.api.chat_format import encode_dialog
+    from presets.servers.llm_api import _encode_messages
 
     with serving(tiny_ckpt, tmp_path, "chat", chat_template=LLAMA2_TEMPLATE) as (app, rt):
-        dialog = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"},
-                  {"role": "user", "content": "What is the capital of France?"}]  # fmt: skip
+        dialog = [
+            {"role": "user", "content": "Hi there"},
+            {"role": "assistant", "content": "Hello!"},
+            {"role": "user", "content": "What is the capital of France?"},
+        ]
         expected = encode_dialog(Tokenizer(os.path.join(tiny_ckpt, "tokenizer.model")), dialog)
         assert _encode_messages(rt, dialog) == expected
         client = LiveClient(app)
@@ -556,8 +592,9 @@ def test_our_llama_cpp_build_compiles_no_amx_kernels(tmp_path):
     assert out.returncode == 0, out.stderr
     flags = next(line for line in out.stdout.splitlines() if "FLAGS=" in line).split("FLAGS=", 1)[1].split()
     for order in ([*flags, "-march=sapphirerapids"], ["-march=sapphirerapids", *flags]):
-        macros = subprocess.run(["c++", *order, "-dM", "-E", "-x", "c++", "/dev/null"], capture_output=True,
-                                text=True, check=True).stdout  # fmt: skip
+        macros = subprocess.run(
+            ["c++", *order, "-dM", "-E", "-x", "c++", "/dev/null"], capture_output=True, text=True, check=True
+        ).stdout
         assert "__AVX512VNNI__" in macros and "__AVX512BF16__" in macros
         assert "__AMX_INT8__" not in macros and "__AMX_TILE__" not in macros, order
 
@@ -571,7 +608,7 @@ def test_installed_llama_cpp_has_no_amx_kernels():
 
 
 def test_weights_are_repacked_except_where_amx_kernels_meet_an_amx_cpu():
-    from presets.llamacpp.engine import extra_buffers_safe
+    from presets.models.llamacpp.engine import extra_buffers_safe
 
     built_with_amx = "CPU : AVX2 = 1 | AVX512 = 1 | AMX_INT8 = 1 | REPACK = 1 |"
     built_without = "CPU : AVX2 = 1 | AVX512 = 1 | REPACK = 1 |"

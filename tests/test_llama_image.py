@@ -5,8 +5,8 @@ import os
 
 import pytest
 
-from presets.hf.server import HFSettings
-from presets.serving.settings import parse_settings
+from presets.process.settings import parse_settings
+from presets.servers.hf import HFSettings
 from presets.tools.llama_image import main
 
 KAITO_FLAGS = ["--max_seq_len", "512", "--max_batch_size", "8"]  # Kaito's command for the Llama presets

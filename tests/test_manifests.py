@@ -10,7 +10,7 @@ import jsonschema
 import pytest
 import yaml
 
-from presets.llama2.server import TORCHRUN_DRAIN
+from presets.servers.llama import TORCHRUN_DRAIN
 from tests.launch import ROOT
 
 
@@ -52,8 +52,11 @@ def test_statefulset_runs_kaitos_torchrun_command_with_probes_and_shm():
 def test_kubernetes_manifests_validate_strictly():
     paths = glob.glob(os.path.join(ROOT, "examples", "kubernetes", "*.yaml"))
     assert paths
-    out = subprocess.run([os.path.join(os.path.dirname(sys.executable), "kubernetes-validate"), "--strict", *paths],
-                         capture_output=True, text=True)  # fmt: skip
+    out = subprocess.run(
+        [os.path.join(os.path.dirname(sys.executable), "kubernetes-validate"), "--strict", *paths],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
 
 

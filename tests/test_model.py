@@ -5,9 +5,9 @@ decode (also in bf16 and fp16)."""
 import pytest
 import torch
 
-from presets.llama2.checkpoint import load_model, read_args
-from presets.llama2.hf_convert import to_hf
-from presets.llama2.tokenizer import Tokenizer
+from presets.models.llama.checkpoint import load_model, read_args
+from presets.models.llama.hf_convert import to_hf
+from presets.models.llama.tokenizer import Tokenizer
 from tests.paged import engine_for, item, run
 
 
@@ -115,11 +115,14 @@ def test_packed_prefill_equals_one_prompt_at_a_time(pair):
     prompts = [tok.encode(t, bos=True, eos=False) for t in (PROMPT, "Hello", OTHERS[1])]
     seqs = [2, 0, 3]
     engine = engine_for(ours)
-    nxt = lambda: run(engine, *(item(s, len(p), [5]) for s, p in zip(seqs, prompts)))  # noqa: E731
+
+    def next_step():  # one more token for each sequence, all in one step
+        return run(engine, *(item(s, len(p), [5]) for s, p in zip(seqs, prompts)))
+
     packed = run(engine, *(item(s, 0, p) for s, p in zip(seqs, prompts)))
-    packed_next = nxt()
+    packed_next = next_step()
     single = torch.cat([run(engine, item(s, 0, p)) for s, p in zip(seqs, prompts)])
-    single_next = nxt()
+    single_next = next_step()
     assert packed.shape == (3, tok.n_words)
     assert rel_err(packed, single) < 1e-5 and rel_err(packed_next, single_next) < 1e-5
 

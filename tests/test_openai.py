@@ -9,8 +9,8 @@ import openai
 import pytest
 import requests
 
-from presets.serving.auth import load_keys
-from presets.serving.settings import parse_settings
+from presets.http.auth import load_keys
+from presets.process.settings import parse_settings
 from tests.launch import finish, free_port, running, server_cmd, start, wait_healthy
 
 KEY = "test-key-123"
@@ -54,8 +54,13 @@ def test_greedy_completion_equals_the_seed_route(server, client):
     seed = requests.post(
         f"{server}/generate", headers=AUTH, json={"prompts": ["The river flows", "Hello"], "parameters": params}
     )
-    r = client.completions.create(model="llama2-completion", prompt=["The river flows", "Hello"], max_tokens=20,
-                                  temperature=0, extra_body={"ignore_eos": True})  # fmt: skip
+    r = client.completions.create(
+        model="llama2-completion",
+        prompt=["The river flows", "Hello"],
+        max_tokens=20,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
     assert [c.text for c in r.choices] == [x["response"] for x in seed.json()["results"]]
     assert r.usage.completion_tokens == 40 and {c.finish_reason for c in r.choices} == {"length"}
     assert r.usage.total_tokens == r.usage.prompt_tokens + 40
@@ -63,8 +68,9 @@ def test_greedy_completion_equals_the_seed_route(server, client):
 
 def test_greedy_chat_equals_the_seed_chat_route(client, chat_client):
     dialog = [{"role": "system", "content": "Be brief"}, {"role": "user", "content": "What is so great about art?"}]
-    seed = chat_client.post("/chat", json={"input_data": {"input_string": [dialog]},
-                                           "parameters": {"temperature": 0, "max_gen_len": 16}}).get_json()  # fmt: skip
+    seed = chat_client.post(
+        "/chat", json={"input_data": {"input_string": [dialog]}, "parameters": {"temperature": 0, "max_gen_len": 16}}
+    ).get_json()
     r = client.chat.completions.create(model="llama2-completion", messages=dialog, max_tokens=16, temperature=0)
     assert r.choices[0].message.role == "assistant"
     assert r.choices[0].message.content == seed["results"][0][-1]["content"]
@@ -104,13 +110,17 @@ def test_n_choices(client):
 
 @pytest.mark.parametrize(
     "extra, code, message",
-    [({"logprobs": 6}, 400, "logprobs must be >= 0 and <= 5"),
-     ({"tools": []}, 400, "unsupported field(s) ['tools']"),
-     ({"max_tokens": 2100}, 400, "maximum context length is 2048 tokens"),
-     ({"temperature": 3}, 400, "temperature must be"), ({"n": 0}, 400, "n must be >= 1"),
-     ({"stop": [""]}, 400, "stop must be"), ({"model": "gpt-4"}, 404, "not found"),
-     ({"prompt": ["x"] * 20, "n": 16}, 400, "more than the 256 sequences")],
-)  # fmt: skip
+    [
+        ({"logprobs": 6}, 400, "logprobs must be >= 0 and <= 5"),
+        ({"tools": []}, 400, "unsupported field(s) ['tools']"),
+        ({"max_tokens": 2100}, 400, "maximum context length is 2048 tokens"),
+        ({"temperature": 3}, 400, "temperature must be"),
+        ({"n": 0}, 400, "n must be >= 1"),
+        ({"stop": [""]}, 400, "stop must be"),
+        ({"model": "gpt-4"}, 404, "not found"),
+        ({"prompt": ["x"] * 20, "n": 16}, 400, "more than the 256 sequences"),
+    ],
+)
 def test_unsupported_or_invalid_fields_are_rejected(server, extra, code, message):
     r = requests.post(f"{server}/v1/completions", headers=AUTH, json={"prompt": "x", **extra}, timeout=10)
     assert r.status_code == code and message in r.json()["error"]["message"], r.text
@@ -165,8 +175,9 @@ def steps_of_two(url: str) -> float:
 def test_metrics_move_as_requests_run(server, client):
     tokens = metric(server, "vllm:generation_tokens_total")
     e2e = metric(server, "vllm:e2e_request_latency_seconds_count")
-    client.completions.create(model="llama2-completion", prompt="Count", max_tokens=7, temperature=0,
-                              extra_body={"ignore_eos": True})  # fmt: skip
+    client.completions.create(
+        model="llama2-completion", prompt="Count", max_tokens=7, temperature=0, extra_body={"ignore_eos": True}
+    )
     assert metric(server, "vllm:generation_tokens_total") == tokens + 7
     assert metric(server, "vllm:e2e_request_latency_seconds_count") == e2e + 1
     assert metric(server, "vllm:num_requests_waiting") == 0
@@ -198,8 +209,18 @@ def test_key_file_and_environment(tmp_path, monkeypatch):
 def test_openai_routes_on_a_huggingface_model(request, hf_llama_dir, falcon_client, engine):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "inference_api.py", "--model_id", hf_llama_dir, "--host", "127.0.0.1", "--port", str(port),
-           "--engine", engine]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "inference_api.py",
+        "--model_id",
+        hf_llama_dir,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--engine",
+        engine,
+    ]
     proc = start(cmd, "falcon")
     with running(proc):
         wait_healthy(proc, url)

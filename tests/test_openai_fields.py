@@ -10,9 +10,9 @@ import pytest
 import requests
 import torch
 
-from presets.serving.params import SamplingParams
-from presets.serving.sampling import openai_adjust
-from presets.serving.scheduler import Sequence
+from presets.engine.params import SamplingParams
+from presets.engine.sampling import openai_adjust
+from presets.engine.scheduler import Sequence
 from tests.conftest import hf_client, real_client
 
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
@@ -38,12 +38,29 @@ def test_neutral_values_of_fields_clients_send_by_default_are_accepted(live):
     client, _, oa = live
     plain = oa.chat.completions.create(model="smollm2-135m-instruct", messages=CHAT, temperature=0, max_tokens=12)
     neutral = oa.chat.completions.create(
-        model="smollm2-135m-instruct", messages=CHAT, temperature=0, max_completion_tokens=12, presence_penalty=0,
-        frequency_penalty=0, logprobs=False, top_logprobs=0, response_format={"type": "text"}, n=1, logit_bias={},
-    )  # fmt: skip
+        model="smollm2-135m-instruct",
+        messages=CHAT,
+        temperature=0,
+        max_completion_tokens=12,
+        presence_penalty=0,
+        frequency_penalty=0,
+        logprobs=False,
+        top_logprobs=0,
+        response_format={"type": "text"},
+        n=1,
+        logit_bias={},
+    )
     assert neutral.choices[0].message.content == plain.choices[0].message.content == "The capital of France is Paris."
-    text = oa.completions.create(model="smollm2-135m-instruct", prompt="The capital of France is", temperature=0,
-                                 max_tokens=8, echo=False, best_of=1, logprobs=None, presence_penalty=0)  # fmt: skip
+    text = oa.completions.create(
+        model="smollm2-135m-instruct",
+        prompt="The capital of France is",
+        temperature=0,
+        max_tokens=8,
+        echo=False,
+        best_of=1,
+        logprobs=None,
+        presence_penalty=0,
+    )
     assert text.choices[0].text.startswith(" Paris")
     r = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 4, "n": 2, "best_of": 3, "temperature": 1})
     assert r.status_code == 400 and r.get_json()["error"]["param"] == "best_of"
@@ -56,15 +73,18 @@ def test_neutral_values_of_fields_clients_send_by_default_are_accepted(live):
         ({"response_format": {"type": "xml"}}, "response_format.type", "type 'xml' is not supported"),
         ({"messages": [{"role": "user", "content": "hi", "name": "bob"}]}, "messages[0].name", "unknown field"),
         ({"messages": [{"role": "tool", "content": "hi"}]}, "messages[0].role", "role must be one of"),
-        ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
-         "messages[0].content", "must be a text part"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+            "messages[0].content",
+            "must be a text part",
+        ),
         ({"stream_options": {"include_usage": True}}, "stream_options", "with stream: true"),
         ({"logit_bias": {"99999999": 5}}, "logit_bias", "is not a token id"),
         ({"presence_penalty": 3}, "presence_penalty", "must be >= -2 and <= 2"),
         ({"max_tokens": 5, "max_completion_tokens": 6}, "max_completion_tokens", "differ"),
         ({"functions": []}, "functions", "unsupported field(s) ['functions']"),
     ],
-)  # fmt: skip
+)
 def test_other_values_are_a_400_in_openais_error_object_naming_the_field(live, extra, param, message):
     client, _, oa = live
     r = client.post("/v1/chat/completions", json={"messages": CHAT, "max_tokens": 4, **extra})
@@ -99,8 +119,9 @@ def test_token_id_prompts_equal_their_text_and_echo_prepends_the_prompt(live):
     assert one.choices[0].text == by_text.choices[0].text and by_ids.usage == by_text.usage
     echo = oa.completions.create(model="smollm2-135m-instruct", prompt=texts[0], temperature=0, max_tokens=8, echo=True)
     assert echo.choices[0].text == texts[0] + by_text.choices[0].text
-    streamed = oa.completions.create(model="smollm2-135m-instruct", prompt=texts[0], temperature=0, max_tokens=8,
-                                     echo=True, stream=True)  # fmt: skip
+    streamed = oa.completions.create(
+        model="smollm2-135m-instruct", prompt=texts[0], temperature=0, max_tokens=8, echo=True, stream=True
+    )
     assert "".join(c.choices[0].text for c in streamed) == echo.choices[0].text
 
 
@@ -108,10 +129,14 @@ def test_content_parts_and_the_developer_role_equal_strings_and_system(live):
     _, _, oa = live
     as_strings = [{"role": "system", "content": "Answer in one word."}, CHAT[0]]
     system = [{"type": "text", "text": "Answer in one "}, {"type": "text", "text": "word."}]
-    as_parts = [{"role": "developer", "content": system},
-                {"role": "user", "content": [{"type": "text", "text": CHAT[0]["content"]}]}]  # fmt: skip
-    a, b = (oa.chat.completions.create(model="smollm2-135m-instruct", messages=m, temperature=0, max_tokens=10)
-            for m in (as_strings, as_parts))  # fmt: skip
+    as_parts = [
+        {"role": "developer", "content": system},
+        {"role": "user", "content": [{"type": "text", "text": CHAT[0]["content"]}]},
+    ]
+    a, b = (
+        oa.chat.completions.create(model="smollm2-135m-instruct", messages=m, temperature=0, max_tokens=10)
+        for m in (as_strings, as_parts)
+    )
     assert a.choices[0].message.content == b.choices[0].message.content and a.usage == b.usage
 
 
@@ -161,8 +186,10 @@ def test_stream_usage_and_accounting_equal_the_non_streamed_request(live, caplog
     assert chunks[-1].usage == whole.usage
     assert metric(client, "vllm:generation_tokens_total") - before == counted >= whole.usage.completion_tokens
     (line,) = [r.getMessage() for r in caplog.records if "/v1/chat/completions" in r.getMessage()]
-    assert f"sequences=1 prompt_tokens={whole.usage.prompt_tokens} generated_tokens=" \
-           f"{whole.usage.completion_tokens}" in line  # fmt: skip
+    assert (
+        f"sequences=1 prompt_tokens={whole.usage.prompt_tokens} generated_tokens="
+        f"{whole.usage.completion_tokens}" in line
+    )
 
 
 def test_a_cancelled_stream_counts_the_tokens_it_got(live):
@@ -206,10 +233,11 @@ def test_logprobs_are_the_log_softmax_of_the_models_logits(live, reference):
     """Chat: each greedy token's logprob and its top alternatives equal log_softmax of transformers' logits
     on the same folder at that position; completions give OpenAI's other shape with the same numbers."""
     _, rt, oa = live
-    from presets.llama2.chat_format import encode_dialog
+    from presets.api.chat_format import encode_dialog
 
-    done = oa.chat.completions.create(model="smollm2-135m-instruct", messages=CHAT, temperature=0, max_tokens=6,
-                                      logprobs=True, top_logprobs=3)  # fmt: skip
+    done = oa.chat.completions.create(
+        model="smollm2-135m-instruct", messages=CHAT, temperature=0, max_tokens=6, logprobs=True, top_logprobs=3
+    )
     content = done.choices[0].logprobs.content
     prompt = encode_dialog(rt.tokenizer, CHAT)
     ids = rt.tokenizer.encode(done.choices[0].message.content, bos=False, eos=False)
@@ -223,8 +251,9 @@ def test_logprobs_are_the_log_softmax_of_the_models_logits(live, reference):
         assert all(abs(t.logprob - v) < 1e-3 for t, v in zip(item.top_logprobs, top.values.tolist()))
         assert item.top_logprobs[0].logprob == item.logprob  # greedy: the chosen token is the likeliest
     assert "".join(item.token for item in content) == done.choices[0].message.content
-    text = oa.completions.create(model="smollm2-135m-instruct", prompt="The capital of France is", temperature=0,
-                                 max_tokens=6, logprobs=2)  # fmt: skip
+    text = oa.completions.create(
+        model="smollm2-135m-instruct", prompt="The capital of France is", temperature=0, max_tokens=6, logprobs=2
+    )
     lp = text.choices[0].logprobs
     assert "".join(lp.tokens) == text.choices[0].text and len(lp.top_logprobs[0]) == 2
     assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
@@ -233,8 +262,15 @@ def test_logprobs_are_the_log_softmax_of_the_models_logits(live, reference):
 
 def test_streamed_logprobs_equal_the_non_streamed_ones(live):
     _, _, oa = live
-    args = dict(model="smollm2-135m-instruct", messages=[{"role": "user", "content": "Write a haiku about llamas."}],
-                temperature=0, max_tokens=24, logprobs=True, top_logprobs=2, stop=["\n\n"])  # fmt: skip
+    args = dict(
+        model="smollm2-135m-instruct",
+        messages=[{"role": "user", "content": "Write a haiku about llamas."}],
+        temperature=0,
+        max_tokens=24,
+        logprobs=True,
+        top_logprobs=2,
+        stop=["\n\n"],
+    )
     whole = oa.chat.completions.create(**args).choices[0]
     chunks = [c.choices[0] for c in oa.chat.completions.create(**args, stream=True) if c.choices]
     streamed = [item for c in chunks if c.logprobs for item in c.logprobs.content]

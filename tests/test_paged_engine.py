@@ -8,19 +8,23 @@ import time
 import pytest
 import torch
 
-from presets.llama2.checkpoint import read_args
-from presets.llama2.hf_convert import to_hf
-from presets.llama2.server import build_runtime
-from presets.llama2.tokenizer import Tokenizer
-from presets.serving.kv_memory import CPU_DEFAULT_CAP, size_pool
-from presets.serving.params import SamplingParams
-from presets.serving.scheduler import Sequence
+from presets.engine.kv_memory import CPU_DEFAULT_CAP, size_pool
+from presets.engine.params import SamplingParams
+from presets.engine.scheduler import Sequence
+from presets.models.llama.checkpoint import read_args
+from presets.models.llama.hf_convert import to_hf
+from presets.models.llama.tokenizer import Tokenizer
+from presets.servers.llama import build_runtime
 from tests.conftest import settings_for
 
 SYSTEM = "You are a helpful assistant. Answer in one short sentence, and be precise about the facts. "
-QUESTIONS = [f"Question {i}: what is {w}?" for i, w in enumerate(
-    "the sun,a river,the moon,an old mill,the sea,a city,the wind,a bridge,art,a song,a tree,rain,a map,"
-    "a clock,the sky,a stone".split(","))]  # fmt: skip
+QUESTIONS = [
+    f"Question {i}: what is {w}?"
+    for i, w in enumerate(
+        "the sun,a river,the moon,an old mill,the sea,a city,the wind,a bridge,art,a song,a tree,rain,a map,"
+        "a clock,the sky,a stone".split(",")
+    )
+]
 NEW = 20
 GREEDY = SamplingParams(temperature=0, max_tokens=NEW, ignore_eos=True)
 TOKENS_PER_BLOCK_BYTES = 16 * 1024  # tiny model: 2 layers x (k, v) x 4 heads x 16 x 4 bytes = 1 KiB a token
@@ -143,8 +147,10 @@ def test_pool_too_small_for_one_sequence_is_a_start_error_with_the_numbers(tiny_
     rt = build_runtime(settings_for(tiny_ckpt, max_seq_len=128, kv_cache_memory="64KiB"))
     rt.start(background=False)
     assert rt.state == "failed"
-    assert ("the KV cache from --kv_cache_memory 64.0 KiB is 4 blocks of 16 tokens (64 tokens, 1024 bytes each); one "
-            "sequence of --max_seq_len 128 needs 8 blocks (128.0 KiB)") in rt.progress  # fmt: skip
+    assert (
+        "the KV cache from --kv_cache_memory 64.0 KiB is 4 blocks of 16 tokens (64 tokens, 1024 bytes each); one "
+        "sequence of --max_seq_len 128 needs 8 blocks (128.0 KiB)"
+    ) in rt.progress
 
 
 def test_pool_larger_than_memory_is_a_start_error_before_allocating(tiny_ckpt):

@@ -6,11 +6,11 @@ import time
 import pytest
 import torch
 
-from presets.serving.errors import ApiError
-from presets.serving.params import SamplingParams
-from presets.serving.runtime import Runtime
-from presets.serving.sampling import make_rng, nucleus_sample, sample, top_p_filter
-from presets.serving.scheduler import Sequence
+from presets.api.errors import ApiError
+from presets.engine.params import SamplingParams
+from presets.engine.runtime import Runtime
+from presets.engine.sampling import make_rng, nucleus_sample, sample, top_p_filter
+from presets.engine.scheduler import Sequence
 from tests.fakes import BOS, ByteTokenizer, FakeEngine
 
 GREEDY = SamplingParams(temperature=0)
@@ -213,7 +213,7 @@ def test_top_k_samples_only_among_the_k_most_likely():
 
 
 def test_batch_loop_failed_batch_fails_its_jobs_and_health_recovers_without_traffic():
-    from presets.serving.batch_loop import BatchLoop, Job
+    from presets.engine.batch_loop import BatchLoop, Job
 
     broken = {"now": False}
 

@@ -33,8 +33,12 @@ def test_server_process_serves_seeds_and_shuts_down_with_0(tiny_ckpt, kind, torc
         wait_healthy(proc, url)
         assert requests.get(f"{url}/healthz").json() == {"status": "Healthy"}
         answers_the_seed_requests(url, chat=kind == "chat")
-        bad = requests.post(f"{url}/{'generate' if kind == 'completion' else 'chat'}", data="{", timeout=5,
-                            headers={"Content-Type": "application/json"})  # fmt: skip
+        bad = requests.post(
+            f"{url}/{'generate' if kind == 'completion' else 'chat'}",
+            data="{",
+            timeout=5,
+            headers={"Content-Type": "application/json"},
+        )
         assert bad.status_code == 400 and "valid JSON" in bad.json()["detail"]
         assert post(f"{url}/shutdown", None) == (200, {})
         code, out = finish(proc, timeout=15)  # exits within seconds
@@ -74,17 +78,21 @@ class Note:
         order.append(name)
 sys.meta_path.insert(0, Note())
 runpy.run_path(sys.argv[1])  # the entry point's imports, not its main()
-print(order.index("presets.omp_spin") < order.index("torch"), os.environ.get("GOMP_SPINCOUNT"))
+print(order.index("presets.process.omp_spin") < order.index("torch"), os.environ.get("GOMP_SPINCOUNT"))
 """
 
 
 @pytest.mark.parametrize("entry", ["llama2-completion", "llama2-chat", "falcon"])
 def test_entry_points_set_openmp_spin_before_torch_loads(entry):
-    """presets/omp_spin.py's spin count is in the environment before torch loads libgomp; the user's wins."""
+    """presets/process/omp_spin.py's spin count is in the environment before torch loads libgomp; the user's wins."""
     path = os.path.join(ROOT, "presets", "inference", entry, "inference_api.py")
     base = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
-    for extra, want in (({}, "True 10000000"), ({"GOMP_SPINCOUNT": "5"}, "True 5"),
-                        ({"OMP_WAIT_POLICY": "PASSIVE"}, "True None")):  # fmt: skip
-        out = subprocess.run([sys.executable, "-c", PROBE, path], env=base | extra, cwd=ROOT, capture_output=True,
-                             text=True, timeout=120)  # fmt: skip
+    for extra, want in (
+        ({}, "True 10000000"),
+        ({"GOMP_SPINCOUNT": "5"}, "True 5"),
+        ({"OMP_WAIT_POLICY": "PASSIVE"}, "True None"),
+    ):
+        out = subprocess.run(
+            [sys.executable, "-c", PROBE, path], env=base | extra, cwd=ROOT, capture_output=True, text=True, timeout=120
+        )
         assert out.stdout.strip() == want, out.stderr[-2000:]

@@ -6,9 +6,9 @@ import json
 import pytest
 import torch
 
-from presets.llama2.chat_format import encode_dialog
-from presets.llama2.checkpoint import load_model
-from presets.llama2.tokenizer import find_tokenizer, load_tokenizer
+from presets.api.chat_format import encode_dialog
+from presets.models.llama.checkpoint import load_model
+from presets.models.llama.tokenizer import find_tokenizer, load_tokenizer
 from tests.launch import assert_ranks_answer_as_one
 from tests.paged import engine_for, item, run
 
@@ -73,7 +73,10 @@ def test_bf16_logits_within_tolerance_of_transformers_bf16(smollm2_dir, referenc
         with torch.inference_mode():
             fp32 = reference[0](torch.tensor([ids])).logits
             bf16 = reference_bf16(torch.tensor([ids])).logits.float()
-        rel = lambda a, b: ((a - b).abs().max() / b.abs().max()).item()  # noqa: E731
+
+        def rel(a, b):
+            return ((a - b).abs().max() / b.abs().max()).item()
+
         assert rel(logits, bf16) <= 0.05
         assert rel(logits, fp32) <= 1.5 * rel(bf16, fp32)
 
@@ -137,8 +140,14 @@ def test_bf16_greedy_tokens_equal_transformers_bf16(smollm2_dir, reference, refe
     eos = reference[1].eos_token_id
     for slot, (ids, n) in enumerate(cases):
         with torch.inference_mode():
-            out = reference_bf16.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, output_scores=True,
-                                          return_dict_in_generate=True, pad_token_id=eos)  # fmt: skip
+            out = reference_bf16.generate(
+                torch.tensor([ids]),
+                max_new_tokens=n,
+                do_sample=False,
+                output_scores=True,
+                return_dict_in_generate=True,
+                pad_token_id=eos,
+            )
         want, scores = out.sequences[0, len(ids) :].tolist(), [s[0].float() for s in out.scores]
         table = list(range(slot * 32, slot * 32 + 32))  # 512 positions of the pool's 5 x 512
         seq, logits = list(ids), run(engine, item(slot, 0, ids, table=table))
@@ -167,8 +176,11 @@ def test_eos_ends_the_answer_unless_ignore_eos(chat):
 
 
 def test_streamed_chat_equals_the_answer(chat):
-    body = {"messages": [{"role": "user", "content": "Write two lines about llamas, with emoji."}],
-            "max_tokens": 48, "temperature": 0}  # fmt: skip
+    body = {
+        "messages": [{"role": "user", "content": "Write two lines about llamas, with emoji."}],
+        "max_tokens": 48,
+        "temperature": 0,
+    }
     whole = chat.post("/v1/chat/completions", json=body).get_json()["choices"][0]["message"]["content"]
     stream = chat.post("/v1/chat/completions", json=body | {"stream": True}).get_data(as_text=True)
     events = [json.loads(line[6:]) for line in stream.split("\n\n") if line.startswith("data: {")]

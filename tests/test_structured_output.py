@@ -13,10 +13,14 @@ from tests.conftest import hf_client, real_client
 
 PERSON = {
     "type": "object",
-    "properties": {"name": {"type": "string", "maxLength": 40}, "age": {"type": "integer", "minimum": 0},
-                   "city": {"type": "string", "enum": ["Paris", "London", "Tokyo"]}},
-    "required": ["name", "age", "city"], "additionalProperties": False,
-}  # fmt: skip
+    "properties": {
+        "name": {"type": "string", "maxLength": 40},
+        "age": {"type": "integer", "minimum": 0},
+        "city": {"type": "string", "enum": ["Paris", "London", "Tokyo"]},
+    },
+    "required": ["name", "age", "city"],
+    "additionalProperties": False,
+}
 SCHEMA = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
 ASK = [{"role": "user", "content": "Describe a person who lives in a big city, as JSON."}]
 
@@ -38,11 +42,16 @@ def test_a_batch_mixing_constrained_and_free_requests(chat):
     """Constrained requests (greedy and sampled, n=2) all give schema-valid JSON; the free requests of the
     same steps give exactly what they give alone."""
     client, _ = chat
-    free = [{"temperature": 0, "messages": [{"role": "user", "content": q}]}
-            for q in ("What is the capital of France?", "Name three colours.")]  # fmt: skip
+    free = [
+        {"temperature": 0, "messages": [{"role": "user", "content": q}]}
+        for q in ("What is the capital of France?", "Name three colours.")
+    ]
     alone = [ask(client, **f)[0]["message"]["content"] for f in free]
-    constrained = [{"temperature": 0, "response_format": SCHEMA}, {"temperature": 0.8, "seed": 1, "n": 2,
-                   "response_format": SCHEMA}, {"temperature": 1.0, "seed": 7, "response_format": SCHEMA}]  # fmt: skip
+    constrained = [
+        {"temperature": 0, "response_format": SCHEMA},
+        {"temperature": 0.8, "seed": 1, "n": 2, "response_format": SCHEMA},
+        {"temperature": 1.0, "seed": 7, "response_format": SCHEMA},
+    ]
     bodies = constrained[:2] + free[:1] + constrained[2:] + free[1:]
     with ThreadPoolExecutor(len(bodies)) as pool:
         answers = list(pool.map(lambda b: ask(client, **b), bodies))
@@ -61,8 +70,10 @@ def test_json_object_and_a_streamed_schema(chat):
     (obj,) = ask(client, temperature=0, max_tokens=200, response_format={"type": "json_object"}, messages=question)
     assert obj["finish_reason"] == "stop" and isinstance(json.loads(obj["message"]["content"]), dict)
     (whole,) = ask(client, temperature=0, response_format=SCHEMA)
-    stream = client.post("/v1/chat/completions", json={"messages": ASK, "max_tokens": 96, "temperature": 0,
-                                                       "response_format": SCHEMA, "stream": True}).text  # fmt: skip
+    stream = client.post(
+        "/v1/chat/completions",
+        json={"messages": ASK, "max_tokens": 96, "temperature": 0, "response_format": SCHEMA, "stream": True},
+    ).text
     events = [json.loads(e[6:]) for e in stream.split("\n\n") if e.startswith("data: {")]
     text = "".join(e["choices"][0]["delta"].get("content", "") for e in events)
     assert text == whole["message"]["content"]
@@ -72,13 +83,15 @@ def test_json_object_and_a_streamed_schema(chat):
 @pytest.mark.parametrize(
     "response_format, message",
     [
-        ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string", "pattern": "(?=a)b"}}},
-         "look-around"),
+        (
+            {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string", "pattern": "(?=a)b"}}},
+            "look-around",
+        ),
         ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "strange"}}}, "unsupported schema"),
         ({"type": "json_schema", "json_schema": {"schema": PERSON}}, "needs a string name"),
         ({"type": "yaml"}, "response_format type 'yaml' is not supported"),
     ],
-)  # fmt: skip
+)
 def test_a_schema_the_grammar_engine_cannot_follow_is_a_400_naming_it(chat, response_format, message):
     client, _ = chat
     r = client.post("/v1/chat/completions", json={"messages": ASK, "max_tokens": 8, "response_format": response_format})

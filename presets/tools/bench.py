@@ -11,7 +11,7 @@ request. Ours is driven through Runtime.generate, the call the HTTP routes make 
 Baselines: (a) transformers `generate`, one request at a time; (b) transformers `generate` on
 static batches of `clients` requests (left-padded). Each system runs in a process of its own, with
 one thread doing all its torch work (a second thread that has run OpenMP work slows the first), and
-OpenMP's spin set as the servers set it (presets/omp_spin.py), for every system alike.
+OpenMP's spin set as the servers set it (presets/process/omp_spin.py), for every system alike.
 """
 
 import argparse
@@ -22,20 +22,20 @@ import statistics
 import threading
 import time
 
-import presets.omp_spin  # noqa: F401  (before torch: the servers' OpenMP setting, inherited by each system's process)
+import presets.process.omp_spin  # noqa: F401  (before torch: the servers' OpenMP setting, inherited by each system's process)
 
 # isort: split
 import torch
 
-from presets.llama2 import cpu_kernels
-from presets.llama2.checkpoint import read_args
-from presets.llama2.hf_convert import to_hf
-from presets.llama2.model import ModelArgs
-from presets.llama2.server import build_runtime
-from presets.llama2.tokenizer import Tokenizer
-from presets.serving import device
-from presets.serving.params import SamplingParams
-from presets.serving.settings import Settings
+from presets.engine.params import SamplingParams
+from presets.models.llama import cpu_kernels
+from presets.models.llama.checkpoint import read_args
+from presets.models.llama.hf_convert import to_hf
+from presets.models.llama.model import ModelArgs
+from presets.models.llama.tokenizer import Tokenizer
+from presets.process import device
+from presets.process.settings import Settings
+from presets.servers.llama import build_runtime
 from presets.tools.tiny_checkpoint import write_checkpoint
 
 BENCH_ARGS = ModelArgs(dim=512, n_layers=8, n_heads=8, vocab_size=32000, multiple_of=256)
@@ -89,9 +89,14 @@ def summarize(name, seconds, records, new_tokens) -> dict:
 
 def run_ours(ckpt, prompts, clients, new_tokens, dtype: str = "float32"):
     settings = Settings(
-        ckpt_dir=ckpt, tokenizer_path=f"{ckpt}/tokenizer.model", device="cpu", max_batch_size=clients,
-        max_seq_len=max(map(len, prompts)) + new_tokens, max_queue_size=len(prompts), dtype=dtype,
-    )  # fmt: skip
+        ckpt_dir=ckpt,
+        tokenizer_path=f"{ckpt}/tokenizer.model",
+        device="cpu",
+        max_batch_size=clients,
+        max_seq_len=max(map(len, prompts)) + new_tokens,
+        max_queue_size=len(prompts),
+        dtype=dtype,
+    )
     rt = build_runtime(settings)
     rt.start()  # loads on a thread that then exits, as in the server: only the engine thread computes
     rt.wait_started()
@@ -130,9 +135,13 @@ def hf_generate(hf, batch: list[list[int]], new_tokens: int) -> list[float]:
     timer = _Timer()
     with torch.inference_mode():
         out = hf.generate(
-            input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
-            pad_token_id=0, streamer=timer,
-        )  # fmt: skip
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+            streamer=timer,
+        )
     assert out.shape[1] == width + new_tokens
     return timer.times
 

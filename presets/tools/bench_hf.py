@@ -20,10 +20,10 @@ import time
 
 
 def run(model_dir: str, batch: int, requests: int, clients: int, new_tokens: int) -> float:
-    from presets.hf import params as hf_params
-    from presets.hf.engine import batch_key
-    from presets.hf.server import HFSettings, build_runtime
-    from presets.serving.batch_loop import Job
+    from presets.engine.batch_loop import Job
+    from presets.models.hf import params as hf_params
+    from presets.models.hf.engine import batch_key
+    from presets.servers.hf import HFSettings, build_runtime
     from presets.tools.bench import closed_loop
 
     rt = build_runtime(HFSettings(model_id=model_dir, max_batch_size=batch))
@@ -46,11 +46,11 @@ def run(model_dir: str, batch: int, requests: int, clients: int, new_tokens: int
 
 def run_llama(model_dir: str, engine: str, prompts: list[list[int]], clients: int, new_tokens: int) -> dict:
     """DESIGN's workload on the HF server's runtime for `engine` (presets or transformers)."""
-    from presets.hf import params as hf_params
-    from presets.hf.engine import HFJob, batch_key
-    from presets.hf.server import HFSettings, build_runtime, create_engine_app
-    from presets.serving.batch_loop import Job
-    from presets.serving.params import SamplingParams
+    from presets.engine.batch_loop import Job
+    from presets.engine.params import SamplingParams
+    from presets.models.hf import params as hf_params
+    from presets.models.hf.engine import HFJob, batch_key
+    from presets.servers.hf import HFSettings, build_runtime, create_engine_app
     from presets.tools.bench import closed_loop, summarize
 
     settings = HFSettings(model_id=model_dir, engine=engine, max_batch_size=clients, max_queue_size=len(prompts))
@@ -90,8 +90,10 @@ def bench_llama(model_dir: str, requests: int, clients: int, new_tokens: int) ->
     for engine in ("presets", "transformers"):
         with ctx.Pool(1) as pool:
             rows.append(pool.apply(run_llama, (model_dir, engine, prompts, clients, new_tokens)))
-    print(f"\nHF server on {model_dir} (fp32, CPU): {requests} requests, {clients} clients, prompts 16-128 tokens, "
-          f"{new_tokens} new tokens, greedy, EOS ignored")  # fmt: skip
+    print(
+        f"\nHF server on {model_dir} (fp32, CPU): {requests} requests, {clients} clients, prompts 16-128 tokens, "
+        f"{new_tokens} new tokens, greedy, EOS ignored"
+    )
     print("(TTFT and ITL of generate are per batch: it hands back a request's tokens when its batch ends)\n")
     print_table(rows)
     print(f"\nour engine / transformers generate: {rows[0]['tokens_per_s'] / rows[1]['tokens_per_s']:.2f}x")

@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 
-from presets.llama2.tokenizer import Tokenizer
+from presets.models.llama.tokenizer import Tokenizer
 from presets.tools.bench import BENCH_ARGS, _in_process, closed_loop, cpu_model, run_ours, workload_args
 from presets.tools.tiny_checkpoint import write_checkpoint
 
@@ -45,9 +45,26 @@ def text_prompts(tok: Tokenizer, n: int) -> list[str]:
 
 
 def start_server(ckpt: str, port: int, clients: int, max_seq_len: int, queue: int) -> subprocess.Popen:
-    cmd = [sys.executable, "inference_api.py", "--ckpt_dir", ckpt, "--tokenizer_path", f"{ckpt}/tokenizer.model",
-           "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", "--max_batch_size", str(clients),
-           "--max_seq_len", str(max_seq_len), "--max_queue_size", str(queue)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "inference_api.py",
+        "--ckpt_dir",
+        ckpt,
+        "--tokenizer_path",
+        f"{ckpt}/tokenizer.model",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--device",
+        "cpu",
+        "--max_batch_size",
+        str(clients),
+        "--max_seq_len",
+        str(max_seq_len),
+        "--max_queue_size",
+        str(queue),
+    ]
     cwd = os.path.join(ROOT, "presets", "inference", "llama2-completion")
     proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
@@ -86,8 +103,10 @@ async def one_stream(port: int, body: bytes) -> tuple[bool, float]:
     """(well formed and complete to its `length` finish, seconds to the first token) of one streamed request."""
     t0 = time.perf_counter()
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    head = (f"POST /v1/completions HTTP/1.1\r\nHost: b\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n")  # fmt: skip
+    head = (
+        f"POST /v1/completions HTTP/1.1\r\nHost: b\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    )
     writer.write(head.encode() + body)
     data, first = b"", None
     while chunk := await reader.read(65536):
@@ -133,8 +152,9 @@ class PeakRss:
 
 
 def stream_crowd(proc, port: int, n: int, new_tokens: int) -> dict:
-    body = json.dumps({"prompt": "The river flows", "max_tokens": new_tokens, "temperature": 0, "ignore_eos": True,
-                       "stream": True}).encode()  # fmt: skip
+    body = json.dumps(
+        {"prompt": "The river flows", "max_tokens": new_tokens, "temperature": 0, "ignore_eos": True, "stream": True}
+    ).encode()
 
     async def crowd():
         return await asyncio.gather(*[one_stream(port, body) for _ in range(n)], return_exceptions=True)
@@ -145,11 +165,13 @@ def stream_crowd(proc, port: int, n: int, new_tokens: int) -> dict:
         seconds = time.perf_counter() - t0
     good = [r for r in results if isinstance(r, tuple) and r[0]]
     return {
-        "streams": n, "errors": n - len(good), "seconds": seconds,
+        "streams": n,
+        "errors": n - len(good),
+        "seconds": seconds,
         "tokens_per_s": len(good) * new_tokens / seconds,  # ignore_eos: each complete stream has new_tokens
         "ttft_p50": statistics.median(r[1] for r in good) if good else float("nan"),
         "rss_mib": rss.mib,
-    }  # fmt: skip
+    }
 
 
 def main(argv=None):
@@ -175,17 +197,21 @@ def main(argv=None):
         proc.terminate()
         proc.wait(60)
     over_http = tokens / seconds
-    print(f"\nmachine: {os.cpu_count()} CPUs ({cpu_model()}); model: dim {BENCH_ARGS.dim}, "
-          f"{BENCH_ARGS.n_layers} layers, random weights, fp32; {a.requests} requests, {a.clients} clients, "
-          f"{a.new_tokens} new tokens\n")  # fmt: skip
+    print(
+        f"\nmachine: {os.cpu_count()} CPUs ({cpu_model()}); model: dim {BENCH_ARGS.dim}, "
+        f"{BENCH_ARGS.n_layers} layers, random weights, fp32; {a.requests} requests, {a.clients} clients, "
+        f"{a.new_tokens} new tokens\n"
+    )
     print("| path | output tokens/s | wall (s) |")
     print("|---|---|---|")
     print(f"| engine alone (Runtime.generate) | {engine['tokens_per_s']:.1f} | {engine['seconds']:.1f} |")
     print(f"| over HTTP (POST /v1/completions) | {over_http:.1f} | {seconds:.1f} |")
     print(f"\nHTTP overhead at {a.clients} clients: {100 * (1 - over_http / engine['tokens_per_s']):.1f}% of tokens/s")
-    print(f"{crowd['streams']} concurrent streams: {crowd['errors']} errors, {crowd['tokens_per_s']:.1f} tokens/s, "
-          f"TTFT p50 {crowd['ttft_p50']:.2f}s, wall {crowd['seconds']:.1f}s, "
-          f"server RSS peak {crowd['rss_mib']:.0f} MiB")  # fmt: skip
+    print(
+        f"{crowd['streams']} concurrent streams: {crowd['errors']} errors, {crowd['tokens_per_s']:.1f} tokens/s, "
+        f"TTFT p50 {crowd['ttft_p50']:.2f}s, wall {crowd['seconds']:.1f}s, "
+        f"server RSS peak {crowd['rss_mib']:.0f} MiB"
+    )
 
 
 if __name__ == "__main__":

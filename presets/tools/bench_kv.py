@@ -22,11 +22,11 @@ import time
 
 import torch
 
-from presets.llama2.checkpoint import read_args
-from presets.llama2.server import build_runtime
-from presets.llama2.tokenizer import Tokenizer
-from presets.serving.params import SamplingParams
-from presets.serving.settings import Settings
+from presets.engine.params import SamplingParams
+from presets.models.llama.checkpoint import read_args
+from presets.models.llama.tokenizer import Tokenizer
+from presets.process.settings import Settings
+from presets.servers.llama import build_runtime
 from presets.tools.bench import BENCH_ARGS, _in_process, closed_loop, cpu_model
 from presets.tools.tiny_checkpoint import write_checkpoint
 
@@ -67,10 +67,13 @@ def serve_jobs(ckpt: str, settings: dict, jobs: list[tuple[list[int], int]], cli
     assert total == sum(n for _, n in jobs), f"generated {total} tokens"
     ttft = sorted(times[0] - submit for submit, times in records)
     out = {
-        "tokens_per_s": total / seconds, "seconds": seconds, "peak_running": peak[0],
-        "preemptions": rt.loop.scheduler.preemptions, "ttft_p50": statistics.median(ttft),
+        "tokens_per_s": total / seconds,
+        "seconds": seconds,
+        "peak_running": peak[0],
+        "preemptions": rt.loop.scheduler.preemptions,
+        "ttft_p50": statistics.median(ttft),
         "ttft_p99": ttft[min(len(ttft) - 1, int(0.99 * len(ttft)))],
-    }  # fmt: skip
+    }
     rt.shutdown()
     return out
 
@@ -105,9 +108,12 @@ def long_prompt(ckpt: str, budget: int, vocab: int) -> dict:
     during.sort()
     rt.shutdown()
     return {
-        "budget": budget, "steady_itl_p50": statistics.median(steady),
-        "during_itl_p99": during[int(0.99 * len(during))], "during_itl_max": during[-1], "long_ttft": first - arrival,
-    }  # fmt: skip
+        "budget": budget,
+        "steady_itl_p50": statistics.median(steady),
+        "during_itl_p99": during[int(0.99 * len(during))],
+        "during_itl_max": during[-1],
+        "long_ttft": first - arrival,
+    }
 
 
 def table(header: list[str], rows: list[list]) -> None:
@@ -133,41 +139,66 @@ def main(argv=None):
 
     if "memory" in only:
         pool = str(16 * 1024 * per_token)
-        jobs = [([1] + random_ids(g, int(torch.randint(32, 513, (1,), generator=g)) - 1, args.vocab_size),
-                 int(torch.randint(32, 257, (1,), generator=g))) for _ in range(128)]  # fmt: skip
+        jobs = [
+            (
+                [1] + random_ids(g, int(torch.randint(32, 513, (1,), generator=g)) - 1, args.vocab_size),
+                int(torch.randint(32, 257, (1,), generator=g)),
+            )
+            for _ in range(128)
+        ]
         base = dict(max_seq_len=1024, kv_cache_memory=pool)
-        rows = [(name, _in_process(serve_jobs, a.ckpt_dir, {**base, "max_batch_size": mb}, jobs, 64))
-                for name, mb in (("paged, up to 64 running", 64), ("slots: 16 running", 16))]  # fmt: skip
+        rows = [
+            (name, _in_process(serve_jobs, a.ckpt_dir, {**base, "max_batch_size": mb}, jobs, 64))
+            for name, mb in (("paged, up to 64 running", 64), ("slots: 16 running", 16))
+        ]
         print(f"\n### memory: KV pool {int(pool) / 2**20:.0f} MiB (16 x 1024 positions), 128 requests, 64 clients\n")
-        table(["system", "peak running", "tokens/s", "preemptions", "wall (s)"],
-              [[n, r["peak_running"], f"{r['tokens_per_s']:.1f}", r["preemptions"], f"{r['seconds']:.1f}"]
-               for n, r in rows])  # fmt: skip
-        print(f"\nconcurrency {rows[0][1]['peak_running'] / rows[1][1]['peak_running']:.1f}x, "
-              f"tokens/s {rows[0][1]['tokens_per_s'] / rows[1][1]['tokens_per_s']:.2f}x")  # fmt: skip
+        table(
+            ["system", "peak running", "tokens/s", "preemptions", "wall (s)"],
+            [
+                [n, r["peak_running"], f"{r['tokens_per_s']:.1f}", r["preemptions"], f"{r['seconds']:.1f}"]
+                for n, r in rows
+            ],
+        )
+        print(
+            f"\nconcurrency {rows[0][1]['peak_running'] / rows[1][1]['peak_running']:.1f}x, "
+            f"tokens/s {rows[0][1]['tokens_per_s'] / rows[1][1]['tokens_per_s']:.2f}x"
+        )
 
     if "prefix" in only:
         system = [1] + random_ids(g, 599, args.vocab_size)
         jobs = [(system + random_ids(g, 20, args.vocab_size), 32) for _ in range(64)]
         base = dict(max_seq_len=1024, max_batch_size=16)
-        rows = [(name, _in_process(serve_jobs, a.ckpt_dir, {**base, "no_prefix_caching": off}, jobs, 16))
-                for name, off in (("prefix caching on", False), ("prefix caching off", True))]  # fmt: skip
+        rows = [
+            (name, _in_process(serve_jobs, a.ckpt_dir, {**base, "no_prefix_caching": off}, jobs, 16))
+            for name, off in (("prefix caching on", False), ("prefix caching off", True))
+        ]
         print("\n### prefix: 64 requests, 16 clients, one 600-token system prompt + 20 distinct tokens, 32 new\n")
-        table(["system", "TTFT p50 (s)", "TTFT p99 (s)", "tokens/s", "wall (s)"],
-              [[n, f"{r['ttft_p50']:.3f}", f"{r['ttft_p99']:.3f}", f"{r['tokens_per_s']:.1f}", f"{r['seconds']:.1f}"]
-               for n, r in rows])  # fmt: skip
-        print(f"\nTTFT p50 {rows[1][1]['ttft_p50'] / rows[0][1]['ttft_p50']:.1f}x lower with caching, "
-              f"tokens/s {rows[0][1]['tokens_per_s'] / rows[1][1]['tokens_per_s']:.2f}x")  # fmt: skip
+        table(
+            ["system", "TTFT p50 (s)", "TTFT p99 (s)", "tokens/s", "wall (s)"],
+            [
+                [n, f"{r['ttft_p50']:.3f}", f"{r['ttft_p99']:.3f}", f"{r['tokens_per_s']:.1f}", f"{r['seconds']:.1f}"]
+                for n, r in rows
+            ],
+        )
+        print(
+            f"\nTTFT p50 {rows[1][1]['ttft_p50'] / rows[0][1]['ttft_p50']:.1f}x lower with caching, "
+            f"tokens/s {rows[0][1]['tokens_per_s'] / rows[1][1]['tokens_per_s']:.2f}x"
+        )
 
     if "long" in only:
         rows = [_in_process(long_prompt, a.ckpt_dir, budget, args.vocab_size) for budget in (4096, 256, 64, 32, 16)]
         print("\n### long: 8 streams decoding, one 2000-token prompt arrives\n")
-        print("| step budget (tokens) | steady ITL p50 (ms) | ITL p99 while it prefills (ms) | max (ms) "
-              "| ratio p99/steady | its TTFT (s) |\n|---|---|---|---|---|---|")  # fmt: skip
+        print(
+            "| step budget (tokens) | steady ITL p50 (ms) | ITL p99 while it prefills (ms) | max (ms) "
+            "| ratio p99/steady | its TTFT (s) |\n|---|---|---|---|---|---|"
+        )
         for r in rows:
             name = f"{r['budget']} (not chunked)" if r["budget"] >= 2008 else f"{r['budget']} (chunked)"
-            print(f"| {name} | {r['steady_itl_p50'] * 1e3:.1f} | {r['during_itl_p99'] * 1e3:.1f} | "
-                  f"{r['during_itl_max'] * 1e3:.1f} | {r['during_itl_p99'] / r['steady_itl_p50']:.1f}x | "
-                  f"{r['long_ttft']:.2f} |")  # fmt: skip
+            print(
+                f"| {name} | {r['steady_itl_p50'] * 1e3:.1f} | {r['during_itl_p99'] * 1e3:.1f} | "
+                f"{r['during_itl_max'] * 1e3:.1f} | {r['during_itl_p99'] / r['steady_itl_p50']:.1f}x | "
+                f"{r['long_ttft']:.2f} |"
+            )
 
 
 if __name__ == "__main__":

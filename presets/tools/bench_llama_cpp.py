@@ -17,14 +17,19 @@ import time
 
 
 def run_ours(path: str, prompts, clients: int, batch: int, new_tokens: int):
-    from presets.llamacpp.config import LlmApiConfig
-    from presets.llamacpp.server import build_runtime
-    from presets.serving.params import SamplingParams
+    from presets.engine.params import SamplingParams
+    from presets.servers.llm_api import build_runtime
+    from presets.servers.llm_api_config import LlmApiConfig
     from presets.tools.bench import closed_loop, summarize
 
     ctx = max(map(len, prompts)) + new_tokens
-    cfg = LlmApiConfig(model_family="llama", model_name="bench", max_batch_size=batch, max_queue_size=len(prompts),
-                       model_params={"ctx_size": ctx, "n_threads": os.cpu_count()})  # fmt: skip
+    cfg = LlmApiConfig(
+        model_family="llama",
+        model_name="bench",
+        max_batch_size=batch,
+        max_queue_size=len(prompts),
+        model_params={"ctx_size": ctx, "n_threads": os.cpu_count()},
+    )
     rt = build_runtime(cfg, path)
     rt.start()
     rt.wait_started()

@@ -48,8 +48,15 @@ from presets.tools.gguf_hf import export
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CORPUS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "corpus.txt")
-FORMS = ("ours-float32", "ours-bfloat16", "vllm-float32", "vllm-bfloat16", "llama.cpp-f32", "llama.cpp-f16",
-         "llama.cpp-q8_0")  # fmt: skip
+FORMS = (
+    "ours-float32",
+    "ours-bfloat16",
+    "vllm-float32",
+    "vllm-bfloat16",
+    "llama.cpp-f32",
+    "llama.cpp-f16",
+    "llama.cpp-q8_0",
+)
 PARITY_PROMPT = "<|im_start|>user\nTell me about Paris in three sentences.<|im_end|>\n<|im_start|>assistant\n"
 # vLLM on CPU without a hub or telemetry: a 2 GiB KV cache (16 x 192 positions need far less), its worker's
 # OpenMP threads bound to all the CPUs this process may use, as ours and llama-server use them all. ("auto",
@@ -76,8 +83,15 @@ def free_port() -> int:
 class Server:
     """One form's server process: the command that starts it, how to tell it is up, what its requests add."""
 
-    def __init__(self, form: str, cmd: list[str], health: str, cwd: str | None = None, env: dict | None = None,
-                 extra: dict | None = None):  # fmt: skip
+    def __init__(
+        self,
+        form: str,
+        cmd: list[str],
+        health: str,
+        cwd: str | None = None,
+        env: dict | None = None,
+        extra: dict | None = None,
+    ):
         self.form, self.cmd, self.health, self.cwd, self.env = form, cmd, health, cwd, env
         self.extra = extra or {}  # fields this server's /v1/completions needs beyond OpenAI's
         self.port = free_port()
@@ -89,8 +103,9 @@ class Server:
         env = {**os.environ, **self.env} if self.env else None
         t0 = time.perf_counter()
         with open(log_path, "w") as log:
-            self.proc = subprocess.Popen(self.cmd + port_args, cwd=self.cwd, env=env, stdout=log,
-                                         stderr=subprocess.STDOUT)  # fmt: skip
+            self.proc = subprocess.Popen(
+                self.cmd + port_args, cwd=self.cwd, env=env, stdout=log, stderr=subprocess.STDOUT
+            )
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
@@ -124,18 +139,59 @@ def make_servers(a, model_dir: str, ggufs: dict[str, str]) -> dict[str, Server]:
     """Every form's Server (their ports chosen now; nothing started)."""
     servers = {}
     for dtype in ("float32", "bfloat16"):
-        cmd = [sys.executable, "inference_api.py", "--ckpt_dir", model_dir, "--host", "127.0.0.1", "--device", "cpu",
-               "--dtype", dtype, "--max_batch_size", str(a.clients), "--max_seq_len", "512",
-               "--max_queue_size", str(a.requests)]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "inference_api.py",
+            "--ckpt_dir",
+            model_dir,
+            "--host",
+            "127.0.0.1",
+            "--device",
+            "cpu",
+            "--dtype",
+            dtype,
+            "--max_batch_size",
+            str(a.clients),
+            "--max_seq_len",
+            "512",
+            "--max_queue_size",
+            str(a.requests),
+        ]
         cwd = os.path.join(ROOT, "presets", "inference", "llama2-completion")
         servers[f"ours-{dtype}"] = Server(f"ours-{dtype}", cmd, "/healthz", cwd=cwd)
-        cmd = [a.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir, "--host", "127.0.0.1",
-               "--dtype", dtype, "--max-num-seqs", str(a.clients), "--max-model-len", "512",
-               "--served-model-name", "smollm2"]  # fmt: skip
+        cmd = [
+            a.vllm_python,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            model_dir,
+            "--host",
+            "127.0.0.1",
+            "--dtype",
+            dtype,
+            "--max-num-seqs",
+            str(a.clients),
+            "--max-model-len",
+            "512",
+            "--served-model-name",
+            "smollm2",
+        ]
         servers[f"vllm-{dtype}"] = Server(f"vllm-{dtype}", cmd, "/health", env=VLLM_ENV)
     for ftype, gguf in ggufs.items():
-        cmd = [a.llama_server, "-m", gguf, "--host", "127.0.0.1", "-np", str(a.clients), "-c", str(512 * a.clients),
-               "-t", str(os.cpu_count()), "--no-webui"]  # fmt: skip
+        cmd = [
+            a.llama_server,
+            "-m",
+            gguf,
+            "--host",
+            "127.0.0.1",
+            "-np",
+            str(a.clients),
+            "-c",
+            str(512 * a.clients),
+            "-t",
+            str(os.cpu_count()),
+            "--no-webui",
+        ]
         servers[f"llama.cpp-{ftype}"] = Server(f"llama.cpp-{ftype}", cmd, "/health", extra={"cache_prompt": False})
     return servers
 
@@ -151,8 +207,14 @@ def complete(server: Server, prompt: list[int], new_tokens: int, stream: bool = 
     event with a choice, its text possibly empty (vLLM sends one for a special token, whose text it skips),
     except a last event with a finish reason and no text (ours and llama-server close a stream so).
     """
-    body = {"prompt": prompt, "max_tokens": new_tokens, "temperature": 0, "ignore_eos": ignore_eos, "stream": stream,
-            **server.extra}  # fmt: skip
+    body = {
+        "prompt": prompt,
+        "max_tokens": new_tokens,
+        "temperature": 0,
+        "ignore_eos": ignore_eos,
+        "stream": stream,
+        **server.extra,
+    }
     if stream:
         body["stream_options"] = {"include_usage": True}
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=900)
@@ -200,8 +262,14 @@ def measure(server: Server, prompts: list[list[int]], clients: int, new_tokens: 
     itl = [b - a for _, got in records for a, b in zip(got["times"], got["times"][1:])]
     chunks = sum(len(got["times"]) for _, got in records)
     tokens = sum(got["tokens"] for _, got in records)
-    return {"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds, "tokens_per_chunk": tokens / chunks,
-            "ttft": ttft, "itl": itl}  # fmt: skip
+    return {
+        "seconds": seconds,
+        "tokens": tokens,
+        "tokens_per_s": tokens / seconds,
+        "tokens_per_chunk": tokens / chunks,
+        "ttft": ttft,
+        "itl": itl,
+    }
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -246,8 +314,12 @@ def machine() -> dict:
         fields = {k.strip(): v.strip() for k, v in fields.items()}
     except (OSError, subprocess.CalledProcessError):
         fields = {}
-    return {"cpus": os.cpu_count(), "model_name": fields.get("Model name", cpu_model()),
-            "flags": fields.get("Flags", ""), "kernel": platform.release()}  # fmt: skip
+    return {
+        "cpus": os.cpu_count(),
+        "model_name": fields.get("Model name", cpu_model()),
+        "flags": fields.get("Flags", ""),
+        "kernel": platform.release(),
+    }
 
 
 def summarize(form: str, rounds: list[dict]) -> dict:
@@ -255,10 +327,16 @@ def summarize(form: str, rounds: list[dict]) -> dict:
     ttft = [t for r in rounds for t in r["ttft"]]
     itl = [t for r in rounds for t in r["itl"]]
     rates = [r["tokens_per_s"] for r in rounds]
-    return {"form": form, "tokens_per_s": statistics.mean(rates), "tokens_per_s_rounds": rates,
-            "ttft_p50": statistics.median(ttft), "ttft_p99": percentile(ttft, 0.99), "itl_p50": statistics.median(itl),
-            "tokens_per_chunk": statistics.mean(r["tokens_per_chunk"] for r in rounds),
-            "startup_s": [r["startup_s"] for r in rounds]}  # fmt: skip
+    return {
+        "form": form,
+        "tokens_per_s": statistics.mean(rates),
+        "tokens_per_s_rounds": rates,
+        "ttft_p50": statistics.median(ttft),
+        "ttft_p99": percentile(ttft, 0.99),
+        "itl_p50": statistics.median(itl),
+        "tokens_per_chunk": statistics.mean(r["tokens_per_chunk"] for r in rounds),
+        "startup_s": [r["startup_s"] for r in rounds],
+    }
 
 
 def print_table(rows: list[dict]) -> None:
@@ -266,8 +344,10 @@ def print_table(rows: list[dict]) -> None:
     print("|---|---|---|---|---|---|")
     for r in rows:
         rounds = " / ".join(f"{x:.1f}" for x in r["tokens_per_s_rounds"])
-        print(f"| {r['form']} | {r['tokens_per_s']:.1f} | {rounds} | {r['ttft_p50']:.2f} | {r['ttft_p99']:.2f} "
-              f"| {r['itl_p50'] * 1e3:.1f} |")  # fmt: skip
+        print(
+            f"| {r['form']} | {r['tokens_per_s']:.1f} | {rounds} | {r['ttft_p50']:.2f} | {r['ttft_p99']:.2f} "
+            f"| {r['itl_p50'] * 1e3:.1f} |"
+        )
 
 
 def main(argv=None):
@@ -327,20 +407,38 @@ def main(argv=None):
     checks = {f: {"text": t, "common_prefix_chars": common_prefix(t, reference)} for f, t in parity.items()}
     info = machine()
     print(f"\nmachine: {info['cpus']} CPUs, {info['model_name']}\nflags: {info['flags']}")
-    print(f"workload: {a.requests} requests, {a.clients} closed-loop clients, prompts of 16-128 token ids, "
-          f"{a.new_tokens} new tokens, greedy, EOS ignored, streamed over HTTP; {a.rounds} rounds\n")  # fmt: skip
+    print(
+        f"workload: {a.requests} requests, {a.clients} closed-loop clients, prompts of 16-128 token ids, "
+        f"{a.new_tokens} new tokens, greedy, EOS ignored, streamed over HTTP; {a.rounds} rounds\n"
+    )
     print_table(rows)
     print(f"\ngreedy answer to {PARITY_PROMPT!r} (to EOS, at most 64 tokens), characters in common with ours-float32:")
     for f, c in checks.items():
         print(f"  {f}: {c['common_prefix_chars']}/{len(c['text'])} {c['text']!r}")
     out = a.out or os.path.join(work, "results.json")
-    workload = {"requests": a.requests, "clients": a.clients, "new_tokens": a.new_tokens, "rounds": a.rounds,
-                "prompt_tokens": [len(p) for p in prompts]}  # fmt: skip
+    workload = {
+        "requests": a.requests,
+        "clients": a.clients,
+        "new_tokens": a.new_tokens,
+        "rounds": a.rounds,
+        "prompt_tokens": [len(p) for p in prompts],
+    }
     commands = {f: {"cmd": servers[f].cmd, "env": servers[f].env or {}} for f in forms}
     with open(out, "w") as f:
-        json.dump({"machine": info, "workload": workload, "summary": rows, "parity": checks, "commands": commands,
-                   "rounds": {f: [{k: v for k, v in r.items() if k not in ("ttft", "itl")} for r in results[f]]
-                              for f in forms}}, f, indent=2)  # fmt: skip
+        json.dump(
+            {
+                "machine": info,
+                "workload": workload,
+                "summary": rows,
+                "parity": checks,
+                "commands": commands,
+                "rounds": {
+                    f: [{k: v for k, v in r.items() if k not in ("ttft", "itl")} for r in results[f]] for f in forms
+                },
+            },
+            f,
+            indent=2,
+        )
     print(f"\nresults: {out}")
 
 

@@ -18,22 +18,27 @@ import time
 
 SCHEMA = {
     "type": "object",
-    "properties": {"name": {"type": "string", "maxLength": 24}, "age": {"type": "integer"},
-                   "city": {"type": "string", "maxLength": 24}},
-    "required": ["name", "age", "city"], "additionalProperties": False,
-}  # fmt: skip
+    "properties": {
+        "name": {"type": "string", "maxLength": 24},
+        "age": {"type": "integer"},
+        "city": {"type": "string", "maxLength": 24},
+    },
+    "required": ["name", "age", "city"],
+    "additionalProperties": False,
+}
 
 
 def run(model_dir: str, constrained_share: float, requests: int, clients: int, new_tokens: int) -> dict:
-    from presets.llama2.chat_format import encode_dialog
-    from presets.llama2.server import build_runtime
-    from presets.serving.params import SamplingParams
-    from presets.serving.settings import Settings
-    from presets.serving.structured import grammar_for
+    from presets.api.chat_format import encode_dialog
+    from presets.engine.params import SamplingParams
+    from presets.engine.structured import grammar_for
+    from presets.process.settings import Settings
+    from presets.servers.llama import build_runtime
     from presets.tools.bench import closed_loop
 
-    settings = Settings(ckpt_dir=model_dir, device="cpu", max_batch_size=clients, max_seq_len=512,
-                        max_queue_size=requests)  # fmt: skip
+    settings = Settings(
+        ckpt_dir=model_dir, device="cpu", max_batch_size=clients, max_seq_len=512, max_queue_size=requests
+    )
     rt = build_runtime(settings)
     rt.start()
     rt.wait_started()
@@ -48,8 +53,9 @@ def run(model_dir: str, constrained_share: float, requests: int, clients: int, n
 
     def serve(item):
         ids, constrained = item
-        (seq,) = rt.generate([ids], SamplingParams(temperature=0, max_tokens=new_tokens,
-                                                   grammar=grammar if constrained else None))  # fmt: skip
+        (seq,) = rt.generate(
+            [ids], SamplingParams(temperature=0, max_tokens=new_tokens, grammar=grammar if constrained else None)
+        )
         records.append((seq.arrival, seq.token_times))
         return seq.token_times
 
@@ -57,8 +63,13 @@ def run(model_dir: str, constrained_share: float, requests: int, clients: int, n
     rt.shutdown()
     tokens = sum(len(t) for _, t in records)
     itl = [b - a for _, t in records for a, b in zip(t, t[1:])]
-    return {"tokens_per_s": tokens / seconds, "ttft_p50": statistics.median(t[0] - a for a, t in records if t),
-            "itl_p50": statistics.median(itl), "tokens": tokens, "seconds": seconds}  # fmt: skip
+    return {
+        "tokens_per_s": tokens / seconds,
+        "ttft_p50": statistics.median(t[0] - a for a, t in records if t),
+        "itl_p50": statistics.median(itl),
+        "tokens": tokens,
+        "seconds": seconds,
+    }
 
 
 def main(argv=None):
@@ -77,12 +88,16 @@ def main(argv=None):
     for share in (0.0, 0.5):
         with ctx.Pool(1) as pool:
             rows.append((share, pool.apply(run, (a.model_dir, share, a.requests, a.clients, a.new_tokens))))
-    print(f"\nmachine: {os.cpu_count()} CPUs; {a.model_dir}; {a.requests} requests, {a.clients} clients, "
-          f"up to {a.new_tokens} new tokens, greedy; {time.strftime('%Y-%m-%d')}")  # fmt: skip
+    print(
+        f"\nmachine: {os.cpu_count()} CPUs; {a.model_dir}; {a.requests} requests, {a.clients} clients, "
+        f"up to {a.new_tokens} new tokens, greedy; {time.strftime('%Y-%m-%d')}"
+    )
     print("| constrained | output tokens | output tokens/s | TTFT p50 (s) | ITL p50 (ms) |\n|---|---|---|---|---|")
     for share, r in rows:
-        print(f"| {share:.0%} | {r['tokens']} | {r['tokens_per_s']:.1f} | {r['ttft_p50']:.2f} | "
-              f"{r['itl_p50'] * 1e3:.1f} |")  # fmt: skip
+        print(
+            f"| {share:.0%} | {r['tokens']} | {r['tokens_per_s']:.1f} | {r['ttft_p50']:.2f} | "
+            f"{r['itl_p50'] * 1e3:.1f} |"
+        )
     print(f"\nhalf constrained / none: {rows[1][1]['tokens_per_s'] / rows[0][1]['tokens_per_s']:.2f}x tokens/s")
 
 

@@ -15,15 +15,21 @@ import numpy as np
 import torch
 from gguf import GGUFWriter, TokenType
 
-from presets.llama2.checkpoint import merge_shards, read_args
-from presets.llama2.tokenizer import Tokenizer
+from presets.models.llama.checkpoint import merge_shards, read_args
+from presets.models.llama.tokenizer import Tokenizer
 
 # Meta's names -> GGUF's, per layer ("blk.N.") and global.
 LAYER_NAMES = {
-    "attention_norm": "attn_norm", "attention.wq": "attn_q", "attention.wk": "attn_k", "attention.wv": "attn_v",
-    "attention.wo": "attn_output", "ffn_norm": "ffn_norm", "feed_forward.w1": "ffn_gate",
-    "feed_forward.w2": "ffn_down", "feed_forward.w3": "ffn_up",
-}  # fmt: skip
+    "attention_norm": "attn_norm",
+    "attention.wq": "attn_q",
+    "attention.wk": "attn_k",
+    "attention.wv": "attn_v",
+    "attention.wo": "attn_output",
+    "ffn_norm": "ffn_norm",
+    "feed_forward.w1": "ffn_gate",
+    "feed_forward.w2": "ffn_down",
+    "feed_forward.w3": "ffn_up",
+}
 GLOBAL_NAMES = {"tok_embeddings": "token_embd", "norm": "output_norm", "output": "output"}
 
 
@@ -47,8 +53,14 @@ def vocab(tok: Tokenizer) -> tuple[list[bytes], list[float], list[int]]:
     return pieces, scores, types
 
 
-def export(ckpt_dir: str, out_path: str, tokenizer_path: str | None = None, ftype: str = "f32",
-           chat_template: str | None = None, add_bos: bool = True) -> str:  # fmt: skip
+def export(
+    ckpt_dir: str,
+    out_path: str,
+    tokenizer_path: str | None = None,
+    ftype: str = "f32",
+    chat_template: str | None = None,
+    add_bos: bool = True,
+) -> str:
     tok = Tokenizer(tokenizer_path or os.path.join(ckpt_dir, "tokenizer.model"))
     args = read_args(ckpt_dir, tok)
     state = merge_shards(ckpt_dir)

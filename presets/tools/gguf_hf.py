@@ -23,14 +23,20 @@ from gguf import GGMLQuantizationType, GGUFWriter, LlamaFileType, TokenType
 from gguf.quants import quantize
 from safetensors.torch import load_file
 
-from presets.llama2.json_files import read_json
+from presets.models.llama.json_files import read_json
 
 # HuggingFace's names -> GGUF's, per layer ("model.layers.N." -> "blk.N.") and global.
 LAYER_NAMES = {
-    "input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
-    "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
-    "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
-}  # fmt: skip
+    "input_layernorm": "attn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "post_attention_layernorm": "ffn_norm",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
 GLOBAL_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
 FILE_TYPES = {"f32": LlamaFileType.ALL_F32, "f16": LlamaFileType.MOSTLY_F16, "q8_0": LlamaFileType.MOSTLY_Q8_0}
 
@@ -119,8 +125,12 @@ def export(model_dir: str, out_path: str, ftype: str = "f32") -> str:
     w.add_token_types(vocab["types"])
     w.add_token_merges(vocab["merges"])
     w.add_add_bos_token(vocab["add_bos"])
-    for key, add in (("bos_token_id", w.add_bos_token_id), ("eos_token_id", w.add_eos_token_id),
-                     ("pad_token_id", w.add_pad_token_id), ("unk_token_id", w.add_unk_token_id)):  # fmt: skip
+    for key, add in (
+        ("bos_token_id", w.add_bos_token_id),
+        ("eos_token_id", w.add_eos_token_id),
+        ("pad_token_id", w.add_pad_token_id),
+        ("unk_token_id", w.add_unk_token_id),
+    ):
         if isinstance(config.get(key), int):
             add(config[key])
     template = os.path.join(model_dir, "chat_template.jinja")

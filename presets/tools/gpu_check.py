@@ -20,15 +20,15 @@ import time
 
 import torch
 
-from presets.llama2.checkpoint import load_model, read_args
-from presets.llama2.engine import CacheSettings, LlamaEngine
-from presets.llama2.hf_convert import to_hf
-from presets.llama2.model import ModelArgs, Transformer
-from presets.llama2.tokenizer import Tokenizer
-from presets.serving.distributed import init_model_parallel
-from presets.serving.engine_loop import EngineLoop
-from presets.serving.params import SamplingParams
-from presets.serving.scheduler import PlanItem, Sequence, StepPlan
+from presets.engine.params import SamplingParams
+from presets.engine.scheduler import PlanItem, Sequence, StepPlan
+from presets.engine.step_loop import EngineLoop
+from presets.models.llama.checkpoint import load_model, read_args
+from presets.models.llama.engine import CacheSettings, LlamaEngine
+from presets.models.llama.hf_convert import to_hf
+from presets.models.llama.model import ModelArgs, Transformer
+from presets.models.llama.tokenizer import Tokenizer
+from presets.process.distributed import init_model_parallel
 from presets.tools.tiny_checkpoint import write_checkpoint
 
 SHAPES = {
@@ -99,8 +99,14 @@ def loop_throughput(engine, n: int, prompt_len: int, new: int, vocab: int) -> di
     loop = EngineLoop(engine, eos_id=2, max_batch_size=n, max_waiting=4 * n)
     loop.start()
     g = torch.Generator().manual_seed(n)
-    seqs = [Sequence(torch.randint(3, vocab, (prompt_len,), generator=g).tolist(),
-                     SamplingParams(temperature=0, ignore_eos=True), new) for _ in range(n)]  # fmt: skip
+    seqs = [
+        Sequence(
+            torch.randint(3, vocab, (prompt_len,), generator=g).tolist(),
+            SamplingParams(temperature=0, ignore_eos=True),
+            new,
+        )
+        for _ in range(n)
+    ]
     t0 = time.perf_counter()
     loop.submit(seqs)
     for s in seqs:
@@ -110,8 +116,13 @@ def loop_throughput(engine, n: int, prompt_len: int, new: int, vocab: int) -> di
     loop.join(10)
     assert all(len(s.output) == new for s in seqs), "a sequence did not finish"
     ttft = sorted(s.token_times[0] - s.arrival for s in seqs)
-    return {"concurrent": n, "tokens_per_s": n * new / seconds, "ttft_p50_s": statistics.median(ttft),
-            "ttft_max_s": ttft[-1], "preemptions": loop.scheduler.preemptions}  # fmt: skip
+    return {
+        "concurrent": n,
+        "tokens_per_s": n * new / seconds,
+        "ttft_p50_s": statistics.median(ttft),
+        "ttft_max_s": ttft[-1],
+        "preemptions": loop.scheduler.preemptions,
+    }
 
 
 def speed(dev, shape: str, report: dict) -> None:
@@ -123,8 +134,10 @@ def speed(dev, shape: str, report: dict) -> None:
     pool = engine.pool
     bw = copy_bandwidth(dev) if dev.type == "cuda" else float("nan")
     report["kv_pool"] = {"blocks": pool.num_blocks, "tokens": pool.tokens, "bytes": pool.bytes}
-    print(f"model {shape}: {weight_bytes / 1e9:.2f} GB of weights; KV pool {pool.num_blocks} blocks = {pool.tokens} "
-          f"tokens ({pool.bytes / 2**30:.1f} GiB); copy bandwidth {bw / 1e12:.2f} TB/s")  # fmt: skip
+    print(
+        f"model {shape}: {weight_bytes / 1e9:.2f} GB of weights; KV pool {pool.num_blocks} blocks = {pool.tokens} "
+        f"tokens ({pool.bytes / 2**30:.1f} GiB); copy bandwidth {bw / 1e12:.2f} TB/s"
+    )
     prompt = list(range(3, 131))
     engine.run(StepPlan([PlanItem(0, 0, prompt, list(range(8)), True)]))
     times = []
@@ -142,8 +155,10 @@ def speed(dev, shape: str, report: dict) -> None:
     for n in (1, 16, 64, 256):
         r = loop_throughput(engine, n, 128, 128, args.vocab_size)
         report["concurrency"].append(r)
-        print(f"{n:4d} concurrent: {r['tokens_per_s']:8.0f} tokens/s, TTFT p50 {r['ttft_p50_s'] * 1e3:.0f} ms, "
-              f"max {r['ttft_max_s'] * 1e3:.0f} ms, preemptions {r['preemptions']}")  # fmt: skip
+        print(
+            f"{n:4d} concurrent: {r['tokens_per_s']:8.0f} tokens/s, TTFT p50 {r['ttft_p50_s'] * 1e3:.0f} ms, "
+            f"max {r['ttft_max_s'] * 1e3:.0f} ms, preemptions {r['preemptions']}"
+        )
 
 
 def main(argv=None):
@@ -159,8 +174,9 @@ def main(argv=None):
     init_model_parallel(1, dev)
     report = {"device": str(dev), "torch": torch.__version__}
     t0 = time.perf_counter()
-    ckpt = write_checkpoint(tempfile.mkdtemp(), ModelArgs(dim=256, n_layers=4, n_heads=8, n_kv_heads=4,
-                                                          vocab_size=512, multiple_of=64))  # fmt: skip
+    ckpt = write_checkpoint(
+        tempfile.mkdtemp(), ModelArgs(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, vocab_size=512, multiple_of=64)
+    )
     for dtype in (torch.float32, torch.bfloat16):  # fp32: the same math; bf16: how soon rounding parts them
         parity(dev, ckpt, dtype, report)
     speed(dev, a.shape, report)

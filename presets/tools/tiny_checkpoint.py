@@ -15,8 +15,8 @@ import os
 import sentencepiece as spm
 import torch
 
-from presets.llama2.checkpoint import split_dim
-from presets.llama2.model import ModelArgs
+from presets.models.llama.checkpoint import split_dim
+from presets.models.llama.model import ModelArgs
 
 CORPUS = os.path.join(os.path.dirname(__file__), "corpus.txt")
 
@@ -29,13 +29,25 @@ def train_tokenizer(vocab_size: int) -> bytes:
         with open(CORPUS, encoding="utf-8") as f:
             lines = f.read().splitlines()
         spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(lines), model_writer=out, vocab_size=vocab_size, model_type="bpe",
-            bos_id=1, eos_id=2, unk_id=0, pad_id=-1, byte_fallback=True, character_coverage=1.0,
-            hard_vocab_limit=False, normalization_rule_name="identity", remove_extra_whitespaces=False,
-            split_digits=True, allow_whitespace_only_pieces=True,  # as Llama's tokenizer was trained
+            sentence_iterator=iter(lines),
+            model_writer=out,
+            vocab_size=vocab_size,
+            model_type="bpe",
+            bos_id=1,
+            eos_id=2,
+            unk_id=0,
+            pad_id=-1,
+            byte_fallback=True,
+            character_coverage=1.0,
+            hard_vocab_limit=False,
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            split_digits=True,
+            allow_whitespace_only_pieces=True,  # as Llama's tokenizer was trained
             user_defined_symbols=[f"<extra_{i}>" for i in range(filler)],
-            minloglevel=2, num_threads=1,
-        )  # fmt: skip
+            minloglevel=2,
+            num_threads=1,
+        )
         return out.getvalue()
 
     model = train(0)
@@ -123,10 +135,15 @@ def main(argv=None):
     ap.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
     a = ap.parse_args(argv)
     args = ModelArgs(
-        dim=a.dim, n_layers=a.n_layers, n_heads=a.n_heads, n_kv_heads=a.n_kv_heads,
-        vocab_size=a.vocab_size, multiple_of=a.multiple_of, ffn_dim_multiplier=a.ffn_dim_multiplier,
+        dim=a.dim,
+        n_layers=a.n_layers,
+        n_heads=a.n_heads,
+        n_kv_heads=a.n_kv_heads,
+        vocab_size=a.vocab_size,
+        multiple_of=a.multiple_of,
+        ffn_dim_multiplier=a.ffn_dim_multiplier,
         norm_eps=a.norm_eps,
-    )  # fmt: skip
+    )
     write_checkpoint(a.out_dir, args, a.shards, a.seed, getattr(torch, a.dtype))
     print(f"wrote a random-weight Llama-2 checkpoint ({a.shards} shard(s)) to {a.out_dir}")
 

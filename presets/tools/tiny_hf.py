@@ -44,8 +44,14 @@ def write_falcon(out_dir: str, seed: int = 0, hidden_size: int = 64, layers: int
     tokenizer = train_tokenizer(["<|endoftext|>"])
     tokenizer.eos_token = tokenizer.bos_token = "<|endoftext|>"
     eos = tokenizer.eos_token_id
-    config = FalconConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, num_hidden_layers=layers,
-                          num_attention_heads=heads, bos_token_id=eos, eos_token_id=eos)  # fmt: skip
+    config = FalconConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        bos_token_id=eos,
+        eos_token_id=eos,
+    )
     torch.manual_seed(seed)
     FalconForCausalLM(config).save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
@@ -67,11 +73,19 @@ def write_llama(
     tokenizer = train_tokenizer(["<unk>", "<s>", "</s>"])
     tokenizer.unk_token, tokenizer.bos_token, tokenizer.eos_token = "<unk>", "<s>", "</s>"
     tokenizer.chat_template = LLAMA2_CHAT_TEMPLATE
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                         num_attention_heads=heads[0], num_key_value_heads=heads[1], max_position_embeddings=512,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         tie_word_embeddings=tie,
-                         rope_parameters={"rope_type": "default", "rope_theta": 1e4, **(rope or {})})  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=heads[0],
+        num_key_value_heads=heads[1],
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=tie,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e4, **(rope or {})},
+    )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     model.save_pretrained(out_dir, **({"max_shard_size": max_shard_size} if max_shard_size else {}))

@@ -1,6 +1,6 @@
 """llm-api compatible server (GGUF models on llama.cpp): `python inference_api.py [--config config.yaml]`."""
 
-from presets.llamacpp.server import main
+from presets.servers.llm_api import main
 
 if __name__ == "__main__":
     main()

@@ -1,7 +1,7 @@
 """Llama-2 chat server: `python inference_api.py [flags]` or `torchrun ... inference_api.py [flags]`."""
 
-import presets.omp_spin  # noqa: F401  (first: it sets OpenMP up before torch loads)
-from presets.llama2.server import main
+import presets.process.omp_spin  # noqa: F401  (first: it sets OpenMP up before torch loads)
+from presets.servers.llama import main
 
 if __name__ == "__main__":
     main("chat")

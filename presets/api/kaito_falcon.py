@@ -1,0 +1,91 @@
+"""The Falcon seed route: POST /chat with a prompt (or chat messages) and HF generate parameters, flat; on
+transformers' generate (`chat`) or, for Llama-architecture folders, on our engine (`engine_chat`)."""
+
+import time
+
+from quart import Blueprint, jsonify, request
+
+from presets.api.chat_template import ChatTemplate
+from presets.api.errors import ApiError
+from presets.api.validation import json_body, reject_unknown
+from presets.engine.batch_loop import Job
+from presets.http.app import record, record_counts, runtime
+from presets.models.hf import params as hf_params
+from presets.models.hf.engine import batch_key
+
+chat = Blueprint("hf_chat", __name__)
+
+ALLOWED = {"prompt", "messages"} | set(hf_params.DEFAULTS) | set(hf_params.EXTRAS)
+
+
+def prompt_text(body: dict, tokenizer) -> tuple[str, bool]:
+    """(text, add_special_tokens): the prompt, or the messages rendered by the model's chat template."""
+    if ("prompt" in body) == ("messages" in body):
+        raise ApiError(400, "give exactly one of prompt (a string) or messages (a list of {role, content})")
+    if "prompt" in body:
+        if not isinstance(body["prompt"], str):
+            raise ApiError(400, "prompt must be a string")
+        return body["prompt"], True
+    return render_messages(body["messages"], tokenizer), False  # the template writes special tokens itself
+
+
+def render_messages(messages, tokenizer) -> str:
+    """Chat messages as text in the model's chat template (transformers' tokenizer renders it on generate's
+    path, our renderer on our engine's); 400 when it has none or they do not fit."""
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "messages must be a non-empty list of {role, content} objects")
+    for i, m in enumerate(messages):
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+            raise ApiError(400, f"messages[{i}] must be an object with string role and content")
+    if not getattr(tokenizer, "chat_template", None):
+        raise ApiError(400, "this model has no chat template: send prompt instead of messages")
+    try:
+        if isinstance(tokenizer.chat_template, ChatTemplate):
+            return tokenizer.chat_template.render(messages, add_generation_prompt=True)
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    except Exception as e:  # the template itself may reject a role order
+        raise ApiError(400, f"messages do not fit the model's chat template: {e}") from e
+
+
+async def seed_request():
+    """(runtime, generate parameters, prompt text, whether to add special tokens) of a /chat body."""
+    body = await json_body(request)
+    reject_unknown(body, ALLOWED, "body")
+    rt = runtime()
+    rt.require_ready()
+    vocab = rt.engine.vocab_size if rt.engine is not None else rt.tokenizer.n_words  # generate's or ours
+    text, special = prompt_text(body, rt.tokenizer)
+    return rt, hf_params.parse(body, vocab), text, special
+
+
+@chat.post("/chat")
+async def chat_route():
+    """Generate from `prompt`: {"Result": prompt + generated text (all sequences, joined)}."""
+    rt, params, text, special = await seed_request()
+    engine = rt.engine
+    job = engine.job(text, params, special)
+    t0 = time.perf_counter()
+    (done,) = await rt.arun([Job(batch_key(params), job)])
+    generated = sum(len(ids) for ids, _ in done.result)
+    record_counts(len(done.result), len(job.prompt_ids), generated)
+    rt.metrics.finished_request(t0, len(job.prompt_ids), generated)
+    return jsonify(Result="".join(text + engine.text(ids) for ids, _ in done.result))
+
+
+engine_chat = Blueprint("hf_chat_on_engine", __name__)
+
+
+@engine_chat.post("/chat")
+async def chat_on_engine():
+    """The same route when our engine runs the model (a Llama-architecture folder): for the parameters our
+    sampler has, generate's greedy answer and the same distribution when sampling (other random draws); a 400
+    for what only transformers' generate does."""
+    rt, params, text, special = await seed_request()
+    tok = rt.tokenizer
+    ids = tok.encode(text, bos=special, eos=False)
+    if not ids:
+        raise ApiError(400, "prompt is empty: it has no tokens for this model")
+    sampling, n = hf_params.to_sampling(params, len(ids), rt.max_seq_len)
+    seqs = await rt.arun(rt.sequences([ids], sampling, n))
+    record(seqs)
+    return jsonify(Result="".join(text + tok.decode(s.output) for s in seqs))

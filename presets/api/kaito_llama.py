@@ -1,0 +1,67 @@
+"""The seed routes of the Llama-2 servers: POST /generate (text completion) and POST /chat."""
+
+from quart import Blueprint, jsonify, request
+
+from presets.api.chat_format import UNSAFE_ERROR, check_dialog, encode_dialog, refused
+from presets.api.errors import ApiError
+from presets.api.validation import json_body, reject_unknown, string_list
+from presets.engine.params import SamplingParams
+from presets.http.app import record, runtime
+
+completion = Blueprint("llama2_completion", __name__)
+chat = Blueprint("llama2_chat", __name__)
+
+COMPLETION_MAX_GEN_LEN = 64  # Meta's example_text_completion default
+# Chat's default max_gen_len is None: all the room left in max_seq_len, as in Meta's chat_completion.
+
+
+@completion.post("/generate")
+async def generate():
+    """Complete each of `prompts`: {"results": [{"prompt", "response"}, ...]}."""
+    body = await json_body(request)
+    reject_unknown(body, ("prompts", "parameters"), "body")
+    rt = runtime()
+    rt.require_ready()
+    prompts = string_list(body.get("prompts"), "prompts", rt.max_waiting)
+    params = SamplingParams.from_seed_parameters(
+        body.get("parameters"), "parameters", COMPLETION_MAX_GEN_LEN, rt.max_seq_len
+    )
+    ids = [rt.tokenizer.encode(p, bos=True, eos=False) for p in prompts]
+    seqs = await rt.agenerate(ids, params)
+    record(seqs)
+    results = [{"prompt": p, "response": rt.tokenizer.decode(s.output)} for p, s in zip(prompts, seqs)]
+    return jsonify(results=results)
+
+
+@chat.post("/chat")
+async def chat_completion():
+    """Answer each dialog of input_data.input_string: {"results": [[messages..., Assistant], ...]}."""
+    body = await json_body(request)
+    reject_unknown(body, ("input_data", "parameters"), "body")
+    data = body.get("input_data")
+    if not isinstance(data, dict):
+        raise ApiError(400, "input_data must be an object with input_string (a list of dialogs)")
+    reject_unknown(data, ("input_string", "parameters"), "input_data")
+    rt = runtime()
+    rt.require_ready()
+    dialogs = data.get("input_string")
+    if not isinstance(dialogs, list) or not dialogs:
+        raise ApiError(400, "input_data.input_string must be a non-empty list of dialogs")
+    if len(dialogs) > rt.max_waiting:
+        raise ApiError(400, f"input_data.input_string has {len(dialogs)} dialogs; at most {rt.max_waiting} per request")
+    dialogs = [check_dialog(d, f"input_data.input_string[{i}]") for i, d in enumerate(dialogs)]
+    # `parameters` may sit inside input_data or beside it (the seeds show both); inside wins.
+    where = "input_data.parameters" if data.get("parameters") is not None else "parameters"
+    raw = data.get("parameters") if data.get("parameters") is not None else body.get("parameters")
+    params = SamplingParams.from_seed_parameters(raw, where, None, rt.max_seq_len)
+
+    safe = [i for i, d in enumerate(dialogs) if not refused(rt.tokenizer, d)]
+    seqs = await rt.agenerate([encode_dialog(rt.tokenizer, dialogs[i]) for i in safe], params) if safe else []
+    record(seqs)
+    answers = {i: rt.tokenizer.decode(s.output) for i, s in zip(safe, seqs)}
+    results = [
+        [{"role": m["role"].capitalize(), "content": m["content"]} for m in d]
+        + [{"role": "Assistant", "content": answers.get(i, UNSAFE_ERROR)}]
+        for i, d in enumerate(dialogs)
+    ]
+    return jsonify(results=results)

@@ -1,0 +1,71 @@
+"""Per-request sampling parameters, validated where they are built."""
+
+from dataclasses import dataclass
+
+from presets.api.errors import ApiError
+from presets.api.validation import boolean, integer, number, reject_unknown
+
+# Server settings that clients sometimes send as parameters (the seed docs list them with the
+# request parameters); they are fixed when the server starts.
+SERVER_SETTINGS = ("max_seq_len", "max_batch_size")
+GREEDY_BELOW = 1e-5  # temperatures under this are treated as 0 (greedy)
+MAX_TEMPERATURE = 2.0  # OpenAI's bound, on every route: beyond it sampling is near uniform noise
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.6  # 0 means greedy
+    top_p: float = 0.9
+    max_tokens: int | None = None  # None: all the room left in max_seq_len
+    ignore_eos: bool = False
+    seed: int | None = None
+    top_k: int = 0  # keep the k most likely tokens before sampling; 0: all
+    repeat_penalty: float = 1.0  # llama.cpp's: logits of tokens among the last repeat_last_n are pushed down
+    repeat_last_n: int = 64
+    # OpenAI's: logits[j] -= frequency_penalty * (times j was generated) + presence_penalty * (j was generated)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple = ()  # (token id, bias added to its logit) pairs
+    logprobs: int | None = None  # return each sampled token's log probability and this many top alternatives
+    grammar: str | None = None  # structured output: the llguidance grammar the text must follow (structured.py)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_BELOW  # dividing logits by less would overflow to inf/NaN
+
+    @classmethod
+    def from_seed_parameters(
+        cls, params, where: str, default_max_gen_len: int | None, max_seq_len: int | None = None
+    ) -> "SamplingParams":
+        """Parse the seeds' `parameters` object: temperature, top_p, max_gen_len, ignore_eos, seed.
+
+        The same ranges as the OpenAI routes: temperature in [0, 2], and a max_gen_len over `max_seq_len`
+        (room no prompt could leave) is a 400; up to it, max_gen_len is capped to the room the prompt
+        leaves, as Meta's generate does ("bounded by max_seq_len")."""
+        if params is None:
+            params = {}
+        if not isinstance(params, dict):
+            raise ApiError(400, f"{where} must be a JSON object")
+        for key in SERVER_SETTINGS:
+            if key in params:
+                raise ApiError(400, f"{where}.{key} is a server setting (--{key} at start), not a request parameter")
+        reject_unknown(params, ("temperature", "top_p", "max_gen_len", "ignore_eos", "seed"), where)
+        return cls(
+            temperature=number(params, "temperature", where, cls.temperature, lo=0, hi=MAX_TEMPERATURE),
+            top_p=number(params, "top_p", where, cls.top_p, lo=0, hi=1, lo_open=True),
+            max_tokens=integer(params, "max_gen_len", where, default_max_gen_len, lo=1, hi=max_seq_len),
+            ignore_eos=boolean(params, "ignore_eos", where, False),
+            seed=integer(params, "seed", where, None, lo=0, hi=2**63 - 1),
+        )
+
+
+def room_left(context: int, prompt_tokens: int, setting: str, which: str = "prompt") -> int:
+    """Tokens a prompt leaves for generation in a context of `context` tokens (every route's one rule); a 400
+    naming `setting`, what sets the context (--max_seq_len, ctx_size, the model's), when it leaves none."""
+    if prompt_tokens >= context:
+        raise ApiError(
+            400,
+            f"{which} is {prompt_tokens} tokens; {setting} is {context} tokens, so a prompt may "
+            f"have at most {context - 1} tokens",
+        )
+    return context - prompt_tokens

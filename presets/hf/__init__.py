@@ -1,1 +1,0 @@
-"""HuggingFace causal LMs (Falcon, HF-format Llama, ...) through transformers' generate."""

@@ -1,1 +1,0 @@
-"""llm-api compatibility: GGUF models of the Llama family on llama.cpp, configured by config.yaml."""

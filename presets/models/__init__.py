@@ -1,0 +1,1 @@
+"""The models: the math, checkpoint loading and tokenizers of each family, and the engine that runs each."""

@@ -1,0 +1,1 @@
+"""HuggingFace causal LMs (Falcon and others) through transformers' generate."""

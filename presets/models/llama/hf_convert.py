@@ -1,0 +1,58 @@
+"""Convert a full (single-shard) Meta state dict to transformers' LlamaForCausalLM, for reference checks."""
+
+import torch
+
+from presets.models.llama.model import ModelArgs
+
+
+def _unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    # Meta rotates interleaved pairs (x0, x1); HF rotates halves (x0, x_hd/2). Reorder q/k rows to match.
+    out_dim, in_dim = w.shape
+    return w.view(n_heads, out_dim // n_heads // 2, 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+
+
+def to_hf(args: ModelArgs, state: dict[str, torch.Tensor], max_position_embeddings: int = 4096):
+    """A transformers LlamaForCausalLM (fp32, eval) holding the same weights as `state`."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    n_kv = args.n_kv_heads or args.n_heads
+    config = LlamaConfig(
+        vocab_size=args.vocab_size,
+        hidden_size=args.dim,
+        intermediate_size=args.ffn_hidden_dim,
+        num_hidden_layers=args.n_layers,
+        num_attention_heads=args.n_heads,
+        num_key_value_heads=n_kv,
+        rms_norm_eps=args.norm_eps,
+        max_position_embeddings=max_position_embeddings,
+        rope_parameters={"rope_type": "default", "rope_theta": args.rope_theta},
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=None,
+    )
+    hf = {
+        "model.embed_tokens.weight": state["tok_embeddings.weight"],
+        "model.norm.weight": state["norm.weight"],
+        "lm_head.weight": state["output.weight"],
+    }
+    names = {
+        "attention.wv": "self_attn.v_proj",
+        "attention.wo": "self_attn.o_proj",
+        "feed_forward.w1": "mlp.gate_proj",
+        "feed_forward.w2": "mlp.down_proj",
+        "feed_forward.w3": "mlp.up_proj",
+        "attention_norm": "input_layernorm",
+        "ffn_norm": "post_attention_layernorm",
+    }
+    for i in range(args.n_layers):
+        src, dst = f"layers.{i}.", f"model.layers.{i}."
+        hf[dst + "self_attn.q_proj.weight"] = _unpermute(state[src + "attention.wq.weight"], args.n_heads)
+        hf[dst + "self_attn.k_proj.weight"] = _unpermute(state[src + "attention.wk.weight"], n_kv)
+        for a, b in names.items():
+            hf[f"{dst}{b}.weight"] = state[f"{src}{a}.weight"]
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    model.load_state_dict({k: v.float() for k, v in hf.items()}, strict=True, assign=True)
+    model.model.rotary_emb.__init__(config)  # meta-device buffers: recompute the rotary table
+    return model.eval()

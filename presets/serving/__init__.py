@@ -1,1 +1,0 @@
-"""Serving machinery shared by every model family: app, validation, scheduler, engine loop, launcher."""
