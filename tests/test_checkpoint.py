@@ -8,7 +8,8 @@ import pytest
 import sentencepiece as spm
 import torch
 
-from presets.models.llama.checkpoint import CheckpointError, check_layout, load_model
+from presets.models.llama.layout import CheckpointError
+from presets.models.llama.load import check_layout, load_model
 from presets.models.llama.tokenizer import Tokenizer
 from presets.tools.tiny_checkpoint import train_tokenizer, write_checkpoint
 from tests.conftest import TINY

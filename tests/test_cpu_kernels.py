@@ -7,8 +7,8 @@ import torch
 
 from presets.engine.scheduler import PlanItem
 from presets.models.llama import cpu_kernels
-from presets.models.llama.checkpoint import load_model
 from presets.models.llama.kv_cache import PagedKVCache, PagedStep
+from presets.models.llama.load import load_model
 from presets.models.llama.tokenizer import Tokenizer
 from tests.paged import engine_for, item, run
 

@@ -11,7 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from presets.models.llama.checkpoint import CheckpointError, check_layout, load_model
+from presets.models.llama.layout import CheckpointError
+from presets.models.llama.load import check_layout, load_model
 from presets.models.llama.tokenizer import HFTokenizer, find_tokenizer, load_tokenizer
 from presets.tools.tiny_hf import write_llama
 from tests.launch import ROOT, assert_ranks_answer_as_one

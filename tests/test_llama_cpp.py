@@ -19,8 +19,9 @@ from gguf import GGUFReader
 
 from presets.engine.params import SamplingParams
 from presets.engine.scheduler import PlanItem, StepPlan
-from presets.models.llama.checkpoint import merge_shards, read_args
+from presets.models.llama.checkpoint import merge_shards
 from presets.models.llama.hf_convert import to_hf
+from presets.models.llama.load import read_args
 from presets.models.llama.tokenizer import Tokenizer
 from presets.models.llamacpp.engine import LlamaCppEngine
 from presets.servers.llm_api import build_app

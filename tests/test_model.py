@@ -5,8 +5,8 @@ decode (also in bf16 and fp16)."""
 import pytest
 import torch
 
-from presets.models.llama.checkpoint import load_model, read_args
 from presets.models.llama.hf_convert import to_hf
+from presets.models.llama.load import load_model, read_args
 from presets.models.llama.tokenizer import Tokenizer
 from tests.paged import engine_for, item, run
 

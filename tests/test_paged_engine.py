@@ -11,8 +11,8 @@ import torch
 from presets.engine.kv_memory import CPU_DEFAULT_CAP, size_pool
 from presets.engine.params import SamplingParams
 from presets.engine.scheduler import Sequence
-from presets.models.llama.checkpoint import read_args
 from presets.models.llama.hf_convert import to_hf
+from presets.models.llama.load import read_args
 from presets.models.llama.tokenizer import Tokenizer
 from presets.servers.llama import build_runtime
 from tests.conftest import settings_for

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from presets.api.chat_format import encode_dialog
-from presets.models.llama.checkpoint import load_model
+from presets.models.llama.load import load_model
 from presets.models.llama.tokenizer import find_tokenizer, load_tokenizer
 from tests.launch import assert_ranks_answer_as_one
 from tests.paged import engine_for, item, run

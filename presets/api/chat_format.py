@@ -1,5 +1,5 @@
 """Chat prompts: the model's own chat template when its folder has one, else Meta's Llama-2 format ([INST] ...
-[/INST] turns, <<SYS>> merged into the first user turn) with the seeds' special-tags rule."""
+[/INST] turns, <<SYS>> merged into the first user turn) with the special-tags rule of Kaito's Llama-2 chat API."""
 
 import unicodedata
 
@@ -50,7 +50,7 @@ def has_special_tags(dialog: list[dict], tokenizer=None) -> bool:
 
 
 def refused(tokenizer, dialog: list[dict]) -> bool:
-    """The seeds' rule: in Meta's format a dialog may not write its own [INST]/<<SYS>> tags (a template's
+    """Kaito's Llama-2 chat rule: in Meta's format a dialog may not write its own [INST]/<<SYS>> tags (a template's
     model has other control tokens, which its tokenizer keeps apart from text: the rule does not apply)."""
     return getattr(tokenizer, "chat_template", None) is None and has_special_tags(dialog, tokenizer)
 

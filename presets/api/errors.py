@@ -1,4 +1,4 @@
-"""ApiError: the one exception that becomes a JSON 4xx/5xx answer: `{"detail": ...}` on the seed routes,
+"""ApiError: the one exception that becomes a JSON 4xx/5xx answer: `{"detail": ...}` on the Kaito routes,
 OpenAI's error object on the /v1 routes (`openai_error`)."""
 
 

@@ -1,4 +1,4 @@
-"""The Falcon seed route: POST /chat with a prompt (or chat messages) and HF generate parameters, flat; on
+"""Kaito's preset API for Falcon: POST /chat with a prompt (or chat messages) and HF generate parameters, flat; on
 transformers' generate (`chat`) or, for Llama-architecture folders, on our engine (`engine_chat`)."""
 
 import time

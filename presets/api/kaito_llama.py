@@ -1,4 +1,4 @@
-"""The seed routes of the Llama-2 servers: POST /generate (text completion) and POST /chat."""
+"""Kaito's preset API for Llama: POST /generate (text completion) and POST /chat."""
 
 from quart import Blueprint, jsonify, request
 
@@ -50,7 +50,7 @@ async def chat_completion():
     if len(dialogs) > rt.max_waiting:
         raise ApiError(400, f"input_data.input_string has {len(dialogs)} dialogs; at most {rt.max_waiting} per request")
     dialogs = [check_dialog(d, f"input_data.input_string[{i}]") for i, d in enumerate(dialogs)]
-    # `parameters` may sit inside input_data or beside it (the seeds show both); inside wins.
+    # `parameters` may sit inside input_data or beside it (Kaito's docs show both); inside wins.
     where = "input_data.parameters" if data.get("parameters") is not None else "parameters"
     raw = data.get("parameters") if data.get("parameters") is not None else body.get("parameters")
     params = SamplingParams.from_seed_parameters(raw, where, None, rt.max_seq_len)

@@ -145,7 +145,7 @@ def check():
 
 
 class LlmApiSettings:
-    """What the routes need from the server: the tokenizer, the runner, the default window and seeds."""
+    """What the routes need from the server: the tokenizer, the runner, the default window and random seed."""
 
     def __init__(self, rt, runner, repeat_last_n: int, seed: int):
         self.rt = rt

@@ -188,7 +188,7 @@ def _request(body: dict, prompts: list[list[int]], default_max: int | None, chat
     if newer is not None and body.get("max_tokens") not in (None, newer):
         raise ApiError(400, "max_tokens and max_completion_tokens differ; send one", param="max_completion_tokens")
     max_tokens = newer or max_tokens or room
-    if max_tokens > room:  # OpenAI's rule: a 400, not a shorter answer as the seed routes give
+    if max_tokens > room:  # OpenAI's rule: a 400, not a shorter answer as the Kaito routes give
         raise ApiError(
             400,
             f"this model's maximum context length is {context} tokens; the request has {longest} prompt "

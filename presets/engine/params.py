@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from presets.api.errors import ApiError
 from presets.api.validation import boolean, integer, number, reject_unknown
 
-# Server settings that clients sometimes send as parameters (the seed docs list them with the
+# Server settings that clients sometimes send as parameters (Kaito's preset docs list them with the
 # request parameters); they are fixed when the server starts.
 SERVER_SETTINGS = ("max_seq_len", "max_batch_size")
 GREEDY_BELOW = 1e-5  # temperatures under this are treated as 0 (greedy)
@@ -37,7 +37,7 @@ class SamplingParams:
     def from_seed_parameters(
         cls, params, where: str, default_max_gen_len: int | None, max_seq_len: int | None = None
     ) -> "SamplingParams":
-        """Parse the seeds' `parameters` object: temperature, top_p, max_gen_len, ignore_eos, seed.
+        """Parse the `parameters` object of Kaito's preset API: temperature, top_p, max_gen_len, ignore_eos, seed.
 
         The same ranges as the OpenAI routes: temperature in [0, 2], and a max_gen_len over `max_seq_len`
         (room no prompt could leave) is a 400; up to it, max_gen_len is capped to the room the prompt

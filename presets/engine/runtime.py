@@ -141,14 +141,14 @@ class Runtime:
 
     def sequences(self, prompts: list[list[int]], params: SamplingParams, n: int = 1, stops=()) -> list[Sequence]:
         """The Sequences of a request, for every route on the step engine: `n` choices per token-id prompt, in
-        order (with a seed, choice i samples with seed + i), each bounded by max_seq_len as the seeds are (400
+        order (with a seed, choice i samples with seed + i), each bounded by max_seq_len as Kaito's API says (400
         when a prompt cannot fit); with `stops`, a sequence ends once its text holds one of the strings."""
         seqs = []
         for i, ids in enumerate(prompts):
             room = room_left(self.max_seq_len, len(ids), self.context_setting, f"prompt {i}")
             for c in range(n):
                 p = params if params.seed is None else replace(params, seed=params.seed + c)
-                seq = Sequence(ids, p, min(params.max_tokens or room, room))  # the seeds: bounded by max_seq_len
+                seq = Sequence(ids, p, min(params.max_tokens or room, room))  # Kaito's API: bounded by max_seq_len
                 if params.grammar is not None:
                     seq.matcher = self.structured.matcher(params.grammar)
                 if stops:

@@ -90,7 +90,7 @@ def index():
 @common.get("/health")
 def healthz():
     """200 only when the model is loaded, warmed up and its engine thread is stepping, and not draining
-    (/health is Kaito's current probe path, /healthz the seeds')."""
+    (/health is Kaito's current probe path, /healthz its older one)."""
     ok, detail = runtime().health()
     if ok:
         return jsonify(status="Healthy")
@@ -145,7 +145,7 @@ def create_app(runtime_, blueprints, shutdown=lambda: None, api_keys=()) -> Quar
         app.register_blueprint(bp)
 
     def error(status: int, message: str, headers=None, param=None):
-        """The seed routes' {"detail": ...}, or OpenAI's error object on the /v1 routes."""
+        """The Kaito routes' {"detail": ...}, or OpenAI's error object on the /v1 routes."""
         body = openai_error(status, message, param) if request.path.startswith("/v1/") else {"detail": message}
         return jsonify(body), status, headers or {}
 
@@ -169,7 +169,8 @@ def create_app(runtime_, blueprints, shutdown=lambda: None, api_keys=()) -> Quar
         has_body = bool(request.content_length) or "Transfer-Encoding" in request.headers
         if request.method == "POST" and has_body and request.mimetype not in JSON_TYPES:
             # Also what keeps a web page from sending a no-preflight cross-site POST with a body (a form,
-            # text/plain); a bodiless one (the seeds' `curl -X POST .../shutdown`) meets /shutdown's Origin check.
+            # text/plain); a bodiless one (Kaito's documented `curl -X POST .../shutdown`) meets /shutdown's
+            # browser check.
             raise ApiError(
                 415,
                 f"POST bodies must be JSON: send Content-Type: application/json "

@@ -39,7 +39,7 @@ class Settings(HttpSettings):
     ckpt_dir: str = "weights/"
     tokenizer_path: str = ""  # default: ckpt_dir's tokenizer.model, or tokenizer.json in a HuggingFace folder
     max_seq_len: int = 512
-    max_batch_size: int = 32  # sequences running at once, as the seeds document (KV memory: --kv_cache_memory)
+    max_batch_size: int = 32  # sequences running at once, as Kaito's preset documents (KV memory: --kv_cache_memory)
     model_parallel_size: int = int(os.environ.get("WORLD_SIZE", 1))
     host: str = "0.0.0.0"
     port: int = 5000

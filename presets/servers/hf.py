@@ -18,8 +18,9 @@ from presets.models.hf import loader
 from presets.models.hf.engine import HFEngine, HFJob
 from presets.models.hf.params import DEFAULTS, EXTRAS
 from presets.models.hf.runner import HFRunner
-from presets.models.llama.checkpoint import CheckpointError, check_layout
 from presets.models.llama.hf_checkpoint import read_config
+from presets.models.llama.layout import CheckpointError
+from presets.models.llama.load import check_layout
 from presets.process import logs, server
 from presets.process.settings import HttpSettings, Settings, parse_settings
 from presets.servers import llama as llama_server
@@ -113,7 +114,7 @@ def build_runtime(settings: HFSettings) -> Runtime:
 
 
 def create_hf_app(settings: HFSettings, rt: Runtime, shutdown=lambda: None):
-    """The app: the seed /chat route and the OpenAI routes over `rt`."""
+    """The app: Kaito's /chat route and the OpenAI routes over `rt`."""
     keys = auth.load_keys(settings.api_key, settings.api_key_file)
     app = create_app(rt, [chat, openai], shutdown, keys)
     app.extensions["openai_model"] = OpenAIModel(

@@ -19,9 +19,9 @@ from presets.engine.runtime import Runtime
 from presets.engine.structured import StructuredOutput
 from presets.http import auth
 from presets.http.app import create_app
-from presets.models.llama.checkpoint import CheckpointError, check_layout, load_model
 from presets.models.llama.engine import CacheSettings, LlamaEngine
-from presets.models.llama.hf_checkpoint import is_hf_folder
+from presets.models.llama.layout import CheckpointError, is_hf_folder
+from presets.models.llama.load import check_layout, load_model
 from presets.models.llama.tokenizer import HFTokenizer, find_tokenizer, load_tokenizer
 from presets.process import device, distributed, logs, server
 from presets.process.probe_server import start_probe_server

@@ -29,8 +29,8 @@ import torch
 
 from presets.engine.params import SamplingParams
 from presets.models.llama import cpu_kernels
-from presets.models.llama.checkpoint import read_args
 from presets.models.llama.hf_convert import to_hf
+from presets.models.llama.load import read_args
 from presets.models.llama.model import ModelArgs
 from presets.models.llama.tokenizer import Tokenizer
 from presets.process import device

@@ -23,7 +23,7 @@ import time
 import torch
 
 from presets.engine.params import SamplingParams
-from presets.models.llama.checkpoint import read_args
+from presets.models.llama.load import read_args
 from presets.models.llama.tokenizer import Tokenizer
 from presets.process.settings import Settings
 from presets.servers.llama import build_runtime

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from gguf import GGUFWriter, TokenType
 
-from presets.models.llama.checkpoint import merge_shards, read_args
+from presets.models.llama.checkpoint import merge_shards
+from presets.models.llama.load import read_args
 from presets.models.llama.tokenizer import Tokenizer
 
 # Meta's names -> GGUF's, per layer ("blk.N.") and global.

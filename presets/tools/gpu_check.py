@@ -23,9 +23,9 @@ import torch
 from presets.engine.params import SamplingParams
 from presets.engine.scheduler import PlanItem, Sequence, StepPlan
 from presets.engine.step_loop import EngineLoop
-from presets.models.llama.checkpoint import load_model, read_args
 from presets.models.llama.engine import CacheSettings, LlamaEngine
 from presets.models.llama.hf_convert import to_hf
+from presets.models.llama.load import load_model, read_args
 from presets.models.llama.model import ModelArgs, Transformer
 from presets.models.llama.tokenizer import Tokenizer
 from presets.process.distributed import init_model_parallel

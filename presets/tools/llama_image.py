@@ -1,12 +1,15 @@
 """The build steps of every Llama-2 image, whichever documented command builds it.
 
-The seeds document three `docker build` commands for the same image, each with its own build args:
+Kaito's Llama-2 docs give three `docker build` commands for the same image, each with its own build args:
 
-- seed 000: `docker build --build-arg LLAMA_VERSION=llama-2-7b --build-arg SRC_DIR=/home/kaito/presets/llama-2 .`
+- the `LLAMA_VERSION` form:
+  `docker build --build-arg LLAMA_VERSION=llama-2-7b --build-arg SRC_DIR=/home/kaito/presets/llama-2 .`
   (./Dockerfile; the weights in llama/<LLAMA_VERSION>/ of the build context);
-- seed 001: `docker build --file docker/presets/llama-2/Dockerfile --build-arg LLAMA_WEIGHTS=<folder>
+- the `LLAMA_WEIGHTS` form:
+  `docker build --file docker/presets/llama-2/Dockerfile --build-arg LLAMA_WEIGHTS=<folder>
   --build-arg SRC_DIR=presets/llama-2 .`;
-- seed 002: `docker build --file docker/presets/inference/llama-2/Dockerfile --build-arg WEIGHTS_PATH=<folder>
+- the `WEIGHTS_PATH` form:
+  `docker build --file docker/presets/inference/llama-2/Dockerfile --build-arg WEIGHTS_PATH=<folder>
   --build-arg MODEL_TYPE=llama2-completion --build-arg VERSION=0.0.1 .`.
 
 Each Dockerfile only names its args to this module, in the image's /workspace/llama/llama-2:
@@ -14,8 +17,8 @@ Each Dockerfile only names its args to this module, in the image's /workspace/ll
     python -m presets.tools.llama_image server SRC_DIR=<value> LLAMA_WEIGHTS=<value>  # before the weights' COPY
     python -m presets.tools.llama_image weights LLAMA_WEIGHTS=<value> VERSION=<value>  # after it
 
-A bad arg stops the build with one line naming it. SRC_DIR is a name, not a path to copy (seed 000 gives a
-path on the builder's machine): its last folder says which server, `llama-2` (text) or `llama-2-chat` (chat).
+A bad arg stops the build with one line naming it. SRC_DIR is a name, not a path to copy (the `LLAMA_VERSION` form
+gives a path on the builder's machine): its last folder says which server, `llama-2` (text) or `llama-2-chat` (chat).
 """
 
 import os

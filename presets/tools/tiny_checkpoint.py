@@ -15,7 +15,7 @@ import os
 import sentencepiece as spm
 import torch
 
-from presets.models.llama.checkpoint import split_dim
+from presets.models.llama.layout import split_dim
 from presets.models.llama.model import ModelArgs
 
 CORPUS = os.path.join(os.path.dirname(__file__), "corpus.txt")

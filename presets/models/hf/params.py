@@ -1,11 +1,11 @@
-"""The Falcon server's generation parameters: seed 001's list with its defaults, validated, and mapped to our
-engine's sampling parameters where it runs the model (Llama-architecture folders)."""
+"""The Falcon server's generation parameters: the list of Kaito's Falcon preset, with its defaults, validated,
+and mapped to our engine's sampling parameters where it runs the model (Llama-architecture folders)."""
 
 from presets.api.errors import ApiError
 from presets.api.validation import boolean, integer, number
 from presets.engine.params import SamplingParams, room_left
 
-# Seed 001's "full configurable parameters" example: these are its values.
+# Kaito's Falcon preset documents these "full configurable parameters": these are its values.
 DEFAULTS = {
     "max_length": 200,
     "min_length": 0,

@@ -1,14 +1,14 @@
-"""Load Meta's Llama-2 checkpoint layout: params.json, consolidated.NN.pth (one per rank), tokenizer.model.
+"""Meta's Llama-2 checkpoint layout: params.json, consolidated.NN.pth (one per rank), tokenizer.model.
 
-A HuggingFace folder (config.json, safetensors) is recognised here and loaded by hf_checkpoint.py."""
+load.py picks this module or hf_checkpoint.py for a folder; both build on layout.py."""
 
-import glob
 import json
 import logging
 import os
 
 import torch
 
+from presets.models.llama.layout import CheckpointError, shard_paths, split_dim
 from presets.models.llama.model import ModelArgs, Transformer
 
 log = logging.getLogger(__name__)
@@ -16,52 +16,9 @@ log = logging.getLogger(__name__)
 # Keys Meta's files carry that the model does not use (it recomputes the rotary table).
 IGNORED_KEYS = {"rope.freqs"}
 
-# How Meta splits each weight over model-parallel ranks: dim 0 for column-parallel layers,
-# dim 1 for row-parallel layers and the embedding; None means every shard holds it whole.
-SPLIT_DIM = {
-    "tok_embeddings": 1,
-    "output": 0,
-    "wq": 0,
-    "wk": 0,
-    "wv": 0,
-    "wo": 1,
-    "w1": 0,
-    "w3": 0,
-    "w2": 1,
-}
 
-
-def split_dim(key: str) -> int | None:
-    """The dimension along which Meta's shards split the weight `key` (None: each shard has it whole)."""
-    return SPLIT_DIM.get(key.split(".")[-2] if key.endswith(".weight") else key)
-
-
-class CheckpointError(Exception):
-    """A checkpoint folder that cannot be served; the message says what is wrong."""
-
-
-def shard_paths(ckpt_dir: str) -> list[str]:
-    return sorted(glob.glob(os.path.join(ckpt_dir, "consolidated.*.pth")))
-
-
-def check_layout(ckpt_dir: str, tokenizer_path: str, mp_size: int, max_seq_len: int | None = None) -> None:
-    """Cheap checks before loading: every file is there, the config is one we run, the shards fit the ranks."""
-    from presets.models.llama.hf_checkpoint import check_split, is_hf_folder, weight_files
-    from presets.models.llama.tokenizer import TokenizerError, find_tokenizer, load_tokenizer
-
-    if not os.path.isdir(ckpt_dir):
-        raise CheckpointError(f"checkpoint folder not found: {ckpt_dir}")
-    hf = is_hf_folder(ckpt_dir)
-    if not hf and not os.path.isfile(os.path.join(ckpt_dir, "params.json")):
-        raise CheckpointError(f"neither params.json (Meta's layout) nor config.json (HuggingFace's) in {ckpt_dir}")
-    try:
-        tokenizer = load_tokenizer(find_tokenizer(ckpt_dir, tokenizer_path), ckpt_dir)
-    except TokenizerError as e:
-        raise CheckpointError(str(e)) from e
-    if hf:
-        check_split(read_args(ckpt_dir, tokenizer, max_seq_len), mp_size)
-        weight_files(ckpt_dir)
-        return
+def check_meta_shards(ckpt_dir: str, mp_size: int) -> None:
+    """Every consolidated.NN.pth is there, numbered from 00, one per rank."""
     shards = shard_paths(ckpt_dir)
     if not shards:
         raise CheckpointError(f"no consolidated.NN.pth shard found in {ckpt_dir}")
@@ -76,18 +33,8 @@ def check_layout(ckpt_dir: str, tokenizer_path: str, mp_size: int, max_seq_len: 
         )
 
 
-def read_args(ckpt_dir: str, tokenizer, max_seq_len: int | None = None) -> ModelArgs:
-    """ModelArgs from params.json (vocab_size -1 resolved to the tokenizer's size) or an HF config.json."""
-    from presets.models.llama.hf_checkpoint import is_hf_folder, read_hf_args
-
-    if is_hf_folder(ckpt_dir):
-        args = read_hf_args(ckpt_dir, max_seq_len)
-        if tokenizer.n_words > args.vocab_size:  # a model may have more rows than tokens (padding), never fewer
-            raise CheckpointError(
-                f"vocab mismatch: config.json has vocab_size {args.vocab_size}, "
-                f"the tokenizer has {tokenizer.n_words} tokens"
-            )
-        return args
+def read_meta_args(ckpt_dir: str, tokenizer) -> ModelArgs:
+    """ModelArgs from params.json (vocab_size -1 resolved to the tokenizer's size)."""
     path = os.path.join(ckpt_dir, "params.json")
     try:
         with open(path) as f:
@@ -107,14 +54,8 @@ def read_args(ckpt_dir: str, tokenizer, max_seq_len: int | None = None) -> Model
     return args
 
 
-def load_model(ckpt_dir, tokenizer, mp_rank, mp_size, device, dtype, progress=log.info) -> Transformer:
-    """Build the model for rank `mp_rank` and fill it from its shard, strictly, without copies to spare
-    (Meta's layout here; a HuggingFace folder in hf_checkpoint.py)."""
-    from presets.models.llama.hf_checkpoint import is_hf_folder, load_hf_model
-
-    args = read_args(ckpt_dir, tokenizer)
-    if is_hf_folder(ckpt_dir):
-        return load_hf_model(ckpt_dir, args, mp_rank, mp_size, device, dtype, progress)
+def load_meta_model(ckpt_dir, args: ModelArgs, mp_rank, mp_size, device, dtype, progress=log.info) -> Transformer:
+    """Build the model for rank `mp_rank` and fill it from its shard, strictly, without copies to spare."""
     n_kv = args.n_kv_heads or args.n_heads
     if args.n_heads % mp_size or n_kv % mp_size:
         raise CheckpointError(f"n_heads {args.n_heads} / n_kv_heads {n_kv} do not split over {mp_size} ranks")

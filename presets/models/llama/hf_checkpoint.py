@@ -11,8 +11,8 @@ import os
 
 import torch
 
-from presets.models.llama.checkpoint import CheckpointError, split_dim
 from presets.models.llama.json_files import read_json
+from presets.models.llama.layout import CheckpointError, split_dim
 from presets.models.llama.model import ModelArgs, Transformer
 
 log = logging.getLogger(__name__)
@@ -34,13 +34,6 @@ TOP_KEYS = {"tok_embeddings": "model.embed_tokens", "norm": "model.norm", "outpu
 MUST_BE = (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False), ("quantization_config", None))
 ROPE_TYPES = ("default", "llama3")
 LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-
-
-def is_hf_folder(ckpt_dir: str) -> bool:
-    """A HuggingFace model folder (config.json) rather than Meta's layout (params.json)."""
-    return os.path.isfile(os.path.join(ckpt_dir, "config.json")) and not os.path.isfile(
-        os.path.join(ckpt_dir, "params.json")
-    )
 
 
 def read_config(ckpt_dir: str) -> dict:

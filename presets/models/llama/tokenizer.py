@@ -9,8 +9,8 @@ import logging
 import os
 
 from presets.api.chat_template import ChatTemplate, ChatTemplateError, load_chat_template, special_tokens
-from presets.models.llama.hf_checkpoint import is_hf_folder
 from presets.models.llama.json_files import read_json
+from presets.models.llama.layout import is_hf_folder
 
 log = logging.getLogger(__name__)
 
