@@ -259,7 +259,7 @@ def test_several_eos_ids_each_end_the_answer(llama3_dir, tmp_path):
 
 def test_a_sentencepiece_tokenizer_keeps_the_llama2_format(tiny_ckpt, tied_dir, tmp_path):
     """A template writes "<s>" as text, which SentencePiece cannot turn into BOS: the Llama-2 format is used."""
-    from presets.api.chat_format import encode_dialog, encode_llama2
+    from presets.api.chat import encode_dialog, encode_llama2
 
     folder = tmp_path / "sp"
     shutil.copytree(tied_dir, folder)

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from presets.api.chat_format import UNSAFE_ERROR, encode_dialog
+from presets.api.chat import UNSAFE_ERROR, encode_dialog
 from presets.api.kaito_llama import completion
 from presets.engine.params import SamplingParams
 from presets.engine.runtime import Runtime

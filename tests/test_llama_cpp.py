@@ -557,9 +557,43 @@ LLAMA2_TEMPLATE = (
 )
 
 
+# Jinja features every server must render alike: loop controls, tojson, strftime_now, a role order of its own.
+TOOLED_TEMPLATE = (
+    "{% for m in messages %}{% if loop.index > 3 %}{% break %}{% endif %}"
+    "{{ m['role'] | upper }}: {{ m['content'] | tojson }}\n{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT ({{ strftime_now('%Y') }}):{% endif %}"
+)
+
+
+def test_a_chat_template_renders_to_the_same_ids_on_every_server(tiny_ckpt, tmp_path):
+    """One template, three servers: the Llama server (a tokenizer with the template), the Falcon/HF server's
+    /chat messages and llm-api's GGUF file all render through api/chat.py and give the same ids."""
+    from presets.api.chat import encode_dialog
+    from presets.api.chat_template import ChatTemplate
+    from presets.api.kaito_falcon import prompt_text
+    from presets.servers.llm_api import _encode_messages
+
+    dialog = [
+        {"role": "user", "content": "Hi"},
+        {"role": "user", "content": 'Say "yes"'},  # two user turns: the template, not a rule of ours, decides
+        {"role": "assistant", "content": "Yes."},
+        {"role": "user", "content": "cut by {% break %}"},
+    ]
+    sp = Tokenizer(os.path.join(tiny_ckpt, "tokenizer.model"))
+    sp.chat_template = ChatTemplate(TOOLED_TEMPLATE, {})
+    llama_ids = encode_dialog(sp, dialog)
+    text, special = prompt_text({"messages": dialog}, ChatTemplate(TOOLED_TEMPLATE, {}))
+    assert not special and sp.encode(text, bos=False, eos=False) == llama_ids
+    assert text.startswith('USER: "Hi"\nUSER: "Say \\"yes\\""\nASSISTANT: "Yes."\nASSISTANT (') and "cut by" not in text
+    with serving(tiny_ckpt, tmp_path, "chat", chat_template=TOOLED_TEMPLATE) as (app, rt):
+        assert _encode_messages(rt, dialog) == llama_ids
+        r = LiveClient(app).post("/v1/chat/completions", json={"messages": dialog, "max_tokens": 2})
+        assert r.status_code == 200 and r.get_json()["usage"]["prompt_tokens"] == len(llama_ids), r.get_data()
+
+
 def test_chat_uses_the_files_chat_template(tiny_ckpt, tmp_path):
     """A GGUF with Llama-2's chat template: /v1/chat/completions sends exactly Meta's chat token ids."""
-    from presets.api.chat_format import encode_dialog
+    from presets.api.chat import encode_dialog
     from presets.servers.llm_api import _encode_messages
 
     with serving(tiny_ckpt, tmp_path, "chat", chat_template=LLAMA2_TEMPLATE) as (app, rt):

@@ -233,7 +233,7 @@ def test_logprobs_are_the_log_softmax_of_the_models_logits(live, reference):
     """Chat: each greedy token's logprob and its top alternatives equal log_softmax of transformers' logits
     on the same folder at that position; completions give OpenAI's other shape with the same numbers."""
     _, rt, oa = live
-    from presets.api.chat_format import encode_dialog
+    from presets.api.chat import encode_dialog
 
     done = oa.chat.completions.create(
         model="smollm2-135m-instruct", messages=CHAT, temperature=0, max_tokens=6, logprobs=True, top_logprobs=3

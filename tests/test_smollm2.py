@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from presets.api.chat_format import encode_dialog
+from presets.api.chat import encode_dialog
 from presets.models.llama.load import load_model
 from presets.models.llama.tokenizer import find_tokenizer, load_tokenizer
 from tests.launch import assert_ranks_answer_as_one

@@ -5,6 +5,7 @@ import time
 
 from quart import Blueprint, jsonify, request
 
+from presets.api.chat import openai_messages, render
 from presets.api.chat_template import ChatTemplate
 from presets.api.errors import ApiError
 from presets.api.validation import json_body, reject_unknown
@@ -18,7 +19,7 @@ chat = Blueprint("hf_chat", __name__)
 ALLOWED = {"prompt", "messages"} | set(hf_params.DEFAULTS) | set(hf_params.EXTRAS)
 
 
-def prompt_text(body: dict, tokenizer) -> tuple[str, bool]:
+def prompt_text(body: dict, template) -> tuple[str, bool]:
     """(text, add_special_tokens): the prompt, or the messages rendered by the model's chat template."""
     if ("prompt" in body) == ("messages" in body):
         raise ApiError(400, "give exactly one of prompt (a string) or messages (a list of {role, content})")
@@ -26,25 +27,12 @@ def prompt_text(body: dict, tokenizer) -> tuple[str, bool]:
         if not isinstance(body["prompt"], str):
             raise ApiError(400, "prompt must be a string")
         return body["prompt"], True
-    return render_messages(body["messages"], tokenizer), False  # the template writes special tokens itself
+    return render(template, openai_messages(body["messages"])), False  # the template writes special tokens itself
 
 
-def render_messages(messages, tokenizer) -> str:
-    """Chat messages as text in the model's chat template (transformers' tokenizer renders it on generate's
-    path, our renderer on our engine's); 400 when it has none or they do not fit."""
-    if not isinstance(messages, list) or not messages:
-        raise ApiError(400, "messages must be a non-empty list of {role, content} objects")
-    for i, m in enumerate(messages):
-        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
-            raise ApiError(400, f"messages[{i}] must be an object with string role and content")
-    if not getattr(tokenizer, "chat_template", None):
-        raise ApiError(400, "this model has no chat template: send prompt instead of messages")
-    try:
-        if isinstance(tokenizer.chat_template, ChatTemplate):
-            return tokenizer.chat_template.render(messages, add_generation_prompt=True)
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    except Exception as e:  # the template itself may reject a role order
-        raise ApiError(400, f"messages do not fit the model's chat template: {e}") from e
+def chat_template(rt) -> ChatTemplate | None:
+    """The model's chat template: the one the HF engine loaded for generate, or our engine's tokenizer's."""
+    return rt.engine.chat_template if rt.engine is not None else rt.tokenizer.chat_template
 
 
 async def seed_request():
@@ -54,7 +42,7 @@ async def seed_request():
     rt = runtime()
     rt.require_ready()
     vocab = rt.engine.vocab_size if rt.engine is not None else rt.tokenizer.n_words  # generate's or ours
-    text, special = prompt_text(body, rt.tokenizer)
+    text, special = prompt_text(body, chat_template(rt))
     return rt, hf_params.parse(body, vocab), text, special
 
 

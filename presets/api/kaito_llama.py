@@ -2,7 +2,7 @@
 
 from quart import Blueprint, jsonify, request
 
-from presets.api.chat_format import UNSAFE_ERROR, check_dialog, encode_dialog, refused
+from presets.api.chat import UNSAFE_ERROR, encode_dialog, kaito_dialog, refused
 from presets.api.errors import ApiError
 from presets.api.validation import json_body, reject_unknown, string_list
 from presets.engine.params import SamplingParams
@@ -49,14 +49,15 @@ async def chat_completion():
         raise ApiError(400, "input_data.input_string must be a non-empty list of dialogs")
     if len(dialogs) > rt.max_waiting:
         raise ApiError(400, f"input_data.input_string has {len(dialogs)} dialogs; at most {rt.max_waiting} per request")
-    dialogs = [check_dialog(d, f"input_data.input_string[{i}]") for i, d in enumerate(dialogs)]
+    dialogs = [kaito_dialog(d, f"input_data.input_string[{i}]") for i, d in enumerate(dialogs)]
     # `parameters` may sit inside input_data or beside it (Kaito's docs show both); inside wins.
     where = "input_data.parameters" if data.get("parameters") is not None else "parameters"
     raw = data.get("parameters") if data.get("parameters") is not None else body.get("parameters")
     params = SamplingParams.from_seed_parameters(raw, where, None, rt.max_seq_len)
 
     safe = [i for i, d in enumerate(dialogs) if not refused(rt.tokenizer, d)]
-    seqs = await rt.agenerate([encode_dialog(rt.tokenizer, dialogs[i]) for i in safe], params) if safe else []
+    prompts = [encode_dialog(rt.tokenizer, dialogs[i], f"input_data.input_string[{i}]") for i in safe]
+    seqs = await rt.agenerate(prompts, params) if safe else []
     record(seqs)
     answers = {i: rt.tokenizer.decode(s.output) for i, s in zip(safe, seqs)}
     results = [

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 
 from quart import Blueprint, Response, current_app, jsonify, request
 
+from presets.api.chat import openai_messages
 from presets.api.errors import ApiError, openai_error
-from presets.api.validation import boolean, integer, json_body, number, reject_unknown
+from presets.api.validation import boolean, integer, json_body, number
 from presets.engine.params import MAX_TEMPERATURE, SamplingParams, room_left
 from presets.engine.structured import grammar_for
 from presets.http.app import logged_stream, runtime
@@ -43,7 +44,6 @@ COMMON = {
 }
 COMPLETION_FIELDS = COMMON | {"prompt", "echo", "best_of"}
 CHAT_FIELDS = COMMON | {"messages", "max_completion_tokens", "top_logprobs"}
-MESSAGE_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 MAX_N = 16
 STARTED = int(time.time())
 
@@ -234,41 +234,6 @@ def prompt_ids(prompt, vocab: int | None) -> list[list[int]] | None:
     return lists
 
 
-def chat_messages(messages) -> list[dict]:
-    """OpenAI chat messages as {role, content} text: content parts joined, "developer" as "system"; anything
-    else in a message (other fields, other part types, other roles) is a 400 naming it."""
-    if not isinstance(messages, list) or not messages:
-        raise ApiError(400, "messages must be a non-empty list of {role, content} objects", param="messages")
-    out = []
-    for i, m in enumerate(messages):
-        where = f"messages[{i}]"
-        if not isinstance(m, dict):
-            raise ApiError(400, f"{where} must be an object with role and content", param=where)
-        reject_unknown(m, ("role", "content"), where)
-        if m.get("role") not in MESSAGE_ROLES:
-            raise ApiError(
-                400,
-                f"{where}.role must be one of {sorted(MESSAGE_ROLES)}, got {m.get('role')!r}",
-                param=f"{where}.role",
-            )
-        content = m.get("content")
-        if isinstance(content, list):
-            for j, part in enumerate(content):
-                if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
-                    raise ApiError(
-                        400,
-                        f'{where}.content[{j}] must be a text part {{"type": "text", "text": '
-                        "...} (this server reads text only)",
-                        param=f"{where}.content",
-                    )
-                reject_unknown(part, ("type", "text"), f"{where}.content[{j}]")
-            content = "".join(part["text"] for part in content)
-        if not isinstance(content, str):
-            raise ApiError(400, f"{where}.content must be a string or a list of text parts", param=f"{where}.content")
-        out.append({"role": MESSAGE_ROLES[m["role"]], "content": content})
-    return out
-
-
 async def _run(prompts, body, default_max, chat: bool, echoes=None):
     """Generate for validated token-id `prompts`; `echoes`: the prompts' text, for echo."""
     params, opt = _request(body, prompts, default_max, chat)
@@ -439,4 +404,4 @@ async def chat_completions():
     body = await json_body(request)
     runtime().require_ready()
     _reject_unsupported(body, CHAT_FIELDS)
-    return await _run([model().encode_messages(chat_messages(body.get("messages")))], body, None, chat=True)
+    return await _run([model().encode_messages(openai_messages(body.get("messages")))], body, None, chat=True)

@@ -8,7 +8,9 @@ import os
 import sys
 from dataclasses import dataclass
 
-from presets.api.kaito_falcon import chat, engine_chat, render_messages
+from presets.api.chat import render
+from presets.api.chat_template import ChatTemplate, ChatTemplateError, load_chat_template
+from presets.api.kaito_falcon import chat, engine_chat
 from presets.api.openai import OpenAIModel, openai
 from presets.engine.batch_loop import BatchLoop, Job
 from presets.engine.runtime import Runtime
@@ -91,12 +93,21 @@ def llama_settings(settings: HFSettings) -> Settings:
     )
 
 
+def folder_chat_template(folder: str) -> ChatTemplate | None:
+    """The folder's chat template for generate's path; None (and a warning) when it has none or it is broken."""
+    try:
+        return load_chat_template(folder)
+    except ChatTemplateError as e:
+        log.warning("the model's chat template cannot be used: %s", e)
+        return None
+
+
 def build_runtime(settings: HFSettings) -> Runtime:
     def load(progress):
         model, tokenizer = loader.load(
             settings.model_id, settings.torch_dtype, settings.device_map, settings.trust_remote_code, progress
         )
-        return HFEngine(model, tokenizer), tokenizer
+        return HFEngine(model, tokenizer, folder_chat_template(settings.model_id)), tokenizer
 
     def make_loop(engine: HFEngine, tokenizer):
         rt.engine = engine
@@ -121,7 +132,7 @@ def create_hf_app(settings: HFSettings, rt: Runtime, shutdown=lambda: None):
         settings.served_model_name or os.path.basename(os.path.normpath(settings.model_id)),
         lambda: rt.engine.context or 2048,
         lambda text: rt.tokenizer(text).input_ids,
-        lambda messages: rt.tokenizer(render_messages(messages, rt.tokenizer), add_special_tokens=False).input_ids,
+        lambda messages: rt.tokenizer(render(rt.engine.chat_template, messages), add_special_tokens=False).input_ids,
         HFRunner(rt),
         engine="transformers",
         vocab_size=lambda: len(rt.tokenizer),

@@ -9,7 +9,7 @@ import os
 import signal
 import sys
 
-from presets.api.chat_format import check_dialog, encode_dialog, refused
+from presets.api.chat import encode_dialog, refused
 from presets.api.errors import ApiError
 from presets.api.kaito_llama import chat, completion
 from presets.api.openai import OpenAIModel, openai
@@ -85,7 +85,7 @@ def openai_model(rt: Runtime, settings: Settings, kind: str) -> OpenAIModel:
     """The Llama-2 family as the OpenAI routes see it (the tokenizer is read once the model has loaded)."""
 
     def encode_messages(messages):
-        dialog = check_dialog(messages, "messages")
+        dialog = messages  # validated by the route (api/chat.py openai_messages)
         if refused(rt.tokenizer, dialog):
             raise ApiError(400, "messages: special tags ([INST], [/INST], <<SYS>>, <</SYS>>) are not allowed")
         return encode_dialog(rt.tokenizer, dialog)

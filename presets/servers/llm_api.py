@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from presets.api.errors import ApiError
+from presets.api.chat import render
 from presets.api.llm_api import LlmApiSettings, llm_api
 from presets.api.openai import OpenAIModel, openai
 from presets.engine.runner import StepRunner
@@ -49,37 +49,9 @@ def build_runtime(cfg: LlmApiConfig, path: str) -> Runtime:
     return rt
 
 
-def _encode_messages(rt: Runtime, messages) -> list[int]:
-    """Chat messages in the GGUF file's own chat template (tokenizer.chat_template), as token ids."""
-    template = rt.tokenizer.chat_template()
-    if not template:
-        raise ApiError(400, "this model file has no chat template: use /v1/completions with your own prompt format")
-    if not isinstance(messages, list) or not all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages
-    ):
-        raise ApiError(400, "messages must be a list of objects with string role and content")
-    from jinja2 import TemplateError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def refuse(message):
-        raise ApiError(400, f"messages do not fit the model's chat template: {message}")
-
-    tok = rt.tokenizer
-    try:
-        text = (
-            ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-            .from_string(template)
-            .render(
-                messages=messages,
-                add_generation_prompt=True,
-                raise_exception=refuse,
-                bos_token=tok.bos_text,
-                eos_token=tok.eos_text,
-            )
-        )
-    except TemplateError as e:
-        raise ApiError(400, f"messages do not fit the model's chat template: {e}") from e
-    return tok.encode(text, bos=False, special=True)
+def _encode_messages(rt: Runtime, messages: list[dict]) -> list[int]:
+    """Validated chat messages in the GGUF file's own chat template (api/chat.py renders it), as token ids."""
+    return rt.tokenizer.encode(render(rt.tokenizer.chat_template, messages), bos=False, special=True)
 
 
 def build_app(cfg: LlmApiConfig, path: str, exit=lambda code: None, start: bool = True):

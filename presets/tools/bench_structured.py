@@ -29,7 +29,7 @@ SCHEMA = {
 
 
 def run(model_dir: str, constrained_share: float, requests: int, clients: int, new_tokens: int) -> dict:
-    from presets.api.chat_format import encode_dialog
+    from presets.api.chat import encode_dialog
     from presets.engine.params import SamplingParams
     from presets.engine.structured import grammar_for
     from presets.process.settings import Settings

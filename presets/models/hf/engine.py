@@ -55,9 +55,10 @@ def batch_key(params: dict):
 
 
 class HFEngine:
-    def __init__(self, model, tokenizer):
+    def __init__(self, model, tokenizer, chat_template=None):
         self.model = model
         self.tokenizer = tokenizer
+        self.chat_template = chat_template  # the folder's, as api/chat.py renders every model's (None: none)
         self.device = model.device
         config = model.config
         self.context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)

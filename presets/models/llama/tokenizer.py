@@ -104,7 +104,7 @@ def find_tokenizer(ckpt_dir: str, tokenizer_path: str = "") -> str:
 
 def load_tokenizer(path: str, model_dir: str | None = None) -> Tokenizer | HFTokenizer:
     """The tokenizer in `path`, told by its content: JSON is a tokenizer.json, else a SentencePiece model
-    (which has no chat template here: the Llama-2 format is written for it; see chat_format.py)."""
+    (which has no chat template here: the Llama-2 format is written for it; see api/chat.py)."""
     with open(path, "rb") as f:
         head = f.read(256).lstrip()
     if head.startswith(b"{"):

@@ -14,6 +14,7 @@ import llama_cpp
 import numpy as np
 import torch
 
+from presets.api.chat_template import ChatTemplate, ChatTemplateError
 from presets.process.device import cpu_flags
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ class LlamaCppTokenizer:
         self.bos_id = bos if bos >= 0 else self.eos_id  # a model without BOS: the warm-up step starts from EOS
         self.add_bos = llama_cpp.llama_vocab_get_add_bos(self.vocab)
         self._pieces: dict[int, bytes] = {}
+        self.chat_template = self._chat_template()
 
     def special_text(self, token: int) -> str:
         """How a control token (BOS, EOS) is written in text, e.g. "<s>"; "" for none (-1)."""
@@ -93,10 +95,19 @@ class LlamaCppTokenizer:
         """The text of `ids` as a continuation (a leading space is kept; BOS/EOS render as nothing)."""
         return b"".join(self.piece(t) for t in ids).decode("utf-8", "replace")
 
-    def chat_template(self) -> str | None:
-        """The file's tokenizer.chat_template (Jinja), if it has one."""
+    def _chat_template(self) -> ChatTemplate | None:
+        """The file's tokenizer.chat_template, rendered as every server renders templates (api/chat.py); None
+        without one, or with one that does not compile (then /v1/chat/completions says there is none)."""
         raw = llama_cpp.llama_model_chat_template(self.model, None)
-        return raw.decode("utf-8") if raw else None
+        if not raw:
+            return None
+        try:
+            return ChatTemplate(
+                raw.decode("utf-8", "replace"), {"bos_token": self.bos_text, "eos_token": self.eos_text}
+            )
+        except ChatTemplateError as e:
+            log.warning("the model file's chat template cannot be used: %s", e)
+            return None
 
 
 class LlamaCppEngine:

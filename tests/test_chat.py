@@ -1,8 +1,9 @@
-"""Llama-2 chat format: token ids, role order, special tags."""
+"""Chat messages to prompt ids (api/chat.py): Meta's Llama-2 format (ids, role order, special tags), validation, and
+one renderer of chat templates for every server."""
 
 import pytest
 
-from presets.api.chat_format import check_dialog, encode_dialog, has_special_tags
+from presets.api.chat import encode_dialog, has_special_tags, kaito_dialog
 from presets.api.errors import ApiError
 from presets.models.llama.tokenizer import Tokenizer
 
@@ -20,7 +21,7 @@ def tok(tiny_ckpt):
 
 
 def test_chat_format_token_ids(tok):
-    ids = encode_dialog(tok, check_dialog(DIALOG, "d"))
+    ids = encode_dialog(tok, kaito_dialog(DIALOG, "d"))
     first = "[INST] <<SYS>>\nAlways answer with Haiku\n<</SYS>>\n\nI am going to Paris, what should I see? [/INST]"
     expected = tok.encode(first + " Paris, the capital of France. ", bos=True, eos=True) + tok.encode(
         "[INST] What is so great about its art? [/INST]", bos=True, eos=False
@@ -70,10 +71,10 @@ def test_chat_format_golden_ids(tok):
         ["user", "assistant", "assistant"],
     ],
 )
-def test_wrong_role_order_is_rejected(roles):
-    dialog = [{"role": r, "content": "x"} for r in roles]
+def test_wrong_role_order_is_rejected_in_metas_format(tok, roles):
+    dialog = kaito_dialog([{"role": r, "content": "x"} for r in roles], "input_string[3]")
     with pytest.raises(ApiError, match="input_string\\[3\\]: roles must") as e:
-        check_dialog(dialog, "input_string[3]")
+        encode_dialog(tok, dialog, "input_string[3]")
     assert e.value.status == 400
 
 
@@ -89,7 +90,7 @@ def test_wrong_role_order_is_rejected(roles):
 )
 def test_malformed_dialogs(dialog, message):
     with pytest.raises(ApiError, match=message):
-        check_dialog(dialog, "d")
+        kaito_dialog(dialog, "d")
 
 
 def test_special_tags_detected():
