@@ -112,12 +112,12 @@ format: $(STAMP) ## apply ruff's formatting and safe fixes
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-bench: $(STAMP) ## DESIGN.md's benchmark (vs transformers baselines), the paged KV cache's (bench_kv), over HTTP (bench_http)
+bench: $(STAMP) ## the defined benchmark of docs/benchmarks.md (vs transformers baselines), the paged KV cache's (bench_kv), over HTTP (bench_http)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m presets.tools.bench
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m presets.tools.bench_kv
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m presets.tools.bench_http
 
-bench-hf: $(STAMP) ## the HF server: our engine vs generate on SmolLM2 (DESIGN's workload), generate's batching gain on Falcon
+bench-hf: $(STAMP) ## the HF server: our engine vs generate on SmolLM2 (the defined workload), generate's batching gain on Falcon
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m presets.tools.bench_hf
 
 bench-llama-cpp: $(LLAMA_CPP_STAMP) ## measure the llm-api server (batched and batch 1) against llama-cpp-python one request at a time

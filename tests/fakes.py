@@ -5,6 +5,8 @@ import time
 
 import torch
 
+from presets.engine.step_loop import KVConfig
+
 BOS, EOS, OFFSET = 1, 2, 3
 
 
@@ -38,10 +40,16 @@ class FakeEngine:
     ):
         self.vocab = vocab
         self.step_seconds = step_seconds
-        self.kv_config = (num_blocks, block_size, prefix_caching)
+        self.kv_config = KVConfig(num_blocks, block_size, prefix_caching)
         self.max_num_batched_tokens = max_num_batched_tokens
         self.steps: list[list[tuple[int, int, int]]] = []  # per step: (slot, start, tokens) of each item
         self.lock = threading.Lock()
+
+    def heartbeat(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
     def run(self, plan) -> torch.Tensor:
         self.steps.append([(it.slot, it.start, len(it.tokens)) for it in plan.items])

@@ -571,7 +571,6 @@ def test_a_chat_template_renders_to_the_same_ids_on_every_server(tiny_ckpt, tmp_
     from presets.api.chat import encode_dialog
     from presets.api.chat_template import ChatTemplate
     from presets.api.kaito_falcon import prompt_text
-    from presets.servers.llm_api import _encode_messages
 
     dialog = [
         {"role": "user", "content": "Hi"},
@@ -586,7 +585,7 @@ def test_a_chat_template_renders_to_the_same_ids_on_every_server(tiny_ckpt, tmp_
     assert not special and sp.encode(text, bos=False, eos=False) == llama_ids
     assert text.startswith('USER: "Hi"\nUSER: "Say \\"yes\\""\nASSISTANT: "Yes."\nASSISTANT (') and "cut by" not in text
     with serving(tiny_ckpt, tmp_path, "chat", chat_template=TOOLED_TEMPLATE) as (app, rt):
-        assert _encode_messages(rt, dialog) == llama_ids
+        assert app.extensions["openai_model"].encode_messages(dialog) == llama_ids
         r = LiveClient(app).post("/v1/chat/completions", json={"messages": dialog, "max_tokens": 2})
         assert r.status_code == 200 and r.get_json()["usage"]["prompt_tokens"] == len(llama_ids), r.get_data()
 
@@ -594,7 +593,6 @@ def test_a_chat_template_renders_to_the_same_ids_on_every_server(tiny_ckpt, tmp_
 def test_chat_uses_the_files_chat_template(tiny_ckpt, tmp_path):
     """A GGUF with Llama-2's chat template: /v1/chat/completions sends exactly Meta's chat token ids."""
     from presets.api.chat import encode_dialog
-    from presets.servers.llm_api import _encode_messages
 
     with serving(tiny_ckpt, tmp_path, "chat", chat_template=LLAMA2_TEMPLATE) as (app, rt):
         dialog = [
@@ -603,7 +601,7 @@ def test_chat_uses_the_files_chat_template(tiny_ckpt, tmp_path):
             {"role": "user", "content": "What is the capital of France?"},
         ]
         expected = encode_dialog(Tokenizer(os.path.join(tiny_ckpt, "tokenizer.model")), dialog)
-        assert _encode_messages(rt, dialog) == expected
+        assert app.extensions["openai_model"].encode_messages(dialog) == expected
         client = LiveClient(app)
         r = client.post("/v1/chat/completions", json={"messages": dialog, "max_tokens": 8, "temperature": 0})
         assert r.status_code == 200 and r.get_json()["usage"]["prompt_tokens"] == len(expected)

@@ -10,7 +10,9 @@ import json
 import re
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Protocol
 
 from quart import Blueprint, Response, current_app, jsonify, request
 
@@ -48,18 +50,38 @@ MAX_N = 16
 STARTED = int(time.time())
 
 
-@dataclass
-class OpenAIModel:
-    """What a model family tells the OpenAI routes (callables: the model may still be loading)."""
+class Runner(Protocol):
+    """Runs a request's prompts: engine/runner.py StepRunner on the step engine, models/hf/runner.py HFRunner on
+    transformers' generate."""
 
-    name: str
-    context: object  # () -> the longest prompt + generation, in tokens
-    encode_prompt: object  # (text) -> ids
-    encode_messages: object  # (messages) -> ids; raises ApiError(400) when the model cannot chat
-    runner: object  # generate(prompts, params, n, stops) and stream(..., usage): see StepRunner
-    engine: str = "presets"  # what runs the model: our engine, or "transformers" (generate)
-    vocab_size: object = None  # () -> the number of token ids, for token-id prompts and logit_bias
-    unsupported: tuple = ()  # fields this engine cannot honour: a 400 naming them unless neutral
+    async def generate(self, prompts: list[list[int]], params: SamplingParams, n: int, stops: list[str]) -> list:
+        """(text, finish_reason, completion tokens, log probabilities or None) per choice."""
+
+    def stream(
+        self, prompts: list[list[int]], params: SamplingParams, n: int, stops: list[str], usage: dict | None = None
+    ) -> AsyncIterator[tuple]:
+        """(choice index, new text or None, finish_reason or None, log probabilities or None) as tokens come."""
+
+
+class OpenAIModel(Protocol):
+    """What a model family tells the OpenAI routes (servers/llama.py, hf.py, llm_api.py each have one). The
+    methods read the model, so they are called only once it has loaded."""
+
+    name: str  # the model id of /v1/models
+    engine: str  # what runs the model: "presets" (our engines) or "transformers" (generate)
+    unsupported: tuple[str, ...]  # fields this engine cannot honour: a 400 naming them unless neutral
+    runner: Runner
+
+    def context(self) -> int:
+        """The longest prompt + generation, in tokens."""
+
+    def vocab_size(self) -> int:
+        """The number of token ids (token-id prompts and logit_bias are checked against it)."""
+
+    def encode_prompt(self, text: str) -> list[int]: ...
+
+    def encode_messages(self, messages: list[dict]) -> list[int]:
+        """Validated messages (api/chat.py) as prompt ids; ApiError(400) when the model cannot chat."""
 
 
 @dataclass
@@ -209,7 +231,7 @@ def _request(body: dict, prompts: list[list[int]], default_max: int | None, chat
         seed=integer(body, "seed", "", None, lo=0, hi=2**63 - 1 - MAX_N),
         presence_penalty=number(body, "presence_penalty", "", 0.0, lo=-2, hi=2),
         frequency_penalty=number(body, "frequency_penalty", "", 0.0, lo=-2, hi=2),
-        logit_bias=_logit_bias(body, m.vocab_size() if m.vocab_size else None),
+        logit_bias=_logit_bias(body, m.vocab_size()),
         logprobs=logprobs,
         grammar=grammar,
     )
@@ -383,7 +405,7 @@ async def completions():
     _reject_unsupported(body, COMPLETION_FIELDS)
     m = model()
     prompt = body.get("prompt")
-    ids = prompt_ids(prompt, m.vocab_size() if m.vocab_size else None)
+    ids = prompt_ids(prompt, m.vocab_size())
     if ids is None:
         texts = [prompt] if isinstance(prompt, str) else prompt
         if not isinstance(texts, list) or not texts or not all(isinstance(p, str) for p in texts):

@@ -32,9 +32,10 @@ class Job:
 
 
 class BatchLoop(EngineThread):
-    def __init__(self, run_batch, max_batch_size: int, max_waiting: int, warm_up_job=None):
+    def __init__(self, run_batch, max_batch_size: int, max_waiting: int, warm_up_job=None, cancel_payload=None):
         super().__init__(max_waiting)
         self.run_batch = run_batch  # (key, payloads) -> results, one per payload
+        self.cancel_payload = cancel_payload  # (payload) -> None: stop a running job at its next token
         self.max_batch_size = max_batch_size
         self.warm_up_job = warm_up_job  # () -> Job
         self.waiting: deque[Job] = deque()
@@ -59,8 +60,8 @@ class BatchLoop(EngineThread):
                     self.waiting.remove(job)
                     job.error = "cancelled"
                     job.finish()
-                elif hasattr(job.payload, "cancelled"):
-                    job.payload.cancelled = True
+                elif self.cancel_payload:
+                    self.cancel_payload(job.payload)
 
     def warm_up(self, tokenizer) -> None:
         self._submit_and_wait(self.warm_up_job())
@@ -117,5 +118,5 @@ class BatchLoop(EngineThread):
         super().stop(reason)
         with self.cv:
             for job in self.batch:
-                if hasattr(job.payload, "cancelled"):
-                    job.payload.cancelled = True
+                if self.cancel_payload:
+                    self.cancel_payload(job.payload)

@@ -3,6 +3,9 @@
 import logging
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
 
 from presets.api.errors import ApiError
 from presets.engine.flag import Flag
@@ -12,6 +15,33 @@ from presets.engine.scheduler import PlanItem, Scheduler, SchedulerConfig, Seque
 from presets.engine.thread import EngineThread
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class KVConfig:
+    """The KV pool an engine allocated: what the scheduler plans with."""
+
+    num_blocks: int
+    block_size: int
+    prefix_caching: bool
+
+
+class StepEngine(Protocol):
+    """What EngineLoop runs: models/llama/engine.py LlamaEngine (and process/ranks.py LeaderEngine around it
+    under torchrun), models/llamacpp/engine.py LlamaCppEngine."""
+
+    device: torch.device
+    kv_config: KVConfig
+    max_num_batched_tokens: int  # tokens one step may compute
+
+    def run(self, plan: StepPlan) -> torch.Tensor:
+        """The step's logits, one row per sampled item: (items that sample, vocab)."""
+
+    def heartbeat(self) -> None:
+        """Idle: tell the other ranks this one is alive (a no-op with one rank)."""
+
+    def close(self) -> None:
+        """The loop has stopped: release what the engine holds (tell other ranks to exit)."""
 
 
 @dataclass(eq=False)
@@ -38,9 +68,11 @@ class EngineLoop(EngineThread):
         super().__init__(max_waiting)
         self.engine = engine
         self.eos_ids = (eos_id,) if isinstance(eos_id, int) else tuple(eos_id)  # one id, or every id that ends
-        num_blocks, block_size, prefix_caching = engine.kv_config
+        kv = engine.kv_config
         self.scheduler = Scheduler(
-            SchedulerConfig(max_batch_size, num_blocks, block_size, engine.max_num_batched_tokens, prefix_caching)
+            SchedulerConfig(
+                max_batch_size, kv.num_blocks, kv.block_size, engine.max_num_batched_tokens, kv.prefix_caching
+            )
         )
         # With several ranks: idle heartbeats keep them in step, and a failed step is fatal
         # (the ranks may no longer agree on the cache), so the job stops and is restarted.
@@ -113,8 +145,7 @@ class EngineLoop(EngineThread):
                 elif self.last_step_failed:
                     self._probe()
             self._end(self.stop_reason)
-            if hasattr(self.engine, "close"):
-                self.engine.close()
+            self.engine.close()
         except Exception as e:
             log.exception("engine failed; stopping")
             self.failed = f"{type(e).__name__}: {e}"

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from presets.api.chat import render
 from presets.api.chat_template import ChatTemplate, ChatTemplateError, load_chat_template
 from presets.api.kaito_falcon import chat, engine_chat
-from presets.api.openai import OpenAIModel, openai
+from presets.api.openai import openai
 from presets.engine.batch_loop import BatchLoop, Job
 from presets.engine.runtime import Runtime
 from presets.http import auth
@@ -118,27 +118,43 @@ def build_runtime(settings: HFSettings) -> Runtime:
             settings.max_batch_size,
             settings.max_queue_size,
             warm_up_job=lambda: Job(None, HFJob("Hello", ids, warm, 1)),
+            cancel_payload=HFJob.cancel,
         )
 
     rt = Runtime(load, None, settings.max_batch_size, settings.max_queue_size, make_loop=make_loop)
     return rt
 
 
+class TransformersModel:
+    """A HuggingFace model on transformers' generate as the OpenAI routes see it (api/openai.py OpenAIModel)."""
+
+    engine = "transformers"
+    # generate's penalties are defined otherwise; its scores are not kept for log probabilities
+    unsupported = ("presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "top_logprobs")
+
+    def __init__(self, rt: Runtime, settings: HFSettings):
+        self.rt, self.runner = rt, HFRunner(rt)
+        self.name = settings.served_model_name or os.path.basename(os.path.normpath(settings.model_id))
+
+    def context(self) -> int:
+        return self.rt.engine.context or 2048
+
+    def vocab_size(self) -> int:
+        return len(self.rt.tokenizer)
+
+    def encode_prompt(self, text: str) -> list[int]:
+        return self.rt.tokenizer(text).input_ids
+
+    def encode_messages(self, messages: list[dict]) -> list[int]:
+        text = render(self.rt.engine.chat_template, messages)
+        return self.rt.tokenizer(text, add_special_tokens=False).input_ids  # the template writes them itself
+
+
 def create_hf_app(settings: HFSettings, rt: Runtime, shutdown=lambda: None):
     """The app: Kaito's /chat route and the OpenAI routes over `rt`."""
     keys = auth.load_keys(settings.api_key, settings.api_key_file)
     app = create_app(rt, [chat, openai], shutdown, keys)
-    app.extensions["openai_model"] = OpenAIModel(
-        settings.served_model_name or os.path.basename(os.path.normpath(settings.model_id)),
-        lambda: rt.engine.context or 2048,
-        lambda text: rt.tokenizer(text).input_ids,
-        lambda messages: rt.tokenizer(render(rt.engine.chat_template, messages), add_special_tokens=False).input_ids,
-        HFRunner(rt),
-        engine="transformers",
-        vocab_size=lambda: len(rt.tokenizer),
-        # generate's penalties are defined otherwise; its scores are not kept for log probabilities
-        unsupported=("presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "top_logprobs"),
-    )
+    app.extensions["openai_model"] = TransformersModel(rt, settings)
     return app
 
 
@@ -148,7 +164,7 @@ def create_engine_app(settings: HFSettings, shutdown=lambda: None):
     ours = llama_settings(settings)
     rt = llama_server.build_runtime(ours)
     app = create_app(rt, [engine_chat, openai], shutdown, auth.load_keys(settings.api_key, settings.api_key_file))
-    app.extensions["openai_model"] = llama_server.openai_model(rt, ours, "chat")
+    app.extensions["openai_model"] = llama_server.LlamaModel(rt, ours, "chat")
     return app, rt
 
 

@@ -12,7 +12,7 @@ import sys
 from presets.api.chat import encode_dialog, refused
 from presets.api.errors import ApiError
 from presets.api.kaito_llama import chat, completion
-from presets.api.openai import OpenAIModel, openai
+from presets.api.openai import openai
 from presets.engine.kv_memory import parse_bytes
 from presets.engine.runner import StepRunner
 from presets.engine.runtime import Runtime
@@ -81,26 +81,32 @@ def build_runtime(settings: Settings) -> Runtime:
     return rt
 
 
-def openai_model(rt: Runtime, settings: Settings, kind: str) -> OpenAIModel:
-    """The Llama-2 family as the OpenAI routes see it (the tokenizer is read once the model has loaded)."""
+class LlamaModel:
+    """The Llama family as the OpenAI routes see it (api/openai.py OpenAIModel)."""
 
-    def encode_messages(messages):
-        dialog = messages  # validated by the route (api/chat.py openai_messages)
-        if refused(rt.tokenizer, dialog):
+    engine = "presets"
+    unsupported = ()
+
+    def __init__(self, rt: Runtime, settings: Settings, kind: str):
+        self.rt, self.max_seq_len = rt, settings.max_seq_len
+        self.runner = StepRunner(rt)
+        self.name = settings.served_model_name or f"llama2-{kind}"
+        if is_hf_folder(settings.ckpt_dir) and not settings.served_model_name:  # its folder name, as the HF server
+            self.name = os.path.basename(os.path.normpath(settings.ckpt_dir))
+
+    def context(self) -> int:
+        return self.max_seq_len
+
+    def vocab_size(self) -> int:
+        return self.rt.tokenizer.n_words
+
+    def encode_prompt(self, text: str) -> list[int]:
+        return self.rt.tokenizer.encode(text, bos=True, eos=False)
+
+    def encode_messages(self, messages: list[dict]) -> list[int]:
+        if refused(self.rt.tokenizer, messages):
             raise ApiError(400, "messages: special tags ([INST], [/INST], <<SYS>>, <</SYS>>) are not allowed")
-        return encode_dialog(rt.tokenizer, dialog)
-
-    name = settings.served_model_name or f"llama2-{kind}"
-    if is_hf_folder(settings.ckpt_dir) and not settings.served_model_name:  # its folder name, as on the HF server
-        name = os.path.basename(os.path.normpath(settings.ckpt_dir))
-    return OpenAIModel(
-        name,
-        lambda: settings.max_seq_len,
-        lambda text: rt.tokenizer.encode(text, bos=True, eos=False),
-        encode_messages,
-        StepRunner(rt),
-        vocab_size=lambda: rt.tokenizer.n_words,
-    )
+        return encode_dialog(self.rt.tokenizer, messages)
 
 
 def build_app(settings: Settings, kind: str, exit=lambda code: None):
@@ -109,7 +115,7 @@ def build_app(settings: Settings, kind: str, exit=lambda code: None):
     rt = build_runtime(settings)
     keys = auth.load_keys(settings.api_key, settings.api_key_file)
     app = create_app(rt, [ROUTES[kind], openai], lambda: exit(0), keys)
-    app.extensions["openai_model"] = openai_model(rt, settings, kind)
+    app.extensions["openai_model"] = LlamaModel(rt, settings, kind)
     rt.on_failure = lambda: exit(1)
     rt.start()
     return app

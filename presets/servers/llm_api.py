@@ -14,7 +14,7 @@ import torch
 
 from presets.api.chat import render
 from presets.api.llm_api import LlmApiSettings, llm_api
-from presets.api.openai import OpenAIModel, openai
+from presets.api.openai import openai
 from presets.engine.runner import StepRunner
 from presets.engine.runtime import Runtime
 from presets.http import auth
@@ -49,9 +49,28 @@ def build_runtime(cfg: LlmApiConfig, path: str) -> Runtime:
     return rt
 
 
-def _encode_messages(rt: Runtime, messages: list[dict]) -> list[int]:
-    """Validated chat messages in the GGUF file's own chat template (api/chat.py renders it), as token ids."""
-    return rt.tokenizer.encode(render(rt.tokenizer.chat_template, messages), bos=False, special=True)
+class GgufModel:
+    """A GGUF model on llama.cpp as the OpenAI routes see it (api/openai.py OpenAIModel)."""
+
+    engine = "presets"
+    unsupported = ()
+
+    def __init__(self, rt: Runtime, runner: StepRunner, cfg: LlmApiConfig):
+        self.rt, self.runner = rt, runner
+        self.name = cfg.served_model_name or f"{cfg.model_family}-{cfg.model_name}"
+
+    def context(self) -> int:
+        return self.rt.max_seq_len
+
+    def vocab_size(self) -> int:
+        return self.rt.tokenizer.n_words
+
+    def encode_prompt(self, text: str) -> list[int]:
+        return self.rt.tokenizer.encode(text)
+
+    def encode_messages(self, messages: list[dict]) -> list[int]:
+        """In the GGUF file's own chat template (api/chat.py renders it)."""
+        return self.rt.tokenizer.encode(render(self.rt.tokenizer.chat_template, messages), bos=False, special=True)
 
 
 def build_app(cfg: LlmApiConfig, path: str, exit=lambda code: None, start: bool = True):
@@ -63,14 +82,7 @@ def build_app(cfg: LlmApiConfig, path: str, exit=lambda code: None, start: bool 
     runner = StepRunner(rt)
     params = cfg.llama_params()
     app.extensions["llm_api"] = LlmApiSettings(rt, runner, params["last_n_tokens_size"], params["seed"])
-    app.extensions["openai_model"] = OpenAIModel(
-        cfg.served_model_name or f"{cfg.model_family}-{cfg.model_name}",
-        lambda: rt.max_seq_len,
-        lambda text: rt.tokenizer.encode(text),
-        lambda messages: _encode_messages(rt, messages),
-        runner,
-        vocab_size=lambda: rt.tokenizer.n_words,
-    )
+    app.extensions["openai_model"] = GgufModel(rt, runner, cfg)
     rt.on_failure = lambda: exit(1)
     if start:
         rt.start()

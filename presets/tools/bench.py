@@ -1,4 +1,5 @@
-"""Benchmark of DESIGN.md: this server's engine vs two transformers baselines, same weights, same run.
+"""The defined benchmark (docs/benchmarks.md, "Benchmark definition"): this server's engine vs two transformers
+baselines, same weights, same run.
 
     python -m presets.tools.bench [--ckpt_dir DIR] [--requests 64 --clients 16 --new_tokens 64]
 
@@ -232,7 +233,7 @@ def cpu_model() -> str:
 
 
 def workload_args(doc: str) -> argparse.ArgumentParser:
-    """The flags of DESIGN's workload, shared by the benchmarks that run it."""
+    """The flags of the defined workload (docs/benchmarks.md), shared by the benchmarks that run it."""
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ckpt_dir", default=".cache/demo-llama2-random-weights")
     ap.add_argument("--requests", type=int, default=64)

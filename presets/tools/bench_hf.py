@@ -5,7 +5,7 @@
 1. Falcon on transformers' generate, with and without batching: a random-weight Falcon (hidden 512,
    8 layers, 8 heads), fp32 on CPU, greedy, EOS ignored; prompts of 8 to 40 words.
 2. A Llama-architecture folder (default: SmolLM2-135M-Instruct, made by presets/tools/smollm2.py) on our
-   engine (the default) vs transformers' generate in static batches (--engine transformers): DESIGN's
+   engine (the default) vs transformers' generate in static batches (--engine transformers): the defined
    workload (64 requests, 16 clients, prompts of 16-128 tokens, 64 new tokens, greedy, EOS ignored).
 Each setting runs in its own process; requests go through the Runtime calls the /chat route makes (HTTP
 excluded).
@@ -45,7 +45,7 @@ def run(model_dir: str, batch: int, requests: int, clients: int, new_tokens: int
 
 
 def run_llama(model_dir: str, engine: str, prompts: list[list[int]], clients: int, new_tokens: int) -> dict:
-    """DESIGN's workload on the HF server's runtime for `engine` (presets or transformers)."""
+    """The defined workload (docs/benchmarks.md) on the HF server's runtime for `engine` (presets or transformers)."""
     from presets.engine.batch_loop import Job
     from presets.engine.params import SamplingParams
     from presets.models.hf import params as hf_params

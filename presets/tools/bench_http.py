@@ -1,4 +1,4 @@
-"""The DESIGN bench over HTTP beside the engine alone, same run, and a crowd of streams.
+"""The defined benchmark (docs/benchmarks.md) over HTTP beside the engine alone, same run, and a crowd of streams.
 
     python -m presets.tools.bench_http [--ckpt_dir DIR] [--requests 64 --clients 16 --new_tokens 64 --streams 256]
 

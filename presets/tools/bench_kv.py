@@ -2,7 +2,7 @@
 
     python -m presets.tools.bench_kv [--ckpt_dir DIR] [--only memory,prefix,long]
 
-Bench model of DESIGN.md (dim 512, 8 layers, random weights, fp32, CPU), driven through
+The bench model of docs/benchmarks.md (dim 512, 8 layers, random weights, fp32, CPU), driven through
 Runtime.generate (HTTP excluded), greedy, EOS ignored; every system runs in a process of its own.
 - memory: a KV pool of what 16 slots x 1024 positions take; 128 requests, prompts 32-512 tokens,
   outputs 32-256 (uniform), 64 clients. Paged (up to 64 running) vs slots (16 running: the most the

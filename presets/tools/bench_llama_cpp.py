@@ -2,7 +2,7 @@
 
     python -m presets.tools.bench_llama_cpp [--requests 32 --clients 8 --new_tokens 64]
 
-The bench model of DESIGN.md (Llama-2 architecture, dim 512, 8 layers, 8 heads, vocab 32000, random
+The bench model of docs/benchmarks.md (Llama-2 architecture, dim 512, 8 layers, 8 heads, vocab 32000, random
 weights) exported to GGUF (f32); prompts of 16-128 random tokens, greedy, EOS ignored, closed-loop
 clients. Systems: this server's engine through Runtime.generate (the call the routes make, HTTP
 excluded) with max_batch_size = clients, and with max_batch_size 1; baseline: llama-cpp-python's

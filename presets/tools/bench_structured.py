@@ -1,5 +1,5 @@
-"""What structured output costs: DESIGN's load shape with half the requests constrained by a small JSON schema,
-against the same requests all free, in the same run.
+"""What structured output costs: the defined load shape (docs/benchmarks.md) with half the requests constrained by a
+small JSON schema, against the same requests all free, in the same run.
 
     python -m presets.tools.bench_structured [--model_dir .cache/smollm2-135m-instruct]
 

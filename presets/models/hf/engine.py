@@ -35,6 +35,10 @@ class HFJob:
     cancelled: bool = False  # its client went away: generate stops at the next token
     stops: tuple[str, ...] = ()  # stop strings (OpenAI routes): its rows stop once one appears
 
+    def cancel(self) -> None:
+        """Its client went away: generate stops at the next token (BatchLoop's cancel_payload)."""
+        self.cancelled = True
+
 
 def batch_key(params: dict):
     """Jobs with equal keys can share a left-padded batch and answer exactly as alone; None: run alone.

@@ -7,6 +7,7 @@ import torch
 
 from presets.engine.kv_memory import available_cpu_memory, size_pool
 from presets.engine.scheduler import PlanItem, StepPlan
+from presets.engine.step_loop import KVConfig
 from presets.models.llama import cpu_kernels
 from presets.models.llama.kv_cache import PagedStep
 from presets.models.llama.model import Transformer
@@ -54,7 +55,7 @@ class LlamaEngine:
             pool.num_blocks = agree(pool.num_blocks)
         model.setup_caches(pool.num_blocks, pool.block_size, cache.max_seq_len)
         self.pool = pool
-        self.kv_config = (pool.num_blocks, pool.block_size, cache.prefix_caching)
+        self.kv_config = KVConfig(pool.num_blocks, pool.block_size, cache.prefix_caching)
         log.info("%s", pool.describe(cache.max_seq_len))
         if cpu_packed and self.device.type == "cpu":
             n = cpu_kernels.attach_decode_attention(model)
@@ -93,6 +94,12 @@ class LlamaEngine:
             step_peak / 2**30,
         )
         return max(default, 0), free
+
+    def heartbeat(self) -> None:
+        """One rank: nobody to tell (process/ranks.py LeaderEngine sends it under torchrun)."""
+
+    def close(self) -> None:
+        """The weights and the pool go with the process."""
 
     @torch.inference_mode()
     def run(self, plan: StepPlan) -> torch.Tensor:

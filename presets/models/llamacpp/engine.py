@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from presets.api.chat_template import ChatTemplate, ChatTemplateError
+from presets.engine.step_loop import KVConfig
 from presets.process.device import cpu_flags
 
 log = logging.getLogger(__name__)
@@ -162,7 +163,7 @@ class LlamaCppEngine:
         self.device = torch.device("cpu")
         # The scheduler's view: each running sequence has a slot of ctx_size positions (blocks of 16,
         # counted only); llama.cpp's prompt reuse per slot stands in for prefix caching.
-        self.kv_config = (max_batch_size * -(-ctx_size // 16), 16, False)
+        self.kv_config = KVConfig(max_batch_size * -(-ctx_size // 16), 16, False)
         self.max_num_batched_tokens = n_batch
         self.held: list[list[int]] = [[] for _ in range(max_batch_size)]  # tokens each slot's cache holds
         # Recurrent/hybrid memories cannot drop a sequence's tail, and a sliding-window cache no longer holds
@@ -184,7 +185,13 @@ class LlamaCppEngine:
             llama_cpp.llama_model_free(self.model)
             self.ctx = self.model = None
 
-    # -- the step engine interface of EngineLoop ---------------------------------------------------
+    # -- the step engine interface of EngineLoop (engine/step_loop.py StepEngine) -----------------------
+
+    def heartbeat(self) -> None:
+        """One process: nobody to tell."""
+
+    def close(self) -> None:
+        """Nothing: see free(); the process exit releases the model."""
 
     def run(self, plan) -> torch.Tensor:
         """Run a step plan (serving/scheduler.py); (S, V) logits of the items that sample, in plan order.
