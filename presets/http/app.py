@@ -144,28 +144,42 @@ def create_app(runtime_, blueprints, shutdown=lambda: None, api_keys=()) -> Quar
     for bp in blueprints:
         app.register_blueprint(bp)
 
-    def error(status: int, message: str, headers=None, param=None):
-        """The Kaito routes' {"detail": ...}, or OpenAI's error object on the /v1 routes."""
-        body = openai_error(status, message, param) if request.path.startswith("/v1/") else {"detail": message}
-        return jsonify(body), status, headers or {}
+    _error_handlers(app)
+    _request_hooks(app, runtime_, list(api_keys))
+    return app
+
+
+def _error(status: int, message: str, headers=None, param=None):
+    """The Kaito routes' {"detail": ...}, or OpenAI's error object on the /v1 routes."""
+    body = openai_error(status, message, param) if request.path.startswith("/v1/") else {"detail": message}
+    return jsonify(body), status, headers or {}
+
+
+def _error_handlers(app: Quart) -> None:
+    """Every error a JSON answer: an ApiError as it says, werkzeug's (404, 405) with their text, anything else a
+    500 naming only its type (its traceback goes to the log)."""
 
     @app.errorhandler(ApiError)
     def api_error(e: ApiError):
-        return error(e.status, e.detail, e.headers, e.param)
+        return _error(e.status, e.detail, e.headers, e.param)
 
     @app.errorhandler(HTTPException)
     def http_error(e: HTTPException):
-        return error(e.code, f"{e.name}: {e.description}")
+        return _error(e.code, f"{e.name}: {e.description}")
 
     @app.errorhandler(Exception)
     def internal_error(e: Exception):
         log.error("unhandled error on %s %s", request.method, request.path, exc_info=e)
-        return error(500, f"internal error: {type(e).__name__}")
+        return _error(500, f"internal error: {type(e).__name__}")
+
+
+def _request_hooks(app: Quart, runtime_, api_keys: list[str]) -> None:
+    """Before a route: its start time, the API key, JSON bodies only. After: the 503 count and the log line."""
 
     @app.before_request
     def start_timer():
         g.start = time.perf_counter()
-        auth.check(list(api_keys), request.method, request.path, request.headers.get("Authorization"))
+        auth.check(api_keys, request.method, request.path, request.headers.get("Authorization"))
         has_body = bool(request.content_length) or "Transfer-Encoding" in request.headers
         if request.method == "POST" and has_body and request.mimetype not in JSON_TYPES:
             # Also what keeps a web page from sending a no-preflight cross-site POST with a body (a form,
@@ -192,5 +206,3 @@ def create_app(runtime_, blueprints, shutdown=lambda: None, api_keys=()) -> Quar
                 time.perf_counter() - g.get("start", time.perf_counter()),
             )
         return response
-
-    return app

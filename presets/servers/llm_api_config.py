@@ -189,7 +189,24 @@ def _check_model(params: dict) -> dict:
 
 def load_config(path: str = "config.yaml", environ=None) -> LlmApiConfig:
     """The configuration from `path` (optional) with LLM_API_ variables over it; ConfigError when bad."""
-    environ = os.environ if environ is None else environ
+    data = _read(path, os.environ if environ is None else environ)
+    known = {f.name: f.type for f in fields(LlmApiConfig)}
+    values = {}
+    for key, value in data.items():
+        if key not in known:
+            raise ConfigError(
+                f"{key}: unknown key (from {path} or {ENV_PREFIX}{key.upper()}); known: {', '.join(known)}"
+            )
+        values[key] = _typed(key, value, known[key])
+    cfg = LlmApiConfig(**values)
+    cfg.setup_params = _check_setup(cfg.setup_params)
+    cfg.model_params = _check_model(cfg.model_params)
+    _check(cfg)
+    return cfg
+
+
+def _read(path: str, environ) -> dict:
+    """The file's keys with the LLM_API_ variables over them, untyped."""
     data: dict = {}
     if os.path.exists(path):
         try:
@@ -209,17 +226,11 @@ def load_config(path: str = "config.yaml", environ=None) -> LlmApiConfig:
             raise ConfigError(f"{section}: must be a mapping of key: value, got {current!r}")
         data[section] = {**current, **values}
 
-    known = {f.name: f.type for f in fields(LlmApiConfig)}
-    values = {}
-    for key, value in data.items():
-        if key not in known:
-            raise ConfigError(
-                f"{key}: unknown key (from {path} or {ENV_PREFIX}{key.upper()}); known: {', '.join(known)}"
-            )
-        values[key] = _typed(key, value, known[key])
-    cfg = LlmApiConfig(**values)
-    cfg.setup_params = _check_setup(cfg.setup_params)
-    cfg.model_params = _check_model(cfg.model_params)
+    return data
+
+
+def _check(cfg: LlmApiConfig) -> None:
+    """The rules between keys, and the ranges of this server's own keys."""
     if not cfg.model_family:
         raise ConfigError(f"model_family: required; one of {', '.join(FAMILIES)}")
     if cfg.model_family not in FAMILIES:
@@ -254,4 +265,3 @@ def load_config(path: str = "config.yaml", environ=None) -> LlmApiConfig:
             raise ConfigError(f"{key}: must be >= 1, got {getattr(cfg, key)}")
     if cfg.log_level.lower() not in ("critical", "error", "warning", "info", "debug"):
         raise ConfigError(f"log_level: one of critical, error, warning, info, debug; got {cfg.log_level!r}")
-    return cfg

@@ -111,6 +111,47 @@ class LlamaCppTokenizer:
             return None
 
 
+def _load_model(path: str, use_mmap: bool, use_mlock: bool):
+    """The GGUF file's weights, with llama.cpp's log sent to ours; without repacked layouts where its AMX
+    kernels would crash."""
+    llama_cpp.llama_log_set(_log_to_python, None)
+    llama_cpp.llama_backend_init()
+    mp = llama_cpp.llama_model_default_params()
+    mp.use_mmap, mp.use_mlock = use_mmap, use_mlock
+    info = llama_cpp.llama_print_system_info().decode("utf-8", "replace")
+    if not extra_buffers_safe(info, cpu_flags()):
+        log.warning(
+            "llama.cpp has AMX kernels and this CPU AMX: weights are not repacked (extra buffer types "
+            "off), since llama.cpp's AMX matmul crashes; build llama-cpp-python with "
+            "requirements-llama-cpp.cmake to keep its other repacked layouts"
+        )
+        mp.use_extra_bufts = False
+    model = llama_cpp.llama_model_load_from_file(path.encode(), mp)
+    if not model:
+        raise LlamaCppError(f"llama.cpp cannot load {path} (see the llama.cpp messages above)")
+    return model
+
+
+def _new_context(model, path: str, ctx_size: int, n_seq: int, n_batch: int, n_threads: int):
+    """A llama.cpp context where each of `n_seq` sequences has ctx_size positions (or more) of its own."""
+    cp = llama_cpp.llama_context_default_params()
+    cp.n_seq_max = n_seq
+    per_seq = -(-ctx_size // 256) * 256  # llama.cpp pads the cache to 256 positions
+    cp.n_ctx = per_seq * cp.n_seq_max
+    cp.kv_unified = False
+    cp.n_batch = n_batch
+    cp.n_ubatch = min(n_batch, 512)
+    cp.n_threads = cp.n_threads_batch = n_threads
+    cp.embeddings = False
+    ctx = llama_cpp.llama_init_from_model(model, cp)
+    if not ctx:
+        raise LlamaCppError(f"llama.cpp cannot create a context of {cp.n_ctx} tokens for {path}")
+    if llama_cpp.llama_n_ctx_seq(ctx) < ctx_size:
+        got = llama_cpp.llama_n_ctx_seq(ctx)
+        raise LlamaCppError(f"llama.cpp gave each sequence {got} positions, not ctx_size {ctx_size}")
+    return ctx
+
+
 class LlamaCppEngine:
     def __init__(
         self,
@@ -122,42 +163,14 @@ class LlamaCppEngine:
         use_mmap: bool = True,
         use_mlock: bool = False,
     ):
-        llama_cpp.llama_log_set(_log_to_python, None)
-        llama_cpp.llama_backend_init()
-        mp = llama_cpp.llama_model_default_params()
-        mp.use_mmap, mp.use_mlock = use_mmap, use_mlock
-        info = llama_cpp.llama_print_system_info().decode("utf-8", "replace")
-        if not extra_buffers_safe(info, cpu_flags()):
-            log.warning(
-                "llama.cpp has AMX kernels and this CPU AMX: weights are not repacked (extra buffer types "
-                "off), since llama.cpp's AMX matmul crashes; build llama-cpp-python with "
-                "requirements-llama-cpp.cmake to keep its other repacked layouts"
-            )
-            mp.use_extra_bufts = False
-        self.model = llama_cpp.llama_model_load_from_file(path.encode(), mp)
-        if not self.model:
-            raise LlamaCppError(f"llama.cpp cannot load {path} (see the llama.cpp messages above)")
+        self.model = _load_model(path, use_mmap, use_mlock)
         self.tokenizer = LlamaCppTokenizer(path)
         self.n_vocab = self.tokenizer.n_words
         self.n_embd = llama_cpp.llama_model_n_embd(self.model)
         self.ctx_size = ctx_size
         self.embed_seq = max_batch_size  # the sequence embeddings use
         self.n_batch = n_batch
-        cp = llama_cpp.llama_context_default_params()
-        cp.n_seq_max = max_batch_size + 1
-        per_seq = -(-ctx_size // 256) * 256  # llama.cpp pads the cache to 256 positions
-        cp.n_ctx = per_seq * cp.n_seq_max  # each sequence gets ctx_size positions (or more) of its own
-        cp.kv_unified = False
-        cp.n_batch = n_batch
-        cp.n_ubatch = min(n_batch, 512)
-        cp.n_threads = cp.n_threads_batch = n_threads
-        cp.embeddings = False
-        self.ctx = llama_cpp.llama_init_from_model(self.model, cp)
-        if not self.ctx:
-            raise LlamaCppError(f"llama.cpp cannot create a context of {cp.n_ctx} tokens for {path}")
-        if llama_cpp.llama_n_ctx_seq(self.ctx) < ctx_size:
-            got = llama_cpp.llama_n_ctx_seq(self.ctx)
-            raise LlamaCppError(f"llama.cpp gave each sequence {got} positions, not ctx_size {ctx_size}")
+        self.ctx = _new_context(self.model, path, ctx_size, max_batch_size + 1, n_batch, n_threads)
         self.memory = llama_cpp.llama_get_memory(self.ctx)
         self.batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
         self.device = torch.device("cpu")
