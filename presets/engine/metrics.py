@@ -21,24 +21,14 @@ class Metrics:
         Gauge("vllm:num_requests_waiting", "Sequences waiting for a batch slot.", registry=r).set_function(
             lambda: counts()[1]
         )
-        self.ttft = Histogram(
-            "vllm:time_to_first_token_seconds", "Submit to first token.", registry=r, buckets=LATENCY_BUCKETS
-        )
-        self.itl = Histogram(
-            "vllm:inter_token_latency_seconds",
-            "Between consecutive tokens of a sequence.",
-            registry=r,
-            buckets=LATENCY_BUCKETS,
-        )
-        self.e2e = Histogram(
-            "vllm:e2e_request_latency_seconds", "Submit to last token.", registry=r, buckets=LATENCY_BUCKETS
-        )
-        self.queue = Histogram(
-            "vllm:request_queue_time_seconds",
-            "Submit to admission into the batch.",
-            registry=r,
-            buckets=LATENCY_BUCKETS,
-        )
+
+        def latency(name: str, doc: str) -> Histogram:
+            return Histogram(name, doc, registry=r, buckets=LATENCY_BUCKETS)
+
+        self.ttft = latency("vllm:time_to_first_token_seconds", "Submit to first token.")
+        self.itl = latency("vllm:inter_token_latency_seconds", "Between consecutive tokens of a sequence.")
+        self.e2e = latency("vllm:e2e_request_latency_seconds", "Submit to last token.")
+        self.queue = latency("vllm:request_queue_time_seconds", "Submit to admission into the batch.")
         self.prompt_tokens = Counter("vllm:prompt_tokens", "Prompt tokens processed.", registry=r)
         self.generation_tokens = Counter("vllm:generation_tokens", "Tokens generated.", registry=r)
         self.batch_size = Histogram(

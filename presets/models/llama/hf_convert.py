@@ -2,6 +2,7 @@
 
 import torch
 
+from presets.models.llama.hf_checkpoint import hf_key
 from presets.models.llama.model import ModelArgs
 
 
@@ -31,26 +32,11 @@ def to_hf(args: ModelArgs, state: dict[str, torch.Tensor], max_position_embeddin
         eos_token_id=2,
         pad_token_id=None,
     )
-    hf = {
-        "model.embed_tokens.weight": state["tok_embeddings.weight"],
-        "model.norm.weight": state["norm.weight"],
-        "lm_head.weight": state["output.weight"],
-    }
-    names = {
-        "attention.wv": "self_attn.v_proj",
-        "attention.wo": "self_attn.o_proj",
-        "feed_forward.w1": "mlp.gate_proj",
-        "feed_forward.w2": "mlp.down_proj",
-        "feed_forward.w3": "mlp.up_proj",
-        "attention_norm": "input_layernorm",
-        "ffn_norm": "post_attention_layernorm",
-    }
+    hf = {hf_key(key): w for key, w in state.items() if key != "rope.freqs"}  # (Meta's table; HF recomputes it)
     for i in range(args.n_layers):
         src, dst = f"layers.{i}.", f"model.layers.{i}."
         hf[dst + "self_attn.q_proj.weight"] = _unpermute(state[src + "attention.wq.weight"], args.n_heads)
         hf[dst + "self_attn.k_proj.weight"] = _unpermute(state[src + "attention.wk.weight"], n_kv)
-        for a, b in names.items():
-            hf[f"{dst}{b}.weight"] = state[f"{src}{a}.weight"]
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
     model.load_state_dict({k: v.float() for k, v in hf.items()}, strict=True, assign=True)
