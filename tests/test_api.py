@@ -2,10 +2,11 @@
 
 import json
 import threading
+import time
 
 import pytest
 
-from presets.api.chat_format import UNSAFE_ERROR
+from presets.api.chat import UNSAFE_ERROR
 from tests.live_client import LiveClient
 
 SEED_GENERATE = {
@@ -131,21 +132,45 @@ def test_greedy_is_deterministic_and_seeded_sampling_reproducible(completion_cli
     assert other.get_json()["results"][0]["response"] != s1[0]["response"]
 
 
-def test_concurrent_greedy_requests_equal_sequential(completion_client):
+def test_concurrent_greedy_requests_batch_and_equal_sequential(completion_client):
+    rt = completion_client.application.extensions["runtime"]
+    engine = rt.loop.engine
     prompts = [f"The train to the coast leaves at {i}" + " and then" * i for i in range(8)]
     bodies = [greedy([p], n=6 + 3 * i, ignore_eos=True) for i, p in enumerate(prompts)]
     one_by_one = [completion_client.post("/generate", json=b).get_json() for b in bodies]
+    # The engine thread is held in its first step until all 8 requests have reached the engine (running or
+    # queued): the queued ones must then share steps, however the threads happen to be scheduled.
+    release = threading.Event()
+    batches = []  # the number of sequences in each step
+    step = engine.run
+
+    def held(plan):
+        batches.append(len(plan.items))
+        release.wait(60)  # a failed test never holds the engine for good
+        return step(plan)
+
     together = [None] * 8
 
     def call(i):
         together[i] = completion_client.post("/generate", json=bodies[i]).get_json()
 
     threads = [threading.Thread(target=call, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    engine.run = held
+    try:
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 60
+        while sum(rt.loop.counts()) < 8:  # (running, waiting) sequences
+            assert time.monotonic() < deadline, f"the 8 requests never all reached the engine: {rt.loop.counts()}"
+            time.sleep(0.01)
+        release.set()
+        for t in threads:
+            t.join()
+    finally:
+        release.set()
+        del engine.run  # the class's method again (the runtime is shared by the session's tests)
     assert together == one_by_one
+    assert max(batches) > 1, f"the requests never shared a step: {batches}"
 
 
 def test_prompt_longer_than_max_seq_len_is_400_with_both_numbers(completion_client):

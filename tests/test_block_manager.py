@@ -162,17 +162,37 @@ def test_long_prompt_is_chunked_while_others_decode():
 
 
 def test_decode_without_a_free_block_preempts_the_newest_and_it_is_recomputed():
-    sched = Scheduler(SchedulerConfig(4, 4, 4))  # 16 positions in all
+    sched = Scheduler(SchedulerConfig(4, 6, 4))  # 24 positions: three 7-token prompts take 2 blocks each
     cache = RecordingCache(sched)
-    old, new = (Sequence([i] * 7, SamplingParams(temperature=0, ignore_eos=True), 5) for i in (1, 2))
-    sched.add([old, new])
-    while old.status is not Status.FINISHED:
-        step(sched, cache)
-    assert sched.preemptions >= 1
+    old, mid, new, late = (Sequence([i] * 7, SamplingParams(temperature=0, ignore_eos=True), 5) for i in range(1, 5))
+    sched.add([old, mid, new, late])
+    step(sched, cache)  # three admitted in this order; the pool is full, so the fourth waits
+    assert sched.running == [old, mid, new] and list(sched.waiting) == [late] and sched.blocks.num_free == 0
+    step(sched, cache)  # the first decode (position 7) still fits each one's second block
+    kept = {seq: (seq.slot, list(seq.table.blocks), list(seq.output)) for seq in (old, mid, new)}
+    plan = step(sched, cache)  # position 8 needs a third block each: none is free
+    assert sched.preemptions == 1
+    # The newest gave its blocks up and went back to the front of the queue, its tokens so far kept ...
+    assert new.status is Status.WAITING and list(sched.waiting) == [new, late]
+    assert new.table is None and new.slot is None and new.num_computed == 0 and new.output == kept[new][2]
+    # ... so the older two decoded in this step, in their slots, each on its blocks and one more.
+    assert sched.running == [old, mid] and plan.seqs == [old, mid]
+    for seq in (old, mid):
+        slot, blocks, output = kept[seq]
+        assert seq.status is Status.RUNNING and seq.slot == slot and len(seq.output) == len(output) + 1
+        assert seq.table.blocks[:2] == blocks and len(seq.table.blocks) == 3
+    assert set(kept[new][1]) == {old.table.blocks[2], mid.table.blocks[2]}  # they grew into the newest's blocks
+    step(sched, cache)
+    step(sched, cache)  # the older two reach their 5 tokens
+    assert old.status is mid.status is Status.FINISHED and list(sched.waiting) == [new, late]
+    plan = step(sched, cache)  # the newest is readmitted first and recomputes its 9 tokens (their blocks were reused)
+    assert sched.running == [new, late] and (plan.items[0].start, len(plan.items[0].tokens)) == (0, 9)
     while sched.has_work():
         step(sched, cache)
-    assert old.output == expected_output(old.prompt, 5) and new.output == expected_output(new.prompt, 5)
-    assert sched.blocks.num_free == 4
+    assert sched.preemptions == 1
+    for seq in (old, mid, new, late):
+        assert seq.output == expected_output(seq.prompt, 5)
+    assert sched.blocks.num_free == 6
 
 
 def test_sequence_that_can_never_fit_is_named_with_the_numbers():

@@ -144,24 +144,42 @@ def test_loading_state_is_reported_and_requests_get_503():
 
 
 def test_shutdown_ends_waiting_requests_with_503():
-    engine = FakeEngine(step_seconds=0.01)
+    engine = FakeEngine()
     rt = started(engine, max_batch_size=1)
+    step, cv = engine.run, rt.loop.cv
+
+    def held_until_shutdown(plan):  # the first request stays mid-step until shutdown is asked for
+        with cv:
+            cv.wait_for(lambda: rt.loop.stopping, timeout=30)
+        return step(plan)
+
+    engine.run = held_until_shutdown
     errors = []
 
     def call():
         try:
             rt.generate([[BOS, 10]], SamplingParams(temperature=0, max_tokens=50))
         except ApiError as e:
-            errors.append(e.status)
+            errors.append((e.status, e.detail))
 
     threads = [threading.Thread(target=call) for _ in range(2)]
     for th in threads:
         th.start()
-    time.sleep(0.05)
+    deadline = time.monotonic() + 10
+    while rt.loop.counts() != (1, 1):  # one running (held in its step), one waiting
+        assert time.monotonic() < deadline, f"the requests never reached the engine: {rt.loop.counts()}"
+        time.sleep(0.001)
+    with cv:
+        seqs = [*rt.loop.scheduler.running, *rt.loop.scheduler.waiting]
     rt.shutdown()
+    deadline = time.monotonic() + 10
+    while not all(seq.done.is_set() for seq in seqs) or len(errors) < 2:
+        assert time.monotonic() < deadline, f"shutdown left them: {[(s.status, s.error) for s in seqs]}, {errors}"
+        time.sleep(0.001)
     for th in threads:
         th.join(timeout=5)
-    assert errors == [503, 503]
+    assert [(s.error_status, s.error, s.finish_reason) for s in seqs] == [(503, "server is shutting down", None)] * 2
+    assert errors == [(503, "server is shutting down")] * 2
     assert not rt.health()[0]
 
 
