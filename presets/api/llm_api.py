@@ -84,7 +84,8 @@ async def _prepared():
 async def generate():
     """The generated text, as a JSON string."""
     ids, params, stops = await _prepared()
-    ((text, *_),) = await current_app.extensions["llm_api"].runner.generate([ids], params, 1, stops)
+    ((text, _, generated, _),) = await current_app.extensions["llm_api"].runner.generate([ids], params, 1, stops)
+    record_counts(1, len(ids), generated)
     return jsonify(text)
 
 

@@ -26,7 +26,7 @@ from presets.api.openai_request import (
 )
 from presets.api.validation import json_body
 from presets.engine.params import SamplingParams
-from presets.http.app import logged_stream, runtime
+from presets.http.app import logged_stream, record_counts, runtime
 
 openai = Blueprint("openai", __name__, url_prefix="/v1")
 
@@ -92,6 +92,7 @@ async def _run(prompts, body, default_max, chat: bool, echoes=None):
         pieces = m.runner.stream(prompts, params, opt.n, opt.stops, usage)
         return await _stream(rid, m, pieces, opt, len(prompts), chat, usage, echoes)
     results = await m.runner.generate(prompts, params, opt.n, opt.stops)
+    record_counts(len(results), sum(map(len, prompts)), sum(r[2] for r in results))  # the request's log line
     decode = runtime().tokenizer.decode
     choices = []
     for i, (text, finish, _, lps) in enumerate(results):

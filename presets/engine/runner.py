@@ -5,7 +5,6 @@ HF server's runner (models/hf/runner.py) gives the same shapes from transformers
 from presets.api.errors import ApiError
 from presets.api.streaming import StreamedText, TokenOffsets, cut_at_stop
 from presets.engine.flag import Flag
-from presets.http.app import record
 
 
 class StepRunner:
@@ -21,7 +20,6 @@ class StepRunner:
     async def generate(self, prompts, params, n, stops) -> list[tuple]:
         """(text, finish_reason, completion tokens, log probabilities or None) per choice."""
         seqs = await self.rt.arun(self.rt.sequences(prompts, params, n, stops))
-        record(seqs)
         out = []
         for s in seqs:
             text = cut_at_stop(self.decode(s.output), stops)[0]

@@ -8,7 +8,6 @@ from presets.engine.batch_loop import Job
 from presets.engine.flag import Flag
 from presets.engine.params import SamplingParams
 from presets.engine.runner import count_usage
-from presets.http.app import record_counts
 from presets.models.hf.engine import HFJob, batch_key
 from presets.models.hf.params import DEFAULTS, EXTRAS
 
@@ -67,7 +66,6 @@ class HFRunner:
                 text, stopped = cut_at_stop(self.rt.engine.text(ids), stops)
                 choices.append((text, "stop" if eos or stopped else "length", len(ids), None))
             self.rt.metrics.finished_request(t0, len(job.payload.prompt_ids), sum(len(i) for i, _ in job.result))
-        record_counts(len(choices), sum(len(p) for p in prompts), sum(c[2] for c in choices))
         return choices
 
     async def stream(self, prompts, params: SamplingParams, n: int, stops, usage=None):
