@@ -253,7 +253,7 @@ def main(argv=None):
     args = read_args(a.ckpt_dir, tok)
     prompts = make_prompts(a.requests, args.vocab_size)
 
-    # Ours in fp32 (the bench model's dtype), and in bf16 where --dtype auto picks it (serving/device.py).
+    # Ours in fp32 (the bench model's dtype), and in bf16 where --dtype auto picks it (process/device.py).
     rows = [_in_process(run_ours, a.ckpt_dir, prompts, a.clients, a.new_tokens)]
     if device.cpu_dtype() == torch.bfloat16:
         rows.append(_in_process(run_ours, a.ckpt_dir, prompts, a.clients, a.new_tokens, "bfloat16"))

@@ -1,6 +1,6 @@
 """Faster inference on CPU: the model's linear layers repacked once, and a decode attention kernel.
 
-A bf16 model (--dtype bfloat16, or auto on a CPU with AVX512-BF16 or AMX: serving/device.py) packs each
+A bf16 model (--dtype bfloat16, or auto on a CPU with AVX512-BF16 or AMX: process/device.py) packs each
 weight in oneDNN's blocked bf16 layout ("onednn-bf16"): bf16 products, fp32 sums, on the CPU's bf16
 instructions. An fp32 model packs each weight into the first form that applies:
 1. bf16 panels read by `linear_bf16` of cpu_kernels.c, when every weight is exactly a bf16 value (Meta's

@@ -1,4 +1,4 @@
-"""The paged KV cache and attention over block tables: the math of one engine step (see serving/scheduler.py).
+"""The paged KV cache and attention over block tables: the math of one engine step (see engine/scheduler.py).
 
 Each layer's cache is a pool of blocks, k and v of shape (num_blocks, kv_heads, block_size, head_dim);
 a sequence's position p lives in block table[p // block_size] at offset p % block_size. A step packs

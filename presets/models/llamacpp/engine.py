@@ -207,7 +207,7 @@ class LlamaCppEngine:
         """Nothing: see free(); the process exit releases the model."""
 
     def run(self, plan) -> torch.Tensor:
-        """Run a step plan (serving/scheduler.py); (S, V) logits of the items that sample, in plan order.
+        """Run a step plan (engine/scheduler.py); (S, V) logits of the items that sample, in plan order.
 
         The plan's slots are llama.cpp sequence ids; its block tables are not used (llama.cpp keeps its
         own cache). A sequence that starts again from position 0 in a slot keeps the leading tokens the
