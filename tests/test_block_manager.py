@@ -54,7 +54,7 @@ def step(sched: Scheduler, cache: RecordingCache):
 
 def check_pool(sched: Scheduler) -> None:
     bm = sched.blocks
-    held = [b for s in sched.running for b in s.table.blocks]
+    held = [b for s in sched.running for b in s.sched.table.blocks]
     for block in bm.blocks:
         assert block.ref == held.count(block.id), f"block {block.id}: ref {block.ref}, held {held.count(block.id)}"
         assert (block.ref == 0) == (block.id in bm.free)
@@ -102,7 +102,7 @@ def test_random_traffic_never_leaks_double_frees_or_reads_wrong_blocks(seed, pre
         step(sched, cache)
     assert sched.blocks.num_free == num_blocks, "blocks leaked"
     for seq in seqs:
-        assert seq.status is Status.FINISHED
+        assert seq.sched.status is Status.FINISHED
         if seq.error is None:
             assert seq.output == expected_output(seq.prompt, seq.max_new_tokens)
 
@@ -117,7 +117,7 @@ def test_identical_prefix_is_computed_once_and_survives_its_sequence():
     assert [(it.start, len(it.tokens)) for it in plan.items] == [(0, 11)]
     while sched.has_work():
         plan = step(sched, cache)
-    assert first.status is Status.FINISHED and sched.blocks.num_free == 16  # cached at ref 0, still free
+    assert first.sched.status is Status.FINISHED and sched.blocks.num_free == 16  # cached at ref 0, still free
     second = Sequence(system + [2, 3], SamplingParams(temperature=0), 1)
     sched.add([second])
     plan = step(sched, cache)
@@ -169,22 +169,30 @@ def test_decode_without_a_free_block_preempts_the_newest_and_it_is_recomputed():
     step(sched, cache)  # three admitted in this order; the pool is full, so the fourth waits
     assert sched.running == [old, mid, new] and list(sched.waiting) == [late] and sched.blocks.num_free == 0
     step(sched, cache)  # the first decode (position 7) still fits each one's second block
-    kept = {seq: (seq.slot, list(seq.table.blocks), list(seq.output)) for seq in (old, mid, new)}
+    kept = {seq: (seq.sched.slot, list(seq.sched.table.blocks), list(seq.output)) for seq in (old, mid, new)}
     plan = step(sched, cache)  # position 8 needs a third block each: none is free
     assert sched.preemptions == 1
     # The newest gave its blocks up and went back to the front of the queue, its tokens so far kept ...
-    assert new.status is Status.WAITING and list(sched.waiting) == [new, late]
-    assert new.table is None and new.slot is None and new.num_computed == 0 and new.output == kept[new][2]
+    assert new.sched.status is Status.WAITING and list(sched.waiting) == [new, late]
+    assert (
+        new.sched.table is None
+        and new.sched.slot is None
+        and new.sched.num_computed == 0
+        and new.output == kept[new][2]
+    )
     # ... so the older two decoded in this step, in their slots, each on its blocks and one more.
     assert sched.running == [old, mid] and plan.seqs == [old, mid]
     for seq in (old, mid):
         slot, blocks, output = kept[seq]
-        assert seq.status is Status.RUNNING and seq.slot == slot and len(seq.output) == len(output) + 1
-        assert seq.table.blocks[:2] == blocks and len(seq.table.blocks) == 3
-    assert set(kept[new][1]) == {old.table.blocks[2], mid.table.blocks[2]}  # they grew into the newest's blocks
+        assert seq.sched.status is Status.RUNNING and seq.sched.slot == slot and len(seq.output) == len(output) + 1
+        assert seq.sched.table.blocks[:2] == blocks and len(seq.sched.table.blocks) == 3
+    assert set(kept[new][1]) == {
+        old.sched.table.blocks[2],
+        mid.sched.table.blocks[2],
+    }  # they grew into the newest's blocks
     step(sched, cache)
     step(sched, cache)  # the older two reach their 5 tokens
-    assert old.status is mid.status is Status.FINISHED and list(sched.waiting) == [new, late]
+    assert old.sched.status is mid.sched.status is Status.FINISHED and list(sched.waiting) == [new, late]
     plan = step(sched, cache)  # the newest is readmitted first and recomputes its 9 tokens (their blocks were reused)
     assert sched.running == [new, late] and (plan.items[0].start, len(plan.items[0].tokens)) == (0, 9)
     while sched.has_work():

@@ -174,7 +174,7 @@ def test_shutdown_ends_waiting_requests_with_503():
     rt.shutdown()
     deadline = time.monotonic() + 10
     while not all(seq.done.is_set() for seq in seqs) or len(errors) < 2:
-        assert time.monotonic() < deadline, f"shutdown left them: {[(s.status, s.error) for s in seqs]}, {errors}"
+        assert time.monotonic() < deadline, f"shutdown left them: {[(s.sched.status, s.error) for s in seqs]}, {errors}"
         time.sleep(0.001)
     for th in threads:
         th.join(timeout=5)

@@ -29,31 +29,43 @@ class Status(Enum):
     FINISHED = "finished"
 
 
+@dataclass
+class Placement:
+    """Where the scheduler has a sequence: waiting, running in a batch slot on its KV blocks, or finished. Only
+    the scheduler changes it, on the engine thread."""
+
+    status: Status = Status.WAITING
+    slot: int | None = None  # 0..max_batch_size-1 while running (llama.cpp's sequence id)
+    table: BlockTable | None = None  # its KV blocks while running
+    num_computed: int = 0  # leading tokens whose keys and values are in the cache
+
+
 @dataclass(eq=False)
 class Sequence:
-    """One prompt being completed; a request with N prompts is N sequences."""
+    """One prompt being completed (a request with N prompts is N sequences): what the request asked, how it is
+    decoded, and what the route waits for and reads back; `sched` is the scheduler's own state of it."""
 
     prompt: list[int]
     params: SamplingParams
     max_new_tokens: int
     output: list[int] = field(default_factory=list)
-    status: Status = Status.WAITING
-    slot: int | None = None  # 0..max_batch_size-1 while running (llama.cpp's sequence id)
-    table: BlockTable | None = None  # its KV blocks while running
-    num_computed: int = 0  # leading tokens whose keys and values are in the cache
+    # decoding
+    rng: object = None  # the engine loop's random generator for this sequence
+    stop_check: object = None  # (output ids) -> True when a stop string has appeared
+    matcher: object = None  # with params.grammar: its llguidance matcher, which masks the logits (structured.py)
+    logprobs: list = field(default_factory=list)  # with params.logprobs: (logprob, [(id, logprob), ...]) per output
+    # the answer, and the route's side of it
     finish_reason: str | None = None  # "stop" (EOS) or "length"
     error: str | None = None
     error_status: int = 503  # the HTTP status its error gives a client: 500 when generating it failed
-    rng: object = None  # the engine loop's random generator for this sequence
+    done: Flag = field(default_factory=Flag)
+    notify: Flag | None = None  # set on every new token, for streaming readers
+    cancelled: bool = False  # the client went away: retire at the next step
+    # times, for the metrics
     arrival: float = field(default_factory=time.perf_counter)
     admitted: float | None = None  # when it first started running
     token_times: list[float] = field(default_factory=list)
-    done: Flag = field(default_factory=Flag)
-    notify: Flag | None = None  # set on every new token, for streaming readers
-    stop_check: object = None  # (output ids) -> True when a stop string has appeared
-    logprobs: list = field(default_factory=list)  # with params.logprobs: (logprob, [(id, logprob), ...]) per output
-    matcher: object = None  # with params.grammar: its llguidance matcher, which masks the logits (structured.py)
-    cancelled: bool = False  # the client went away: retire at the next step
+    sched: Placement = field(default_factory=Placement)
 
     @property
     def tokens(self) -> list[int]:
@@ -156,27 +168,27 @@ class Scheduler:
         for seq in list(self.running):  # 1. decodes
             if budget == 0:
                 break
-            if seq.status is not Status.RUNNING or seq.num_tokens - seq.num_computed != 1:
+            if seq.sched.status is not Status.RUNNING or seq.num_tokens - seq.sched.num_computed != 1:
                 continue
-            while not self.blocks.can_grow(seq.table, seq.num_tokens):
+            while not self.blocks.can_grow(seq.sched.table, seq.num_tokens):
                 victim = next(s for s in reversed(self.running) if s not in plan.seqs)
                 self.preempt(victim)
                 preempted = True
                 if victim is seq:
                     break
             else:
-                self.blocks.grow(seq.table, seq.num_tokens)
+                self.blocks.grow(seq.sched.table, seq.num_tokens)
                 budget -= self._plan(plan, seq, 1)
         for seq in self.running:  # 2. prompts part-way through (their blocks were taken at admission)
             if budget == 0:
                 break
             if seq not in plan.seqs:
-                budget -= self._plan(plan, seq, min(seq.num_tokens - seq.num_computed, budget))
+                budget -= self._plan(plan, seq, min(seq.num_tokens - seq.sched.num_computed, budget))
         while not preempted and budget and self.waiting and len(self.running) < self.config.max_batch_size:
             if not self._admit(self.waiting[0]):  # 3. new sequences, first come first served
                 break
             seq = self.waiting.popleft()
-            budget -= self._plan(plan, seq, min(seq.num_tokens - seq.num_computed, budget))
+            budget -= self._plan(plan, seq, min(seq.num_tokens - seq.sched.num_computed, budget))
         return plan
 
     def _admit(self, seq: Sequence) -> bool:
@@ -185,12 +197,12 @@ class Scheduler:
         hits = self.blocks.match(tokens)
         if not self.blocks.can_allocate(hits, len(tokens)):
             return False
-        seq.table = self.blocks.allocate(hits, len(tokens))
-        seq.num_computed = len(hits) * self.config.block_size
+        seq.sched.table = self.blocks.allocate(hits, len(tokens))
+        seq.sched.num_computed = len(hits) * self.config.block_size
         if self.metrics:
-            self.metrics.prefix_cache(len(tokens), seq.num_computed)
-        seq.slot = heapq.heappop(self.free_slots)
-        seq.status = Status.RUNNING
+            self.metrics.prefix_cache(len(tokens), seq.sched.num_computed)
+        seq.sched.slot = heapq.heappop(self.free_slots)
+        seq.sched.status = Status.RUNNING
         if seq.admitted is None:
             seq.admitted = time.perf_counter()
         self.running.append(seq)
@@ -198,18 +210,18 @@ class Scheduler:
 
     def _plan(self, plan: StepPlan, seq: Sequence, n: int) -> int:
         """Add `seq`'s next n tokens to the plan; returns n."""
-        start, tokens = seq.num_computed, seq.tokens
+        start, tokens = seq.sched.num_computed, seq.tokens
         end = start + n
-        blocks = seq.table.blocks[: self.blocks.blocks_for(end)]
-        plan.items.append(PlanItem(seq.slot, start, tokens[start:end], blocks, end == len(tokens)))
+        blocks = seq.sched.table.blocks[: self.blocks.blocks_for(end)]
+        plan.items.append(PlanItem(seq.sched.slot, start, tokens[start:end], blocks, end == len(tokens)))
         plan.seqs.append(seq)
-        self.blocks.commit(seq.table, tokens, end)  # written in this step, before any reader of this step
+        self.blocks.commit(seq.sched.table, tokens, end)  # written in this step, before any reader of this step
         return n
 
     def preempt(self, seq: Sequence) -> None:
         """Free a running sequence's blocks and requeue it at the front; it is recomputed when readmitted."""
         self._leave(seq)
-        seq.status, seq.num_computed = Status.WAITING, 0
+        seq.sched.status, seq.sched.num_computed = Status.WAITING, 0
         self.waiting.appendleft(seq)
         self.preemptions += 1
         if self.metrics:
@@ -217,10 +229,10 @@ class Scheduler:
 
     def _leave(self, seq: Sequence) -> None:
         self.running.remove(seq)
-        self.blocks.release(seq.table)
-        seq.table = None
-        heapq.heappush(self.free_slots, seq.slot)
-        seq.slot = None
+        self.blocks.release(seq.sched.table)
+        seq.sched.table = None
+        heapq.heappush(self.free_slots, seq.sched.slot)
+        seq.sched.slot = None
 
     # -- after the step --------------------------------------------------------------------------
 
@@ -230,9 +242,9 @@ class Scheduler:
         now, sampled = time.perf_counter(), iter(tokens)
         lps = iter(logprobs or [None] * len(tokens))
         for item, seq in zip(plan.items, plan.seqs):
-            if seq.status is not Status.RUNNING:
+            if seq.sched.status is not Status.RUNNING:
                 continue
-            seq.num_computed = item.start + len(item.tokens)
+            seq.sched.num_computed = item.start + len(item.tokens)
             if not item.sample:
                 continue
             tok, lp = next(sampled), next(lps)
@@ -253,13 +265,13 @@ class Scheduler:
     def finish(self, seq: Sequence, reason: str | None, error: str | None = None, status: int = 503) -> None:
         """Retire `seq` (from any state), free its blocks and wake its waiter; a finished one stays as it is.
         An `error` reaches the client with `status`: 503 (stopped, cancelled: try again), 500 (it failed)."""
-        if seq.status is Status.FINISHED:
+        if seq.sched.status is Status.FINISHED:
             return
-        if seq.status is Status.RUNNING:
+        if seq.sched.status is Status.RUNNING:
             self._leave(seq)
-        elif seq.status is Status.WAITING and seq in self.waiting:
+        elif seq.sched.status is Status.WAITING and seq in self.waiting:
             self.waiting.remove(seq)
-        seq.status, seq.finish_reason, seq.error, seq.error_status = Status.FINISHED, reason, error, status
+        seq.sched.status, seq.finish_reason, seq.error, seq.error_status = Status.FINISHED, reason, error, status
         if self.on_finish:  # cancelled and failed ones too: their tokens were computed
             self.on_finish(seq)
         seq.done.set()
