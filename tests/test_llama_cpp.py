@@ -6,6 +6,7 @@ Reference: our PyTorch Llama (and transformers' LlamaForCausalLM) on the same we
 import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -524,6 +525,9 @@ def test_real_server_process(tmp_path, models_dir):
         status, text = post(f"{url}/generate", {"prompt": "Hello", "params": {"n_predict": 8, **GREEDY}})
         assert status == 200 and isinstance(text, str)
         assert post(f"{url}/embeddings", {"text": "Hello"})[0] == 200
+        eight = {"prompt": "Hello", "params": {"n_predict": 8, "ignore_eos": True, **GREEDY}}
+        streamed = requests.post(f"{url}/agenerate", json=eight, timeout=30)
+        assert streamed.status_code == 200 and streamed.text.startswith("data: ")
         chunked = requests.post(
             f"{url}/generate",
             data=iter([b'{"prompt": "', b"x" * (2 << 20), b'"}']),
@@ -548,6 +552,8 @@ def test_real_server_process(tmp_path, models_dir):
     assert all(s in (200, 503) for s, _ in answers) and any(s == 503 for s, _ in answers), answers
     assert all("shutting down" in body["detail"] for s, body in answers if s == 503), answers
     assert "POST /generate 200 sequences=1" in out and out.count("serving HTTP on") == 1  # never restarted
+    # a stream's log line is written when it ends, with the tokens it sent
+    assert re.search(r"POST /agenerate 200 sequences=1 prompt_tokens=\d+ generated_tokens=8 ", out), out
 
 
 LLAMA2_TEMPLATE = (

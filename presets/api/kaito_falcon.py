@@ -35,7 +35,7 @@ def chat_template(rt) -> ChatTemplate | None:
     return rt.engine.chat_template if rt.engine is not None else rt.tokenizer.chat_template
 
 
-async def seed_request():
+async def kaito_request():
     """(runtime, generate parameters, prompt text, whether to add special tokens) of a /chat body."""
     body = await json_body(request)
     reject_unknown(body, ALLOWED, "body")
@@ -49,7 +49,7 @@ async def seed_request():
 @chat.post("/chat")
 async def chat_route():
     """Generate from `prompt`: {"Result": prompt + generated text (all sequences, joined)}."""
-    rt, params, text, special = await seed_request()
+    rt, params, text, special = await kaito_request()
     engine = rt.engine
     job = engine.job(text, params, special)
     t0 = time.perf_counter()
@@ -68,7 +68,7 @@ async def chat_on_engine():
     """The same route when our engine runs the model (a Llama-architecture folder): for the parameters our
     sampler has, generate's greedy answer and the same distribution when sampling (other random draws); a 400
     for what only transformers' generate does."""
-    rt, params, text, special = await seed_request()
+    rt, params, text, special = await kaito_request()
     tok = rt.tokenizer
     ids = tok.encode(text, bos=special, eos=False)
     if not ids:

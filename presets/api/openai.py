@@ -73,7 +73,8 @@ def model() -> OpenAIModel:
 
 async def _run(prompts, body, default_max, chat: bool, echoes=None):
     """Generate for validated token-id `prompts`; `echoes`: the prompts' text, for echo."""
-    params, opt = parse_request(body, prompts, default_max, chat, model(), runtime().max_waiting)
+    m = model()
+    params, opt = parse_request(body, prompts, default_max, chat, m, runtime().max_waiting)
     if params.grammar is not None:
         structured = runtime().structured
         if structured is None:
@@ -84,7 +85,6 @@ async def _run(prompts, body, default_max, chat: bool, echoes=None):
                 param="response_format",
             )
         await structured.check(params.grammar)
-    m = model()
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     echoes = echoes if opt.echo else None
     if opt.stream:
@@ -92,7 +92,8 @@ async def _run(prompts, body, default_max, chat: bool, echoes=None):
         pieces = m.runner.stream(prompts, params, opt.n, opt.stops, usage)
         return await _stream(rid, m, pieces, opt, len(prompts), chat, usage, echoes)
     results = await m.runner.generate(prompts, params, opt.n, opt.stops)
-    record_counts(len(results), sum(map(len, prompts)), sum(r[2] for r in results))  # the request's log line
+    prompt_tokens, completion = sum(map(len, prompts)), sum(r[2] for r in results)
+    record_counts(len(results), prompt_tokens, completion)  # the request's log line
     decode = runtime().tokenizer.decode
     choices = []
     for i, (text, finish, _, lps) in enumerate(results):
@@ -110,14 +111,13 @@ async def _run(prompts, body, default_max, chat: bool, echoes=None):
             choices.append(
                 {"index": i, "text": text, "finish_reason": finish, "logprobs": _logprobs_object(lps, chat, decode)}
             )
-    completion = sum(r[2] for r in results)
     return jsonify(
         id=rid,
         object="chat.completion" if chat else "text_completion",
         created=int(time.time()),
         model=m.name,
         choices=choices,
-        usage=_usage(sum(len(p) for p in prompts), completion),
+        usage=_usage(prompt_tokens, completion),
     )
 
 

@@ -78,7 +78,7 @@ MAX_LOGIT_BIAS = 300  # entries, as OpenAI's API allows
 _TOKEN_ID = re.compile(r"0|[1-9][0-9]{0,9}")  # one spelling per id: ASCII digits, no leading zeros
 
 
-def _logit_bias(body: dict, vocab: int | None) -> tuple:
+def _logit_bias(body: dict, vocab: int) -> tuple:
     """(token id, bias) pairs: at most 300, one per token, each bias in [-100, 100]."""
     bias = body.get("logit_bias")
     if bias is None:
@@ -89,11 +89,11 @@ def _logit_bias(body: dict, vocab: int | None) -> tuple:
         raise ApiError(400, f"logit_bias has {len(bias)} entries; at most {MAX_LOGIT_BIAS}", param="logit_bias")
     pairs = []
     for key in bias:
-        if not (_TOKEN_ID.fullmatch(key) and (vocab is None or int(key) < vocab)):
+        if not (_TOKEN_ID.fullmatch(key) and int(key) < vocab):
             raise ApiError(
                 400,
-                f"logit_bias: {key[:20]!r} is not a token id of this model (0 to "
-                f"{vocab and vocab - 1}, in decimal digits without leading zeros)",
+                f"logit_bias: {key[:20]!r} is not a token id of this model (0 to {vocab - 1}, in decimal digits "
+                "without leading zeros)",
                 param="logit_bias",
             )
         pairs.append((int(key), number(bias, key, "logit_bias", 0.0, lo=-100, hi=100)))
@@ -205,7 +205,7 @@ def _is_ids(p) -> bool:
     return isinstance(p, list) and bool(p) and all(isinstance(t, int) and not isinstance(t, bool) for t in p)
 
 
-def prompt_ids(prompt, vocab: int | None) -> list[list[int]] | None:
+def prompt_ids(prompt, vocab: int) -> list[list[int]] | None:
     """Token-id prompts ([1, 306, ...] or a list of such lists), or None when `prompt` is text."""
     if _is_ids(prompt):
         lists = [prompt]
@@ -213,6 +213,6 @@ def prompt_ids(prompt, vocab: int | None) -> list[list[int]] | None:
         lists = prompt
     else:
         lists = None
-    if lists is not None and vocab is not None and any(not 0 <= t < vocab for p in lists for t in p):
+    if lists is not None and any(not 0 <= t < vocab for p in lists for t in p):
         raise ApiError(400, f"prompt has token ids outside this model's 0..{vocab - 1}", param="prompt")
     return lists

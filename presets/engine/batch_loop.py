@@ -31,8 +31,12 @@ class Job:
             self.notify.set()
 
 
+def _ignore(payload) -> None:
+    """Payloads that cannot stop mid-batch: the batch runs to its end."""
+
+
 class BatchLoop(EngineThread):
-    def __init__(self, run_batch, max_batch_size: int, max_waiting: int, warm_up_job=None, cancel_payload=None):
+    def __init__(self, run_batch, max_batch_size: int, max_waiting: int, warm_up_job=None, cancel_payload=_ignore):
         super().__init__(max_waiting)
         self.run_batch = run_batch  # (key, payloads) -> results, one per payload
         self.cancel_payload = cancel_payload  # (payload) -> None: stop a running job at its next token
@@ -60,7 +64,7 @@ class BatchLoop(EngineThread):
                     self.waiting.remove(job)
                     job.error = "cancelled"
                     job.finish()
-                elif self.cancel_payload:
+                else:
                     self.cancel_payload(job.payload)
 
     def warm_up(self, tokenizer) -> None:
@@ -118,5 +122,4 @@ class BatchLoop(EngineThread):
         super().stop(reason)
         with self.cv:
             for job in self.batch:
-                if self.cancel_payload:
-                    self.cancel_payload(job.payload)
+                self.cancel_payload(job.payload)

@@ -34,8 +34,7 @@ class StepRunner:
 
     async def stream(self, prompts, params, n, stops, usage=None):
         """Yield (choice index, new text or None, finish_reason or None, log probabilities or None) as tokens
-        come out; `usage` gets the
-        request's counts when it ends (also when the client left: the tokens it got)."""
+        come out; `usage` gets the request's counts when it ends (also when the client left: the tokens it got)."""
         seqs = self.rt.sequences(prompts, params, n, stops)
         notify = Flag()
         for seq in seqs:

@@ -2,7 +2,7 @@
 
 Quart is Flask's asyncio sibling (same API, by the same maintainers): a route awaits the engine
 instead of holding a thread, so thousands of open requests and streams cost no OS thread each
-(presets/http/server.py serves it; README "HTTP serving").
+(presets/http/server.py serves it; docs/design.md, "The HTTP layer").
 """
 
 import asyncio

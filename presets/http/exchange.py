@@ -8,7 +8,7 @@ from urllib.parse import unquote
 
 import h11
 
-log = logging.getLogger("presets.http.server")
+log = logging.getLogger(__name__)
 
 
 class Reject(Exception):

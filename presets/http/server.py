@@ -1,7 +1,7 @@
 """The HTTP/1.1 front end: one asyncio event loop serves an ASGI app, with the limits a public port needs.
 
 h11 parses and frames HTTP; this module is the connection policy around it. Why not uvicorn or
-hypercorn (README, "HTTP serving"): neither closes a connection whose request head trickles in with a
+hypercorn (docs/design.md, "The HTTP layer"): neither closes a connection whose request head trickles in with a
 408 (uvicorn has no such deadline at all), neither answers an oversized or malformed head in our JSON
 error shape (uvicorn answers 400 text even for oversized heads), and a graceful drain needs the
 listening socket kept open so probes see 503 while requests finish, which both close at once.
@@ -17,8 +17,8 @@ A connection costs no thread: idle, slow and streaming clients are coroutines. P
   cut off at the limit (413); the whole body must arrive within `body_timeout` of the head (else 408);
 - a client that closes its sending side after a whole request (a half-close) is answered; one that left
   entirely is noticed when writing to it fails (a stream stops there);
-- an answer the client reads none of for `write_timeout` seconds is given up: the socket is closed at
-  once (not left to flush), so it stops counting against `max_connections` only when it is gone;
+- an answer the client reads none of for `write_timeout` seconds is given up and its socket closed at
+  once (not left to flush: a socket still open but no longer counted would escape `max_connections`);
 - over `max_connections` open connections, a new one gets 503 and is closed.
 Every error is JSON `{"detail": ...}` and closes the connection.
 """

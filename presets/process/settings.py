@@ -9,7 +9,7 @@ from presets.engine.kv_memory import parse_bytes
 
 @dataclass
 class HttpSettings:
-    """The HTTP layer's limits, the same on every server (README, "HTTP serving")."""
+    """The HTTP layer's limits, the same on every server (docs/operations.md, "HTTP serving")."""
 
     max_connections: int = 4096  # open client connections; one more is answered 503 and closed
     read_timeout: float = 30.0  # seconds a request head (from its first byte) and then its body may take; else 408
