@@ -7,6 +7,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels run on the CPU, in its interpreter
 
 from presets.engine.runtime import Runtime  # noqa: E402
 from presets.http.app import create_app  # noqa: E402

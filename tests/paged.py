@@ -31,5 +31,5 @@ def run(engine, *items: PlanItem, all_logits: bool = False):
     from presets.models.llama.kv_cache import PagedStep
 
     with torch.inference_mode():
-        tokens, step = PagedStep.build(list(items), BLOCK, engine.device)
+        tokens, step = PagedStep.build(list(items), BLOCK, engine.device, engine.kernel_group)
         return engine.model(tokens, step, all_logits=True)

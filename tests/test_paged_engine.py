@@ -11,6 +11,7 @@ import torch
 from presets.engine.kv_memory import CPU_DEFAULT_CAP, size_pool
 from presets.engine.params import SamplingParams
 from presets.engine.scheduler import Sequence
+from presets.models.llama import triton_attention
 from presets.models.llama.hf_convert import to_hf
 from presets.models.llama.load import read_args
 from presets.models.llama.tokenizer import Tokenizer
@@ -172,3 +173,24 @@ def test_cpu_default_pool_is_max_batch_size_sequences_up_to_4gib():
     with pytest.raises(ValueError, match=capped):
         size_pool(per_token, 16, 512, 32, requested=0, available=2**30)
     assert size_pool(per_token, 16, 512, 32, requested=8 * 2**30, available=None).bytes == 8 * 2**30  # the flag wins
+
+
+@pytest.mark.skipif(not triton_attention.available(), reason="triton is in requirements-dev.txt")
+@pytest.mark.parametrize(
+    "kw",
+    [{}, {"max_num_batched_tokens": 24, "kv_cache_memory": str(12 * TOKENS_PER_BLOCK_BYTES)}],
+    ids=["prefix-cache", "chunked-and-preempted"],
+)
+def test_triton_attention_gives_transformers_tokens(tiny_ckpt, prompts, reference, kw):
+    """CUDA's attention path (the Triton kernel over block tables, run here in Triton's interpreter) under the
+    scheduler: cached prefixes, prompt chunks after them, decodes beside chunks, preemption."""
+    rt = started(tiny_ckpt, attention="triton", **kw)
+    try:
+        assert rt.loop.engine.attention == "triton"
+        assert concurrently(rt, prompts[:8]) == reference[:8]
+        assert metric(rt, "vllm:prefix_cache_hits_total") > 0
+        if kw:
+            assert metric(rt, "vllm:num_preemptions_total") > 0
+        assert_pool_whole(rt)
+    finally:
+        rt.shutdown()

@@ -50,6 +50,8 @@ class Settings(HttpSettings):
     gpu_memory_utilization: float = 0.9  # CUDA: this fraction of device memory for weights, activations, KV
     max_num_batched_tokens: int = 0  # tokens computed per engine step; 0: 2048 on CPU, 8192 on CUDA
     no_prefix_caching: bool = False  # do not reuse cached KV blocks of identical prompt prefixes
+    attention: str = "auto"  # auto | sdpa | triton: how steps read the paged KV cache (docs/design.md)
+    cuda_graphs: bool = True  # CUDA: replay decode steps as captured graphs
     max_queue_size: int = 256  # sequences waiting for a batch slot before 503
     dist_timeout: float = 1800.0  # seconds a collective may wait before the job is declared failed
     served_model_name: str = ""  # the model id of the /v1 routes; default llama2-<completion|chat>
@@ -64,6 +66,7 @@ class Settings(HttpSettings):
             "port": 0 <= self.port < 65536,
             "device": self.device in ("auto", "cpu", "cuda"),
             "dtype": self.dtype in ("auto", "float32", "float16", "bfloat16"),
+            "attention": self.attention in ("auto", "sdpa", "triton"),
             "kv_block_size": 1 <= self.kv_block_size <= 1024,
             "kv_cache_memory": _is_size(self.kv_cache_memory),
             "gpu_memory_utilization": 0 < self.gpu_memory_utilization <= 1,

@@ -50,6 +50,8 @@ def load_engine(settings: Settings, progress=log.info):
         settings.gpu_memory_utilization,
         not settings.no_prefix_caching,
         batched_tokens(settings, dev),
+        settings.attention,
+        settings.cuda_graphs,
     )
     agree = None if group is None else lambda n: distributed.min_over_ranks(n, group)
     return LlamaEngine(model, cache, agree=agree), tokenizer, group

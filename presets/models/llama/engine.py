@@ -4,11 +4,13 @@ import logging
 from dataclasses import dataclass
 
 import torch
+from fairscale.nn.model_parallel.initialize import get_model_parallel_world_size
 
 from presets.engine.kv_memory import available_cpu_memory, size_pool
 from presets.engine.scheduler import PlanItem, StepPlan
 from presets.engine.step_loop import KVConfig
-from presets.models.llama import cpu_kernels
+from presets.models.llama import cpu_kernels, triton_attention
+from presets.models.llama.cuda_graphs import DecodeGraphs, cuda_capture
 from presets.models.llama.kv_cache import PagedStep
 from presets.models.llama.model import Transformer
 
@@ -24,6 +26,22 @@ class CacheSettings:
     gpu_memory_utilization: float = 0.9
     prefix_caching: bool = True
     max_num_batched_tokens: int = 2048  # the largest step, for the CUDA memory profile
+    attention: str = "auto"  # auto | sdpa | triton (choose_attention)
+    cuda_graphs: bool = True  # CUDA with Triton attention on one rank: decode steps replayed as graphs
+
+
+def choose_attention(requested: str, device: torch.device, cpu_packed: bool) -> str:
+    """How steps read the paged cache: "triton" (triton_attention.py, in place), "c" (cpu_kernels.c's decode
+    kernel for one-token items, gather and SDPA for prompt chunks) or "sdpa" (gather, then PyTorch's SDPA:
+    the reference the others are tested against). auto: triton on CUDA, c on the CPU."""
+    if requested == "auto":
+        if device.type == "cuda" and triton_attention.available():
+            return "triton"
+        return "c" if device.type == "cpu" and cpu_packed else "sdpa"
+    runnable = device.type == "cuda" or triton_attention.interpreted()
+    if requested == "triton" and not (triton_attention.available() and runnable):
+        raise ValueError("--attention triton needs the triton package and a CUDA device")
+    return requested
 
 
 class LlamaEngine:
@@ -31,8 +49,9 @@ class LlamaEngine:
     gpu_memory_utilization of the device's memory less what the weights and a largest step take; else
     (CPU) max_batch_size x max_seq_len positions, what a slot cache would hold, up to kv_memory.CPU_DEFAULT_CAP."""
 
-    def __init__(self, model: Transformer, cache: CacheSettings, cpu_packed: bool = True, agree=None):
-        """`agree(num_blocks)` -> the smallest over the ranks (each rank sizes its own pool; all must match)."""
+    def __init__(self, model: Transformer, cache: CacheSettings, cpu_packed: bool = True, agree=None, capture=None):
+        """`agree(num_blocks)` -> the smallest over the ranks (each rank sizes its own pool; all must match).
+        `capture`: how decode graphs are recorded (cuda_graphs.py); default: CUDA graphs where they apply."""
         self.model = model
         self.max_num_batched_tokens = cache.max_num_batched_tokens
         self.device, self.dtype = model.norm.weight.device, model.norm.weight.dtype
@@ -42,6 +61,10 @@ class LlamaEngine:
             log.info(
                 "CPU, %s: linear layers: %s", str(self.dtype).removeprefix("torch."), cpu_kernels.describe_forms(forms)
             )
+        self.attention = choose_attention(cache.attention, self.device, cpu_packed)
+        att = model.layers[0].attention
+        self.kernel_group = att.n_local_heads // att.n_local_kv_heads if self.attention == "triton" else 0
+        self.graphs = None
         per_token = model.kv_bytes_per_token()
         default = available = None
         if self.device.type == "cuda":
@@ -53,11 +76,21 @@ class LlamaEngine:
         )
         if agree is not None:
             pool.num_blocks = agree(pool.num_blocks)
-        model.setup_caches(pool.num_blocks, pool.block_size, cache.max_seq_len)
+        if self.attention != "triton":
+            capture = None  # graphs replay the Triton kernel's fixed-shape launches
+        elif capture is None and cache.cuda_graphs and self.device.type == "cuda":
+            capture = cuda_capture(self.device) if get_model_parallel_world_size() == 1 else None
+        # With graphs the pool has one block more than the scheduler plans with: padding rows write there.
+        model.setup_caches(pool.num_blocks + (capture is not None), pool.block_size, cache.max_seq_len)
         self.pool = pool
         self.kv_config = KVConfig(pool.num_blocks, pool.block_size, cache.prefix_caching)
         log.info("%s", pool.describe(cache.max_seq_len))
-        if cpu_packed and self.device.type == "cpu":
+        log.info("attention: %s", self.attention)
+        if capture is not None:
+            self.graphs = DecodeGraphs(
+                model, cache.max_batch_size, cache.max_seq_len, self.kernel_group, pool.num_blocks, capture
+            )
+        if self.attention == "c":
             n = cpu_kernels.attach_decode_attention(model)
             log.info(
                 "CPU attention: one-token items by cpu_kernels.c's decode kernel on %d of %d layers (the rest and "
@@ -104,5 +137,8 @@ class LlamaEngine:
     @torch.inference_mode()
     def run(self, plan: StepPlan) -> torch.Tensor:
         """Run one step plan; logits (S, V) of the items that sample, in plan order."""
-        tokens, step = PagedStep.build(plan.items, self.model.layers[0].attention.cache.block_size, self.device)
+        if self.graphs is not None and self.graphs.fits(plan.items):
+            return self.graphs.run(plan.items)
+        block_size = self.model.layers[0].attention.cache.block_size
+        tokens, step = PagedStep.build(plan.items, block_size, self.device, self.kernel_group)
         return self.model(tokens, step)

@@ -5,15 +5,20 @@ a sequence's position p lives in block table[p // block_size] at offset p % bloc
 every sequence's new tokens into one row of N tokens: first the items of one token (decodes), then the
 multi-token prompt chunks. In every layer the step first writes all N keys and values into the pool,
 then each item attends: so an item may read blocks that another item of the same step fills (a prefix
-it shares).
+it shares). Items attend by the Triton kernel over the tables in place (triton_attention.py, CUDA's
+path), by a C decode kernel (cpu_kernels.py), or by gathering their blocks for PyTorch's SDPA (below: the
+reference the kernels are tested against).
 """
 
+import itertools
 from dataclasses import dataclass
 from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from presets.models.llama.triton_attention import AttentionPlan, paged_attention
 
 
 class PagedKVCache(nn.Module):
@@ -53,10 +58,12 @@ class PagedStep:
     single_positions: torch.Tensor  # (B,) int64: their positions (each attends to 0..position)
     chunks: list[Chunk]
     sample_rows: torch.Tensor  # (S,): rows whose logits are wanted, in plan order
+    kernel: AttentionPlan | None = None  # set: every item attends by the Triton kernel (triton_attention.py)
 
     @classmethod
-    def build(cls, items, block_size: int, device) -> tuple[torch.Tensor, "PagedStep"]:
-        """(tokens (1, N), step) for plan items (slot, start, tokens, blocks, sample): one-token items first."""
+    def build(cls, items, block_size: int, device, kernel_group: int = 0) -> tuple[torch.Tensor, "PagedStep"]:
+        """(tokens (1, N), step) for plan items (slot, start, tokens, blocks, sample): one-token items first.
+        kernel_group > 0: attention by the Triton kernel, for that many query heads per KV head."""
         order = [i for i, it in enumerate(items) if len(it.tokens) == 1]
         order += [i for i, it in enumerate(items) if len(it.tokens) > 1]
         tokens, positions, blocks, offsets, last_row, chunks = [], [], [], [], {}, []
@@ -83,12 +90,18 @@ class PagedStep:
             chunks,
             t([last_row[i] for i, it in enumerate(items) if it.sample]),
         )
+        if kernel_group:
+            rows = [0] + list(itertools.accumulate(len(items[i].tokens) for i in order))
+            spans = [(rows[j], len(items[i].tokens), items[i].start, items[i].blocks) for j, i in enumerate(order)]
+            step.kernel = AttentionPlan.build(spans, kernel_group, device)
         return t(tokens)[None], step
 
     def attend(self, cache: PagedKVCache, q, k, v, gqa: bool) -> torch.Tensor:
         """q (1, N, H, hd), k and v (1, N, kvh, hd) of this step's tokens -> attention output (1, H, N, hd)."""
         cache.k[self.write_blocks, :, self.write_offsets] = k[0]  # every write before any read
         cache.v[self.write_blocks, :, self.write_offsets] = v[0]
+        if self.kernel is not None:
+            return paged_attention(q[0], cache.k, cache.v, self.kernel).transpose(0, 1)[None]
         outs, B = [], self.single_positions.shape[0]
         if B:
             outs.append(self.attend_singles(cache, q[0, :B], gqa).transpose(0, 1))  # (H, B, hd)
