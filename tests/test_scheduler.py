@@ -56,19 +56,37 @@ def test_request_with_n_prompts_is_n_sequences_in_one_batch(fake_runtime):
 
 
 def test_new_sequences_join_between_decode_steps_and_finished_ones_leave():
-    engine = FakeEngine(step_seconds=0.005)
+    engine = FakeEngine()
     rt = started(engine)
+    # The engine's steps wait on events, not on the clock, so the order below holds however slowly the threads
+    # are scheduled: its 6th step waits until the short request is queued (it joins mid-decode), its 20th until
+    # this thread has checked that the short one was answered (the long one is still running then).
+    step, answered = engine.run, threading.Event()
+
+    def paced(plan):
+        if len(engine.steps) == 5:
+            deadline = time.monotonic() + 60
+            while sum(rt.loop.counts()) < 2 and time.monotonic() < deadline:
+                time.sleep(0.001)
+        elif len(engine.steps) == 20:
+            answered.wait(60)
+        return step(plan)
+
+    engine.run = paced
     long_done = []
     t = threading.Thread(
         target=lambda: long_done.append(rt.generate([[BOS, 10]], SamplingParams(temperature=0, max_tokens=40)))
     )
     t.start()
-    deadline = time.monotonic() + 10
-    while len(engine.steps) < 5:
-        assert time.monotonic() < deadline, "the long request never started"
-        time.sleep(0.001)
-    (short,) = rt.generate([[BOS, 100]], SamplingParams(temperature=0, max_tokens=3))
-    assert not long_done, "the short request finished while the long one was still running"
+    try:
+        deadline = time.monotonic() + 60
+        while len(engine.steps) < 5:
+            assert time.monotonic() < deadline, "the long request never started"
+            time.sleep(0.001)
+        (short,) = rt.generate([[BOS, 100]], SamplingParams(temperature=0, max_tokens=3))
+        assert not long_done, "the short request finished while the long one was still running"
+    finally:
+        answered.set()
     t.join()
     # The short request's prompt (slot 1, from position 0) joins a step of the long one's decoding.
     joined = next(i for i, step in enumerate(engine.steps) if (1, 0, 2) in step)
@@ -81,19 +99,27 @@ def test_new_sequences_join_between_decode_steps_and_finished_ones_leave():
 
 
 def test_full_queue_answers_503_with_retry_after():
-    engine = FakeEngine(step_seconds=0.01)
+    engine = FakeEngine()
     rt = started(engine, max_batch_size=1, max_waiting=2)
+    # The engine is held in the first request's first step until the 503 was seen: the queue stays full
+    # however slowly this thread runs (a request finishing first would make room and no 503 would come).
+    step, release = engine.run, threading.Event()
+    engine.run = lambda plan: release.wait(60) and step(plan)
     params = SamplingParams(temperature=0, max_tokens=30)
     threads = [threading.Thread(target=rt.generate, args=([[BOS, 10]], params)) for _ in range(3)]
-    for i, th in enumerate(threads):  # one runs, two wait: the queue is full
-        th.start()
-        deadline = time.monotonic() + 10
-        while sum(rt.loop.counts()) < i + 1:  # this one is in (running or waiting) before the next
-            assert time.monotonic() < deadline, "a request was not queued"
-            time.sleep(0.001)
-    with pytest.raises(ApiError) as e:
-        rt.generate([[BOS, 10]], params)
-    assert e.value.status == 503 and e.value.headers == {"Retry-After": "1"}
+    try:
+        for i, th in enumerate(threads):  # one runs, two wait: the queue is full
+            th.start()
+            deadline = time.monotonic() + 60
+            while sum(rt.loop.counts()) < i + 1:  # this one is in (running or waiting) before the next
+                assert time.monotonic() < deadline, "a request was not queued"
+                time.sleep(0.001)
+        assert rt.loop.counts() == (1, 2)
+        with pytest.raises(ApiError) as e:
+            rt.generate([[BOS, 10]], params)
+        assert e.value.status == 503 and e.value.headers == {"Retry-After": "1"}
+    finally:
+        release.set()
     for th in threads:
         th.join()
     (seq,) = rt.generate([[BOS, 10]], SamplingParams(temperature=0, max_tokens=2))  # room again
@@ -110,9 +136,11 @@ def test_failed_step_fails_its_sequences_not_the_server():
         rt.generate([[BOS, 10]], GREEDY)
     assert e.value.status == 500 and rt.health() == (False, "the last engine step failed")
     engine.run = real
-    deadline = time.time() + 5  # when idle, the engine probes the device again: health recovers without traffic
+    # When idle, the engine probes the device again (every second): health recovers without traffic. The
+    # deadline only ends a failing test; a loaded machine may take several seconds.
+    deadline = time.monotonic() + 60
     while rt.health() != (True, "Healthy"):
-        assert time.time() < deadline
+        assert time.monotonic() < deadline, rt.health()
         time.sleep(0.1)
     (seq,) = rt.generate([[BOS, 10]], SamplingParams(temperature=0, max_tokens=2))
     assert seq.output == [11, 12] and rt.health() == (True, "Healthy")
@@ -129,15 +157,18 @@ def test_loading_state_is_reported_and_requests_get_503():
 
     rt = Runtime(slow_load, max_seq_len=64, max_batch_size=2, max_waiting=4)
     rt.start()
-    deadline = time.time() + 5
-    while rt.progress != "loaded 1 of 2 shards" and time.time() < deadline:
+    deadline = time.monotonic() + 60
+    while rt.progress != "loaded 1 of 2 shards":
+        assert time.monotonic() < deadline, rt.progress
         time.sleep(0.01)
     assert rt.health() == (False, "model loading: loaded 1 of 2 shards")
     with pytest.raises(ApiError, match="model loading") as e:
         rt.generate([[BOS]], GREEDY)
     assert e.value.status == 503
     release.set()
-    while rt.state != "ready" and time.time() < deadline:
+    deadline = time.monotonic() + 60
+    while rt.state != "ready":
+        assert time.monotonic() < deadline, rt.progress
         time.sleep(0.01)
     assert rt.health() == (True, "Healthy")
     rt.shutdown()
@@ -150,7 +181,7 @@ def test_shutdown_ends_waiting_requests_with_503():
 
     def held_until_shutdown(plan):  # the first request stays mid-step until shutdown is asked for
         with cv:
-            cv.wait_for(lambda: rt.loop.stopping, timeout=30)
+            cv.wait_for(lambda: rt.loop.stopping, timeout=60)
         return step(plan)
 
     engine.run = held_until_shutdown
@@ -165,19 +196,19 @@ def test_shutdown_ends_waiting_requests_with_503():
     threads = [threading.Thread(target=call) for _ in range(2)]
     for th in threads:
         th.start()
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 60
     while rt.loop.counts() != (1, 1):  # one running (held in its step), one waiting
         assert time.monotonic() < deadline, f"the requests never reached the engine: {rt.loop.counts()}"
         time.sleep(0.001)
     with cv:
         seqs = [*rt.loop.scheduler.running, *rt.loop.scheduler.waiting]
     rt.shutdown()
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 60
     while not all(seq.done.is_set() for seq in seqs) or len(errors) < 2:
         assert time.monotonic() < deadline, f"shutdown left them: {[(s.sched.status, s.error) for s in seqs]}, {errors}"
         time.sleep(0.001)
     for th in threads:
-        th.join(timeout=5)
+        th.join(timeout=60)
     assert [(s.error_status, s.error, s.finish_reason) for s in seqs] == [(503, "server is shutting down", None)] * 2
     assert errors == [(503, "server is shutting down")] * 2
     assert not rt.health()[0]
@@ -252,9 +283,9 @@ def test_batch_loop_failed_batch_fails_its_jobs_and_health_recovers_without_traf
             rt.run([Job(None, 3)])
         assert e.value.status == 500 and rt.health() == (False, "the last engine step failed")
         broken["now"] = False
-        deadline = time.time() + 5
+        deadline = time.monotonic() + 60  # the idle probe comes within a second; a loaded machine may be slower
         while rt.health() != (True, "Healthy"):
-            assert time.time() < deadline
+            assert time.monotonic() < deadline, rt.health()
             time.sleep(0.1)
     finally:
         rt.shutdown()

@@ -5,6 +5,7 @@ load.py picks this module or hf_checkpoint.py for a folder; both build on layout
 import json
 import logging
 import os
+import time
 
 import torch
 
@@ -72,17 +73,19 @@ def load_meta_model(ckpt_dir, args: ModelArgs, mp_rank, mp_size, device, dtype, 
     if missing or unexpected:
         raise CheckpointError(f"{path} does not match params.json: missing {missing[:8]}, unexpected {unexpected[:8]}")
     total = sum(shard[k].numel() * shard[k].element_size() for k in expected)
-    state, done = {}, 0
+    state, done, t0 = {}, 0, time.perf_counter()
     for i, (key, shape) in enumerate(expected.items()):
         t = shard[key]
         if t.shape != shape:
             raise CheckpointError(
                 f"{path}: {key} has shape {tuple(t.shape)}, params.json and {mp_size} rank(s) imply {tuple(shape)}"
             )
-        state[key] = t.to(device=device, dtype=dtype)
+        state[key] = t.to(device).to(dtype)  # from the mapped file to the device, converted there
         done += t.numel() * t.element_size()
         if i % 16 == 15 or i == len(expected) - 1:
             progress(f"loaded {done / 1e6:.1f} of {total / 1e6:.1f} MB from {os.path.basename(path)}")
+    seconds = time.perf_counter() - t0
+    progress(f"weights on {device} in {seconds:.1f} s ({total / 1e9 / max(seconds, 1e-9):.2f} GB/s from the file)")
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval()
 

@@ -8,6 +8,7 @@ memory-mapped and each rank reads only the rows or columns of its own shard, so 
 
 import logging
 import os
+import time
 
 import torch
 
@@ -160,21 +161,24 @@ def load_hf_model(ckpt_dir, args: ModelArgs, mp_rank, mp_size, device, dtype, pr
             f"{ckpt_dir} does not match config.json: missing {missing[:8]}, unexpected {unexpected[:8]}"
         )
     progress(f"loading {len(set(files.values()))} safetensors file(s) from {ckpt_dir}, rank {mp_rank} of {mp_size}")
-    handles, state = {}, {}
+    handles, state, done, t0 = {}, {}, 0, time.perf_counter()
     try:
         for i, (key, shape) in enumerate(expected.items()):
             src = "model.embed_tokens.weight" if tied and key == "output.weight" else hf_key(key)
             path = files[src]
             if path not in handles:
                 handles[path] = safe_open(path, framework="pt")
-            state[key] = _read_slice(handles[path].get_slice(src), src, key, shape, args, mp_rank, mp_size)
-            state[key] = state[key].to(device=device, dtype=dtype)
+            t = _read_slice(handles[path].get_slice(src), src, key, shape, args, mp_rank, mp_size)
+            done += t.numel() * t.element_size()
+            state[key] = t.to(device).to(dtype)  # converted on the device
             if i % 32 == 31:
                 progress(f"loaded {i + 1} of {len(expected)} tensors")
     except CheckpointError:
         raise
     except Exception as e:  # a truncated or malformed file: say which
         raise CheckpointError(f"cannot read the weights in {ckpt_dir}: {type(e).__name__}: {e}") from e
+    seconds = time.perf_counter() - t0
+    progress(f"weights on {device} in {seconds:.1f} s ({done / 1e9 / max(seconds, 1e-9):.2f} GB/s from the files)")
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval()
 
