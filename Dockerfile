@@ -11,20 +11,19 @@
 # docker/presets/llama-2/Dockerfile and docker/presets/inference/llama-2/Dockerfile take one each. They
 # differ only in the names of their build args; presets/tools/llama_image.py does the steps for all three.
 # The default base is a plain Python image: pip then takes torch's CUDA build from PyPI (it carries the
-# CUDA runtime; the node needs only the NVIDIA driver). Air-gapped: put wheels in .wheelhouse/ and pass
-# PIP_FLAGS="--no-index --find-links /tmp/build". See the README's Docker section.
+# CUDA runtime and triton; the node needs only the NVIDIA driver, >= 580 for PyPI's CUDA 13.0 build).
+# TORCH_INDEX picks another torch build (https://download.pytorch.org/whl/cu126 for older drivers, .../cpu
+# for CPU nodes): docker/install_requirements.sh. Air-gapped: put wheels in .wheelhouse/ and pass
+# PIP_FLAGS="--no-index --find-links /tmp/build". See docs/operations.md, "Docker images and Kaito".
 
 ARG BASE_IMAGE=python:3.11.11-slim-bookworm
 FROM ${BASE_IMAGE}
 
 # 1. Dependencies (change rarely): a venv with the pinned requirements.
 ARG PIP_FLAGS=""
-COPY requirements.txt constraints.txt .wheelhouse* /tmp/build/
-RUN python3 -m venv /opt/venv \
-    && grep -v '^torch==' /tmp/build/constraints.txt > /tmp/build/image-constraints.txt \
-    && /opt/venv/bin/pip install --no-cache-dir ${PIP_FLAGS} -c /tmp/build/image-constraints.txt \
-       -r /tmp/build/requirements.txt \
-    && rm -rf /tmp/build
+ARG TORCH_INDEX=""
+COPY requirements.txt constraints.txt docker/install_requirements.sh .wheelhouse* /tmp/build/
+RUN PIP_FLAGS="${PIP_FLAGS}" TORCH_INDEX="${TORCH_INDEX}" sh /tmp/build/install_requirements.sh && rm -rf /tmp/build
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONPATH=/opt/presets \
     PYTHONUNBUFFERED=1 \

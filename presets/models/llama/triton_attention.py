@@ -11,7 +11,7 @@ stay in their dtype (bf16/fp16 products accumulate in fp32 on the tensor cores; 
 not TF32); the probabilities are rounded to the value dtype for P @ V, as FlashAttention does.
 
 Tested on the CPU in Triton's interpreter (TRITON_INTERPRET=1; tests/test_triton_attention.py) against SDPA
-over gathered keys. Triton 3.9's interpreter computes bf16 dots wrongly, so under it bf16 operands are
+over gathered keys. Triton's interpreter (3.7 and 3.9) computes bf16 dots wrongly, so under it bf16 operands are
 widened to fp32 first: the same products (a bf16 product is exact in fp32), summed in fp32.
 """
 
