@@ -43,7 +43,10 @@ def concurrently(fn, args_list):
 def test_two_ranks_equal_one_rank_completion_with_idle_past_timeout(two_shards, completion_client):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    flags = [*SEQ, "--dist_timeout", "3"]
+    # A timeout short enough to idle past, long enough for a loaded machine: it bounds every wait of a rank for
+    # the other, from joining the process group (the ranks start Python and torch side by side, one may be
+    # seconds behind) to each step's collectives.
+    flags = [*SEQ, "--dist_timeout", "6"]
     proc = start(server_cmd("completion", two_shards, port, *flags, torchrun=["--nproc_per_node", "2"]), "completion")
     with running(proc):
         wait_healthy(proc, url)
@@ -52,7 +55,7 @@ def test_two_ranks_equal_one_rank_completion_with_idle_past_timeout(two_shards, 
         bodies = greedy_bodies()
         one_rank = [completion_client.post("/generate", json=b).get_json() for b in bodies]
         assert concurrently(lambda b: post(f"{url}/generate", b)[1], [(b,) for b in bodies]) == one_rank
-        time.sleep(5)  # idle longer than the process group's 3 s timeout
+        time.sleep(8)  # idle longer than the process group's 6 s timeout
         assert get(f"{url}/healthz") == (200, {"status": "Healthy"})
         assert post(f"{url}/generate", bodies[3]) == (200, one_rank[3])
         assert post(f"{url}/shutdown", None) == (200, {})

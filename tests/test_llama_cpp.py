@@ -541,10 +541,12 @@ def test_real_server_process(tmp_path, models_dir):
                 pool.submit(post, f"{url}/{route}", body)
                 for route, body in [("generate", busy)] * 8 + [("embeddings", {"text": "Hello " * 60})] * 4
             ]
-            deadline = time.time() + 20
-            while "vllm:num_requests_running 0.0" in requests.get(f"{url}/metrics", timeout=5).text:
-                assert time.time() < deadline, "the requests never started"
-                time.sleep(0.05)
+            # A generous deadline (it only ends a failing test), polled gently: each scrape logs a line into the
+            # server's stdout, a pipe read only when it exits
+            deadline = time.monotonic() + 60
+            while "vllm:num_requests_running 0.0" in requests.get(f"{url}/metrics", timeout=10).text:
+                assert time.monotonic() < deadline, "the requests never started"
+                time.sleep(0.2)
             assert post(f"{url}/shutdown", None) == (200, {})
             answers = [c.result() for c in calls]  # every one is answered before the server exits
         code, out = finish(proc)
