@@ -1,10 +1,12 @@
 """Kaito's preset API for Llama: POST /generate (text completion) and POST /chat."""
 
-from quart import Blueprint, jsonify, request
+import dataclasses
+
+from quart import Blueprint, current_app, jsonify, request
 
 from presets.api.chat import UNSAFE_ERROR, encode_dialog, kaito_dialog, refused
 from presets.api.errors import ApiError
-from presets.api.validation import json_body, reject_unknown, string_list
+from presets.api.validation import adapter_slot, json_body, reject_unknown, string_list
 from presets.engine.params import SamplingParams
 from presets.http.app import record, runtime
 
@@ -13,19 +15,33 @@ chat = Blueprint("llama2_chat", __name__)
 
 COMPLETION_MAX_GEN_LEN = 64  # Meta's example_text_completion default
 # Chat's default max_gen_len is None: all the room left in max_seq_len, as in Meta's chat_completion.
+ADAPTER_FIELDS = ("adapter", "model")  # beside the prompts: the LoRA adapter to answer with (ours; optional)
+
+
+def with_adapter(params: SamplingParams, body: dict, rt) -> SamplingParams:
+    """`params` for the LoRA adapter the body names by `adapter` (or `model`, as the OpenAI routes take it)."""
+    named = [k for k in ADAPTER_FIELDS if body.get(k) is not None]
+    if len(named) > 1:
+        raise ApiError(400, "adapter and model both name a model; send one", param="adapter")
+    if not named:
+        return params
+    base = current_app.extensions.get("openai_model")
+    slot = adapter_slot(body[named[0]], base.name if base else None, rt.adapters, named[0])
+    return dataclasses.replace(params, adapter=slot)
 
 
 @completion.post("/generate")
 async def generate():
     """Complete each of `prompts`: {"results": [{"prompt", "response"}, ...]}."""
     body = await json_body(request)
-    reject_unknown(body, ("prompts", "parameters"), "body")
+    reject_unknown(body, ("prompts", "parameters", *ADAPTER_FIELDS), "body")
     rt = runtime()
     rt.require_ready()
     prompts = string_list(body.get("prompts"), "prompts", rt.max_waiting)
     params = SamplingParams.from_seed_parameters(
         body.get("parameters"), "parameters", COMPLETION_MAX_GEN_LEN, rt.max_seq_len
     )
+    params = with_adapter(params, body, rt)
     ids = [rt.tokenizer.encode(p, bos=True, eos=False) for p in prompts]
     seqs = await rt.agenerate(ids, params)
     record(seqs)
@@ -37,7 +53,7 @@ async def generate():
 async def chat_completion():
     """Answer each dialog of input_data.input_string: {"results": [[messages..., Assistant], ...]}."""
     body = await json_body(request)
-    reject_unknown(body, ("input_data", "parameters"), "body")
+    reject_unknown(body, ("input_data", "parameters", *ADAPTER_FIELDS), "body")
     data = body.get("input_data")
     if not isinstance(data, dict):
         raise ApiError(400, "input_data must be an object with input_string (a list of dialogs)")
@@ -53,7 +69,7 @@ async def chat_completion():
     # `parameters` may sit inside input_data or beside it (Kaito's docs show both); inside wins.
     where = "input_data.parameters" if data.get("parameters") is not None else "parameters"
     raw = data.get("parameters") if data.get("parameters") is not None else body.get("parameters")
-    params = SamplingParams.from_seed_parameters(raw, where, None, rt.max_seq_len)
+    params = with_adapter(SamplingParams.from_seed_parameters(raw, where, None, rt.max_seq_len), body, rt)
 
     safe = [i for i, d in enumerate(dialogs) if not refused(rt.tokenizer, d)]
     prompts = [encode_dialog(rt.tokenizer, dialogs[i], f"input_data.input_string[{i}]") for i in safe]

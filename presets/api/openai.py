@@ -24,7 +24,7 @@ from presets.api.openai_request import (
     prompt_ids,
     reject_unsupported,
 )
-from presets.api.validation import json_body
+from presets.api.validation import adapter_slot, json_body
 from presets.engine.params import SamplingParams
 from presets.http.app import logged_stream, record_counts, runtime
 
@@ -53,6 +53,7 @@ class OpenAIModel(Protocol):
     name: str  # the model id of /v1/models
     engine: str  # what runs the model: "presets" (our engines) or "transformers" (generate)
     unsupported: tuple[str, ...]  # fields this engine cannot honour: a 400 naming them unless neutral
+    adapters: list[str]  # LoRA adapters served besides the base model; a request's `model` may name one
     runner: Runner
 
     def context(self) -> int:
@@ -90,7 +91,7 @@ async def _run(prompts, body, default_max, chat: bool, echoes=None):
     if opt.stream:
         usage = {"sequences": 0, "prompt_tokens": 0, "completion_tokens": 0}
         pieces = m.runner.stream(prompts, params, opt.n, opt.stops, usage)
-        return await _stream(rid, m, pieces, opt, len(prompts), chat, usage, echoes)
+        return await _stream(rid, served_name(m, params), pieces, opt, len(prompts), chat, usage, echoes)
     results = await m.runner.generate(prompts, params, opt.n, opt.stops)
     prompt_tokens, completion = sum(map(len, prompts)), sum(r[2] for r in results)
     record_counts(len(results), prompt_tokens, completion)  # the request's log line
@@ -115,7 +116,7 @@ async def _run(prompts, body, default_max, chat: bool, echoes=None):
         id=rid,
         object="chat.completion" if chat else "text_completion",
         created=int(time.time()),
-        model=m.name,
+        model=served_name(m, params),
         choices=choices,
         usage=_usage(prompt_tokens, completion),
     )
@@ -151,7 +152,12 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
     }
 
 
-async def _stream(rid, m: OpenAIModel, pieces, opt: Options, n_prompts: int, chat: bool, usage: dict, echoes):
+def served_name(m: OpenAIModel, params: SamplingParams) -> str:
+    """The model a request ran on, as its answer names it: the base model's name or its LoRA adapter's."""
+    return m.adapters[params.adapter - 1] if params.adapter else m.name
+
+
+async def _stream(rid, name: str, pieces, opt: Options, n_prompts: int, chat: bool, usage: dict, echoes):
     """Server-sent events from the runner's (index, text, finish_reason, logprobs) pieces, then [DONE]; an error
     after the stream began (the engine stopped, request_timeout) is a last event {"error": ...}. The request's
     log line is written when the stream ends, with the tokens it got (the runner counts them in `usage`)."""
@@ -162,7 +168,7 @@ async def _stream(rid, m: OpenAIModel, pieces, opt: Options, n_prompts: int, cha
     decode = runtime().tokenizer.decode  # (the events are sent outside the request's context)
 
     def event(choices, **more):
-        body = {"id": rid, "object": kind, "created": int(time.time()), "model": m.name, "choices": choices}
+        body = {"id": rid, "object": kind, "created": int(time.time()), "model": name, "choices": choices}
         return f"data: {json.dumps(body | extra | more, ensure_ascii=False)}\n\n"
 
     def chunk(i, text=None, finish=None, lps=None, role=False):
@@ -187,7 +193,7 @@ async def _stream(rid, m: OpenAIModel, pieces, opt: Options, n_prompts: int, cha
             yield "data: [DONE]\n\n"
         except ApiError as e:
             usage["end"] = f"error_{e.status}"
-            yield f"data: {json.dumps(openai_error(e.status, e.detail, e.param))}\n\n"
+            yield f"data: {json.dumps(openai_error(e.status, e.detail, e.param, e.code))}\n\n"
         finally:
             await pieces.aclose()
 
@@ -196,20 +202,22 @@ async def _stream(rid, m: OpenAIModel, pieces, opt: Options, n_prompts: int, cha
 
 @openai.get("/models")
 def models():
-    """The one model this server serves."""
-    return jsonify(object="list", data=[_card()])
+    """The base model, then each LoRA adapter with the base as its parent (as vLLM lists them)."""
+    m = model()
+    return jsonify(object="list", data=[_card(m.name)] + [_card(a, parent=m.name) for a in m.adapters])
 
 
 @openai.get("/models/<path:model_id>")
 def model_card(model_id: str):
-    """The model `model_id`, when it is the one this server serves."""
-    if model_id != model().name:
-        raise ApiError(404, f"model {model_id!r} not found; this server serves {model().name!r}", param="model")
-    return jsonify(_card())
+    """The model `model_id`: the base model or one of its adapters."""
+    m = model()
+    slot = adapter_slot(model_id, m.name, list(m.adapters), "model")
+    return jsonify(_card(model_id, parent=m.name if slot else None))
 
 
-def _card() -> dict:
-    return {"id": model().name, "object": "model", "created": STARTED, "owned_by": "presets", "engine": model().engine}
+def _card(name: str, parent: str | None = None) -> dict:
+    card = {"id": name, "object": "model", "created": STARTED, "owned_by": "presets", "engine": model().engine}
+    return {**card, "parent": parent}
 
 
 @openai.post("/completions")

@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass
 
 from presets.api.errors import ApiError
-from presets.api.validation import boolean, integer, number
+from presets.api.validation import adapter_slot, boolean, integer, number
 from presets.engine.params import MAX_TEMPERATURE, SamplingParams, room_left
 from presets.engine.structured import grammar_for
 
@@ -124,7 +124,8 @@ def _logprobs(body: dict, chat: bool) -> int | None:
 def parse_request(body: dict, prompts: list[list[int]], default_max: int | None, chat: bool, m, max_waiting: int):
     """(SamplingParams, Options) of a request to model `m` (api/openai.py OpenAIModel), checked once; the context
     check gives the numbers."""
-    _check_model_and_user(body, m)
+    adapter = adapter_slot(body.get("model"), m.name, list(m.adapters), "model")
+    _check_user(body)
     n = integer(body, "n", "", 1, lo=1, hi=MAX_N)
     _neutral(body, "best_of", (None, 1, n), "this server returns every choice it generates (n)")
     for key in m.unsupported:
@@ -151,14 +152,13 @@ def parse_request(body: dict, prompts: list[list[int]], default_max: int | None,
         logit_bias=_logit_bias(body, m.vocab_size()),
         logprobs=_logprobs(body, chat),
         grammar=_grammar(body),
+        adapter=adapter,
     )
     echo = boolean(body, "echo", "", False)
     return params, Options(n, _stops(body), stream, _include_usage(body, stream), echo)
 
 
-def _check_model_and_user(body: dict, m) -> None:
-    if body.get("model") not in (None, m.name):
-        raise ApiError(404, f"model {body.get('model')!r} not found; this server serves {m.name!r}", param="model")
+def _check_user(body: dict) -> None:
     if body.get("user") is not None and not isinstance(body["user"], str):
         raise ApiError(400, "user must be a string", param="user")
 

@@ -4,7 +4,7 @@ import json
 import math
 import re
 
-from presets.api.errors import ApiError
+from presets.api.errors import ApiError, model_not_found
 
 _MISSING = object()
 
@@ -118,3 +118,13 @@ def string_list(v, name: str, max_items: int) -> list[str]:
         if not isinstance(s, str):
             raise ApiError(400, f"{name}[{i}] must be a string, got {type(s).__name__}")
     return v
+
+
+def adapter_slot(name, base: str | None, adapters: list[str], param: str) -> int:
+    """The LoRA adapter slot a request names (0: the base model): `name` is absent, the base model's name
+    (`base`), or an adapter's; anything else is a 404 naming what is served."""
+    if name is None or (base is not None and name == base):
+        return 0
+    if isinstance(name, str) and name in adapters:
+        return adapters.index(name) + 1
+    raise model_not_found(name, [b for b in [base] if b] + adapters, param)

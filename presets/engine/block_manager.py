@@ -32,6 +32,7 @@ class BlockTable:
 
     blocks: list[int] = field(default_factory=list)
     keys: list[int] = field(default_factory=list)  # keys of blocks[:len(keys)]
+    salt: int | None = None  # where its key chain starts: what else than the tokens the blocks depend on
 
 
 def prefix_keys(tokens: list[int], block_size: int, n_blocks: int, parent: int | None = None) -> list[int]:
@@ -66,12 +67,13 @@ class BlockManager:
         """Fraction of the pool held by sequences (vLLM's kv_cache_usage_perc)."""
         return 1 - len(self.free) / self.num_blocks
 
-    def match(self, tokens: list[int]) -> list[int]:
-        """Cached blocks holding the longest keyed prefix of `tokens`, leaving at least its last token to compute."""
+    def match(self, tokens: list[int], salt: int | None = None) -> list[int]:
+        """Cached blocks holding the longest keyed prefix of `tokens`, leaving at least its last token to compute;
+        `salt` starts the key chain (a LoRA adapter's: the same tokens under another adapter are other keys)."""
         if not self.prefix_caching:
             return []
         hits = []
-        for i, key in enumerate(prefix_keys(tokens, self.block_size, (len(tokens) - 1) // self.block_size)):
+        for i, key in enumerate(prefix_keys(tokens, self.block_size, (len(tokens) - 1) // self.block_size, salt)):
             block_id = self.cached.get(key)
             block = self.blocks[block_id] if block_id is not None else None
             if block is None or block.tokens != tuple(tokens[i * self.block_size : (i + 1) * self.block_size]):
@@ -86,11 +88,11 @@ class BlockManager:
 
     # -- changes ---------------------------------------------------------------------------------
 
-    def allocate(self, hits: list[int], n_tokens: int) -> BlockTable:
+    def allocate(self, hits: list[int], n_tokens: int, salt: int | None = None) -> BlockTable:
         """A table of the cached `hits` and fresh blocks up to `n_tokens` positions (check can_allocate first)."""
         if not self.can_allocate(hits, n_tokens):
             raise MemoryError(f"{self.blocks_for(n_tokens)} blocks needed, {self.num_free} free")
-        table = BlockTable()
+        table = BlockTable(salt=salt)
         for b in hits:
             self._take(b, hit=True)
             table.blocks.append(b)
@@ -116,7 +118,7 @@ class BlockManager:
         if not self.prefix_caching:
             return
         full = min(n_written // self.block_size, len(table.blocks))
-        parent = table.keys[-1] if table.keys else None
+        parent = table.keys[-1] if table.keys else table.salt
         bs = self.block_size
         for i in range(len(table.keys), full):
             chunk = tuple(tokens[i * bs : (i + 1) * bs])

@@ -7,6 +7,7 @@ vLLM's dashboards and autoscalers read `vllm:num_requests_running`, `vllm:num_re
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10, 20, 40, 80)
 
@@ -52,6 +53,11 @@ class Metrics:
         self.rejected = Counter(
             "presets:requests_rejected", "Requests refused with 503 (full queue, loading, shutting down).", registry=r
         )
+        self.adapter_requests = Counter(
+            "presets:lora_requests", "Sequences finished per LoRA adapter.", ["adapter"], registry=r
+        )
+        self.lora = LoraInfo()
+        r.register(self.lora)
 
     def prefix_cache(self, queries: int, hits: int) -> None:
         self.prefix_queries.inc(queries)
@@ -63,6 +69,8 @@ class Metrics:
     def finished(self, seq) -> None:
         """Record a retired sequence (EngineLoop's sequences carry per-token times); one that was cancelled or
         failed counts its tokens, not its latencies."""
+        if seq.params.adapter and self.lora.names:
+            self.adapter_requests.labels(self.lora.names[seq.params.adapter - 1]).inc()
         times = seq.token_times
         if seq.admitted is not None:  # a sequence refused or cancelled while waiting computed nothing
             self.prompt_tokens.inc(len(seq.prompt))
@@ -85,3 +93,33 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class LoraInfo:
+    """vllm:lora_requests_info, as vLLM exports it and the Kubernetes inference gateway routes by it: one gauge
+    whose labels are max_lora and the comma-separated names of the adapters with running and with waiting
+    sequences, and whose value is when those last changed (Unix seconds). Only when adapters are served."""
+
+    def __init__(self):
+        self.names: list[str] = []  # adapter slot - 1 -> name
+        self.max_lora = 0
+        self.state = ((), ())  # (running slots, waiting slots)
+        self.changed = time.time()
+
+    def update(self, running: set[int], waiting: set[int]) -> None:
+        """Called by the engine thread after each step with the adapter slots of its sequences."""
+        state = (tuple(sorted(running - {0})), tuple(sorted(waiting - {0})))
+        if state != self.state:
+            self.state, self.changed = state, time.time()
+
+    def collect(self):
+        if not self.names:
+            return []
+        running, waiting = (",".join(self.names[s - 1] for s in slots) for slots in self.state)
+        family = GaugeMetricFamily(
+            "vllm:lora_requests_info",
+            "Running and waiting LoRA adapters; the value is when they last changed.",
+            labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters"],
+        )
+        family.add_metric([str(self.max_lora), running, waiting], self.changed)
+        return [family]

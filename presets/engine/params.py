@@ -28,6 +28,7 @@ class SamplingParams:
     logit_bias: tuple = ()  # (token id, bias added to its logit) pairs
     logprobs: int | None = None  # return each sampled token's log probability and this many top alternatives
     grammar: str | None = None  # structured output: the llguidance grammar the text must follow (structured.py)
+    adapter: int = 0  # the LoRA adapter's slot (engine/adapters.py); 0: the base model
 
     @property
     def greedy(self) -> bool:

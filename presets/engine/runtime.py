@@ -43,6 +43,7 @@ class Runtime:
         self.structured = None  # a StructuredOutput when the model can follow a grammar (set once it loads)
         self.max_batch_size = max_batch_size
         self.max_waiting = max_waiting
+        self.adapters: list[str] = []  # LoRA adapters served, slot i + 1 = adapters[i] (engine/adapters.py)
         self.request_timeout = request_timeout  # seconds a generation request may run; 0: no limit
         self.draining = False
         self.state = "starting"

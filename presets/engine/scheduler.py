@@ -85,6 +85,7 @@ class PlanItem:
     tokens: list[int]
     blocks: list[int]  # the block table up to the last position computed
     sample: bool  # the last token is the sequence's newest: its logits are wanted
+    adapter: int = 0  # the LoRA adapter's slot; 0: the base model
 
 
 @dataclass
@@ -101,7 +102,7 @@ class StepPlan:
         """The plan as integers (what rank 0 broadcasts): counts, then per-item fields, tokens, blocks."""
         out = [len(self.items)]
         for it in self.items:
-            out += [it.slot, it.start, len(it.tokens), len(it.blocks), int(it.sample)]
+            out += [it.slot, it.start, len(it.tokens), len(it.blocks), int(it.sample), it.adapter]
         for it in self.items:
             out += it.tokens
         for it in self.items:
@@ -110,16 +111,22 @@ class StepPlan:
 
     @classmethod
     def decode(cls, data: list[int]) -> "StepPlan":
-        n, at = data[0], 1 + 5 * data[0]
-        heads = [data[1 + 5 * i : 6 + 5 * i] for i in range(n)]
+        n, at = data[0], 1 + 6 * data[0]
+        heads = [data[1 + 6 * i : 7 + 6 * i] for i in range(n)]
         items = []
-        for slot, start, n_tok, _, sample in heads:
-            items.append(PlanItem(slot, start, data[at : at + n_tok], [], bool(sample)))
+        for slot, start, n_tok, _, sample, adapter in heads:
+            items.append(PlanItem(slot, start, data[at : at + n_tok], [], bool(sample), adapter))
             at += n_tok
-        for item, (_, _, _, n_blocks, _) in zip(items, heads):
+        for item, (_, _, _, n_blocks, _, _) in zip(items, heads):
             item.blocks = data[at : at + n_blocks]
             at += n_blocks
         return cls(items)
+
+
+def prefix_salt(adapter: int) -> int | None:
+    """Where a sequence's prefix-cache keys start: its LoRA adapter changes every key and value, so blocks are
+    shared only between sequences of the same adapter (or of the base model, None)."""
+    return hash(("lora", adapter)) if adapter else None
 
 
 @dataclass
@@ -129,6 +136,7 @@ class SchedulerConfig:
     block_size: int = 16
     max_num_batched_tokens: int = 2048  # tokens computed per step
     prefix_caching: bool = True
+    max_loras: int = 0  # LoRA adapters running at once (0: none served)
 
 
 class Scheduler:
@@ -191,13 +199,21 @@ class Scheduler:
             budget -= self._plan(plan, seq, min(seq.num_tokens - seq.sched.num_computed, budget))
         return plan
 
+    def running_adapters(self) -> set[int]:
+        return {s.params.adapter for s in self.running} - {0}
+
     def _admit(self, seq: Sequence) -> bool:
-        """Give `seq` its cached prefix and fresh blocks for all its tokens, or False when they do not fit now."""
+        """Give `seq` its cached prefix and fresh blocks for all its tokens, or False when they do not fit now
+        (or its LoRA adapter would be one more than max_loras running at once)."""
+        adapter = seq.params.adapter
+        if adapter and adapter not in (running := self.running_adapters()) and len(running) >= self.config.max_loras:
+            return False
         tokens = seq.tokens
-        hits = self.blocks.match(tokens)
+        salt = prefix_salt(adapter)
+        hits = self.blocks.match(tokens, salt)
         if not self.blocks.can_allocate(hits, len(tokens)):
             return False
-        seq.sched.table = self.blocks.allocate(hits, len(tokens))
+        seq.sched.table = self.blocks.allocate(hits, len(tokens), salt)
         seq.sched.num_computed = len(hits) * self.config.block_size
         if self.metrics:
             self.metrics.prefix_cache(len(tokens), seq.sched.num_computed)
@@ -213,7 +229,9 @@ class Scheduler:
         start, tokens = seq.sched.num_computed, seq.tokens
         end = start + n
         blocks = seq.sched.table.blocks[: self.blocks.blocks_for(end)]
-        plan.items.append(PlanItem(seq.sched.slot, start, tokens[start:end], blocks, end == len(tokens)))
+        plan.items.append(
+            PlanItem(seq.sched.slot, start, tokens[start:end], blocks, end == len(tokens), seq.params.adapter)
+        )
         plan.seqs.append(seq)
         self.blocks.commit(seq.sched.table, tokens, end)  # written in this step, before any reader of this step
         return n

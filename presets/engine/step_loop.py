@@ -24,6 +24,7 @@ class KVConfig:
     num_blocks: int
     block_size: int
     prefix_caching: bool
+    max_loras: int = 0  # LoRA adapters one step may mix (0: the engine serves none)
 
 
 class StepEngine(Protocol):
@@ -71,7 +72,12 @@ class EngineLoop(EngineThread):
         kv = engine.kv_config
         self.scheduler = Scheduler(
             SchedulerConfig(
-                max_batch_size, kv.num_blocks, kv.block_size, engine.max_num_batched_tokens, kv.prefix_caching
+                max_batch_size,
+                kv.num_blocks,
+                kv.block_size,
+                engine.max_num_batched_tokens,
+                kv.prefix_caching,
+                kv.max_loras,
             )
         )
         # With several ranks: idle heartbeats keep them in step, and a failed step is fatal
@@ -193,6 +199,9 @@ class EngineLoop(EngineThread):
             sched.postprocess(plan, tokens, self.eos_ids, token_logprobs(logits, sampled, tokens))
             if self.metrics:
                 self.metrics.batch_size.observe(len(plan.items))
+                if sched.config.max_loras:
+                    waiting = {s.params.adapter for s in sched.waiting}
+                    self.metrics.lora.update(sched.running_adapters(), waiting)
             self.last_step_failed = False
         except Exception as e:  # one rank alone: fail this step's sequences and go on
             if self.on_fatal:

@@ -149,9 +149,9 @@ def create_app(runtime_, blueprints, shutdown=lambda: None, api_keys=()) -> Quar
     return app
 
 
-def _error(status: int, message: str, headers=None, param=None):
+def _error(status: int, message: str, headers=None, param=None, code=None):
     """The Kaito routes' {"detail": ...}, or OpenAI's error object on the /v1 routes."""
-    body = openai_error(status, message, param) if request.path.startswith("/v1/") else {"detail": message}
+    body = openai_error(status, message, param, code) if request.path.startswith("/v1/") else {"detail": message}
     return jsonify(body), status, headers or {}
 
 
@@ -161,7 +161,7 @@ def _error_handlers(app: Quart) -> None:
 
     @app.errorhandler(ApiError)
     def api_error(e: ApiError):
-        return _error(e.status, e.detail, e.headers, e.param)
+        return _error(e.status, e.detail, e.headers, e.param, e.code)
 
     @app.errorhandler(HTTPException)
     def http_error(e: HTTPException):

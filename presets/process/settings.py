@@ -57,6 +57,10 @@ class Settings(HttpSettings):
     served_model_name: str = ""  # the model id of the /v1 routes; default llama2-<completion|chat>
     api_key: str = ""  # when set (or api_key_file), requests need "Authorization: Bearer <key>"
     api_key_file: str = ""  # one key per line
+    lora_modules: tuple = ()  # LoRA adapters: name=path ... (PEFT folders), as vLLM's --lora-modules
+    adapters_dir: str = "auto"  # every subfolder a LoRA adapter (strength: env var of its name); auto: /mnt/adapter
+    max_loras: int = 8  # LoRA adapters running at once
+    max_lora_rank: int = 64  # the largest adapter rank served
 
     def __post_init__(self):
         checks = {
@@ -73,6 +77,8 @@ class Settings(HttpSettings):
             "max_num_batched_tokens": self.max_num_batched_tokens >= 0,
             "max_queue_size": self.max_queue_size >= 1,
             "dist_timeout": self.dist_timeout > 0,
+            "max_loras": self.max_loras >= 1,
+            "max_lora_rank": self.max_lora_rank >= 1,
         }
         bad = [f"{k}={getattr(self, k)!r}" for k, ok in checks.items() if not ok] + self.http_errors()
         if bad:
@@ -96,9 +102,15 @@ def parse_settings(argv=None, description: str = "", cls=Settings):
         if kind is bool:
             on = default if isinstance(default, bool) else default.lower() in ("1", "true", "yes")
             ap.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=on, help=f"default: {on}")
+        elif kind is tuple:  # zero or more values; the environment's are split at spaces
+            values = tuple(default.split()) if isinstance(default, str) else default
+            ap.add_argument(f"--{f.name}", nargs="*", default=values, help=f"default: {' '.join(values) or 'none'}")
         else:
             ap.add_argument(f"--{f.name}", type=kind, default=kind(default), help=f"default: {default}")
     ns = ap.parse_args(argv)
+    for f in fields(cls):
+        if isinstance(getattr(cls, f.name), tuple):
+            setattr(ns, f.name, tuple(getattr(ns, f.name)))
     try:
         return cls(**vars(ns))
     except ValueError as e:

@@ -131,6 +131,7 @@ class TransformersModel:
     engine = "transformers"
     # generate's penalties are defined otherwise; its scores are not kept for log probabilities
     unsupported = ("presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "top_logprobs")
+    adapters: list[str] = []  # no LoRA adapters: the base model only
 
     def __init__(self, rt: Runtime, settings: HFSettings):
         self.rt, self.runner = rt, HFRunner(rt)

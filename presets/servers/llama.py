@@ -13,6 +13,7 @@ from presets.api.chat import encode_dialog, refused
 from presets.api.errors import ApiError
 from presets.api.kaito_llama import chat, completion
 from presets.api.openai import openai
+from presets.engine.adapters import AdapterSpec, LoraAdapter, adapter_specs, read_adapter
 from presets.engine.kv_memory import parse_bytes
 from presets.engine.runner import StepRunner
 from presets.engine.runtime import Runtime
@@ -21,7 +22,8 @@ from presets.http import auth
 from presets.http.app import create_app
 from presets.models.llama.engine import CacheSettings, LlamaEngine
 from presets.models.llama.layout import CheckpointError, is_hf_folder
-from presets.models.llama.load import check_layout, load_model
+from presets.models.llama.load import check_layout, load_model, read_args
+from presets.models.llama.lora import check_shapes, module_paths
 from presets.models.llama.tokenizer import HFTokenizer, find_tokenizer, load_tokenizer
 from presets.process import device, distributed, logs, server
 from presets.process.probe_server import start_probe_server
@@ -32,6 +34,19 @@ log = logging.getLogger(__name__)
 
 ROUTES = {"completion": completion, "chat": chat}
 TORCHRUN_DRAIN = 25  # seconds: torchrun sends SIGKILL 30 s after SIGTERM
+
+
+def served_adapters(settings: Settings) -> list[AdapterSpec]:
+    """The LoRA adapters of --lora_modules and --adapters_dir, in their slot order (1, 2, ...)."""
+    return adapter_specs(" ".join(settings.lora_modules), settings.adapters_dir)
+
+
+def read_adapters(settings: Settings, args) -> list[LoraAdapter]:
+    """Every served adapter read and checked against the base model (AdapterError names what is wrong)."""
+    adapters = [read_adapter(s, settings.max_lora_rank, module_paths(args.n_layers)) for s in served_adapters(settings)]
+    for adapter in adapters:
+        check_shapes(adapter, args)
+    return adapters
 
 
 def load_engine(settings: Settings, progress=log.info):
@@ -52,9 +67,13 @@ def load_engine(settings: Settings, progress=log.info):
         batched_tokens(settings, dev),
         settings.attention,
         settings.cuda_graphs,
+        settings.max_loras,
     )
     agree = None if group is None else lambda n: distributed.min_over_ranks(n, group)
-    return LlamaEngine(model, cache, agree=agree), tokenizer, group
+    adapters = read_adapters(settings, model.args)
+    if adapters:
+        progress(f"LoRA adapters: {', '.join(f'{a.name} (rank {a.rank})' for a in adapters)}")
+    return LlamaEngine(model, cache, agree=agree, adapters=adapters), tokenizer, group
 
 
 def batched_tokens(settings: Settings, dev) -> int:
@@ -80,6 +99,8 @@ def build_runtime(settings: Settings) -> Runtime:
         settings.max_queue_size,
         heartbeat_s=heartbeat_interval(settings.dist_timeout) if multi else None,
     )
+    rt.adapters = [s.name for s in served_adapters(settings)]
+    rt.metrics.lora.names, rt.metrics.lora.max_lora = rt.adapters, settings.max_loras
     return rt
 
 
@@ -91,6 +112,7 @@ class LlamaModel:
 
     def __init__(self, rt: Runtime, settings: Settings, kind: str):
         self.rt, self.max_seq_len = rt, settings.max_seq_len
+        self.adapters = rt.adapters
         self.runner = StepRunner(rt)
         self.name = settings.served_model_name or f"llama2-{kind}"
         if is_hf_folder(settings.ckpt_dir) and not settings.served_model_name:  # its folder name, as the HF server
@@ -170,6 +192,8 @@ def main(kind: str, argv=None) -> None:
     try:
         check_layout(settings.ckpt_dir, settings.tokenizer_path, settings.model_parallel_size, settings.max_seq_len)
         auth.load_keys(settings.api_key, settings.api_key_file)
+        tokenizer = load_tokenizer(find_tokenizer(settings.ckpt_dir, settings.tokenizer_path), settings.ckpt_dir)
+        read_adapters(settings, read_args(settings.ckpt_dir, tokenizer))  # a folder we cannot serve: a start error
     except (CheckpointError, ValueError) as e:
         sys.exit(f"error: {e}")
     rank, world_size, _ = distributed.world()

@@ -54,6 +54,7 @@ class GgufModel:
 
     engine = "presets"
     unsupported = ()
+    adapters: list[str] = []  # no LoRA adapters: the base model only
 
     def __init__(self, rt: Runtime, runner: StepRunner, cfg: LlmApiConfig):
         self.rt, self.runner = rt, runner

@@ -113,7 +113,9 @@ class DecodeGraphs:
         """A decode step this can replay: every item one sampled token, no more of them than the largest bucket."""
         if not 0 < len(items) <= self.buckets[-1].size:
             return False
-        return all(len(it.tokens) == 1 and it.sample and len(it.blocks) <= self.width for it in items)
+        return all(
+            len(it.tokens) == 1 and it.sample and not it.adapter and len(it.blocks) <= self.width for it in items
+        )
 
     def run(self, items) -> torch.Tensor:
         """Logits (B, V) of a decode step, in plan order."""

@@ -4,12 +4,13 @@ import logging
 from dataclasses import dataclass
 
 import torch
-from fairscale.nn.model_parallel.initialize import get_model_parallel_world_size
+from fairscale.nn.model_parallel.initialize import get_model_parallel_rank, get_model_parallel_world_size
 
+from presets.engine.adapters import LoraAdapter
 from presets.engine.kv_memory import available_cpu_memory, size_pool
 from presets.engine.scheduler import PlanItem, StepPlan
 from presets.engine.step_loop import KVConfig
-from presets.models.llama import cpu_kernels, triton_attention
+from presets.models.llama import cpu_kernels, lora, triton_attention
 from presets.models.llama.cuda_graphs import DecodeGraphs, cuda_capture
 from presets.models.llama.kv_cache import PagedStep
 from presets.models.llama.model import Transformer
@@ -28,6 +29,7 @@ class CacheSettings:
     max_num_batched_tokens: int = 2048  # the largest step, for the CUDA memory profile
     attention: str = "auto"  # auto | sdpa | triton (choose_attention)
     cuda_graphs: bool = True  # CUDA with Triton attention on one rank: decode steps replayed as graphs
+    max_loras: int = 8  # LoRA adapters one step may mix
 
 
 def choose_attention(requested: str, device: torch.device, cpu_packed: bool) -> str:
@@ -49,10 +51,21 @@ class LlamaEngine:
     gpu_memory_utilization of the device's memory less what the weights and a largest step take; else
     (CPU) max_batch_size x max_seq_len positions, what a slot cache would hold, up to kv_memory.CPU_DEFAULT_CAP."""
 
-    def __init__(self, model: Transformer, cache: CacheSettings, cpu_packed: bool = True, agree=None, capture=None):
+    def __init__(
+        self,
+        model: Transformer,
+        cache: CacheSettings,
+        cpu_packed: bool = True,
+        agree=None,
+        capture=None,
+        adapters: list[LoraAdapter] = (),
+    ):
         """`agree(num_blocks)` -> the smallest over the ranks (each rank sizes its own pool; all must match).
-        `capture`: how decode graphs are recorded (cuda_graphs.py); default: CUDA graphs where they apply."""
+        `capture`: how decode graphs are recorded (cuda_graphs.py); default: CUDA graphs where they apply.
+        `adapters`: LoRA adapters served in slots 1, 2, ... (lora.py)."""
         self.model = model
+        if adapters:
+            lora.attach(model, list(adapters), get_model_parallel_rank(), get_model_parallel_world_size())
         self.max_num_batched_tokens = cache.max_num_batched_tokens
         self.device, self.dtype = model.norm.weight.device, model.norm.weight.dtype
         self.max_seq_len = cache.max_seq_len
@@ -83,7 +96,9 @@ class LlamaEngine:
         # With graphs the pool has one block more than the scheduler plans with: padding rows write there.
         model.setup_caches(pool.num_blocks + (capture is not None), pool.block_size, cache.max_seq_len)
         self.pool = pool
-        self.kv_config = KVConfig(pool.num_blocks, pool.block_size, cache.prefix_caching)
+        self.kv_config = KVConfig(
+            pool.num_blocks, pool.block_size, cache.prefix_caching, cache.max_loras * bool(adapters)
+        )
         log.info("%s", pool.describe(cache.max_seq_len))
         log.info("attention: %s", self.attention)
         if capture is not None:

@@ -11,7 +11,7 @@ reference the kernels are tested against).
 """
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 import torch
@@ -59,6 +59,7 @@ class PagedStep:
     chunks: list[Chunk]
     sample_rows: torch.Tensor  # (S,): rows whose logits are wanted, in plan order
     kernel: AttentionPlan | None = None  # set: every item attends by the Triton kernel (triton_attention.py)
+    lora: list = field(default_factory=list)  # (adapter slot, its rows (n,) int64) per LoRA adapter in the step
 
     @classmethod
     def build(cls, items, block_size: int, device, kernel_group: int = 0) -> tuple[torch.Tensor, "PagedStep"]:
@@ -90,8 +91,13 @@ class PagedStep:
             chunks,
             t([last_row[i] for i, it in enumerate(items) if it.sample]),
         )
+        rows = [0] + list(itertools.accumulate(len(items[i].tokens) for i in order))
+        by_adapter: dict[int, list[int]] = {}
+        for j, i in enumerate(order):
+            if items[i].adapter:
+                by_adapter.setdefault(items[i].adapter, []).extend(range(rows[j], rows[j + 1]))
+        step.lora = [(slot, t(r)) for slot, r in sorted(by_adapter.items())]
         if kernel_group:
-            rows = [0] + list(itertools.accumulate(len(items[i].tokens) for i in order))
             spans = [(rows[j], len(items[i].tokens), items[i].start, items[i].blocks) for j, i in enumerate(order)]
             step.kernel = AttentionPlan.build(spans, kernel_group, device)
         return t(tokens)[None], step

@@ -139,15 +139,20 @@ class Attention(nn.Module):
             args.n_heads * self.head_dim, args.dim, bias=False, input_is_parallel=True, init_method=_keep
         )
         self.cache: PagedKVCache | None = None
+        self.lora = None  # {"wqkv": LinearLora, "wo": ...} when adapters are served (lora.py)
 
     def forward(self, x, freqs, step: PagedStep):
         B, T, _ = x.shape
-        qk, v = self.wqkv(x).split([self.qkv_sizes[0] + self.qkv_sizes[1], self.qkv_sizes[2]], dim=-1)
+        qkv = self.wqkv(x)
+        if step.lora:
+            self.lora["wqkv"].add_to(qkv, x, step.lora)
+        qk, v = qkv.split([self.qkv_sizes[0] + self.qkv_sizes[1], self.qkv_sizes[2]], dim=-1)
         qk = apply_rope(qk.view(B, T, -1, self.head_dim), freqs)  # q's and k's heads rotated in one pass
         q, k = qk.split([self.n_local_heads, self.n_local_kv_heads], dim=2)
         v = v.view(B, T, self.n_local_kv_heads, self.head_dim)
         out = step.attend(self.cache, q, k, v, gqa=self.n_local_heads != self.n_local_kv_heads)  # (1, h, N, hd)
-        return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+        out = out.transpose(1, 2).reshape(B, T, -1)
+        return self.wo(out) if not step.lora else self.lora["wo"].add_to(self.wo(out), out, step.lora)
 
 
 class FeedForward(nn.Module):
@@ -158,10 +163,14 @@ class FeedForward(nn.Module):
         self.w2 = RowParallelLinear(hidden, args.dim, bias=False, input_is_parallel=True, init_method=_keep)
         self.local_hidden = hidden // get_model_parallel_world_size()
         stack_in_state_dict(self, "w13", ["w1", "w3"], [self.local_hidden] * 2)
+        self.lora = None  # {"w13": LinearLora, "w2": ...} when adapters are served (lora.py)
 
-    def forward(self, x):
-        gate, up = self.w13(x).split(self.local_hidden, dim=-1)  # w1 x and w3 x, each (B, T, hidden)
-        return self.w2(F.silu(gate) * up)
+    def forward(self, x, lora=()):
+        """`lora`: the step's adapter segments (PagedStep.lora)."""
+        gate_up = self.w13(x) if not lora else self.lora["w13"].add_to(self.w13(x), x, lora)
+        gate, up = gate_up.split(self.local_hidden, dim=-1)  # w1 x and w3 x, each (B, T, hidden)
+        h = F.silu(gate) * up
+        return self.w2(h) if not lora else self.lora["w2"].add_to(self.w2(h), h, lora)
 
 
 class TransformerBlock(nn.Module):
@@ -174,7 +183,7 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x, freqs, step):
         h = x + self.attention(self.attention_norm(x), freqs, step)
-        return h + self.feed_forward(self.ffn_norm(h))
+        return h + self.feed_forward(self.ffn_norm(h), step.lora)
 
 
 class Transformer(nn.Module):
