@@ -137,6 +137,14 @@ def test_strength_scales_the_adapter_as_peft_with_its_alpha_scaled(setup, tmp_pa
 
 
 def greedy(engine, tok, prompts, adapter_of, new=10):
+    """Greedy outputs through the engine loop; engine.steps records the adapters of each step."""
+    run_step, engine.steps = engine.run, []
+
+    def recorded(plan):
+        engine.steps.append({it.adapter for it in plan.items} - {0})
+        return run_step(plan)
+
+    engine.run = recorded
     loop = EngineLoop(engine, tok.eos_id, 4, 16)
     loop.start()
     seqs = [
@@ -164,6 +172,7 @@ def test_greedy_tokens_equal_peft_generate_under_load_with_chunks(setup):
             want = ref.generate(torch.tensor([p]), max_new_tokens=10, do_sample=False, pad_token_id=0)
         assert out == want[0, len(p) :].tolist()
     assert scheduler.blocks.num_free == scheduler.config.num_blocks
+    assert max(map(len, engine.steps)) == 2  # max_loras: three adapters wanted slots, two ran at once
 
 
 class PrefixHits:
