@@ -85,12 +85,23 @@ def reference_logits(peft_model, tokens) -> torch.Tensor:
         return peft_model(torch.tensor([tokens])).logits[0].float()
 
 
+@pytest.fixture(params=["dense", "runs"])
+def lora_path(request, monkeypatch):
+    """Both ways a layer adds the adapters: every adapter at once for small steps, adapter by adapter over
+    runs of rows for large ones (lora.DENSE_ROWS picks; 0 forces the runs)."""
+    from presets.models.llama import lora
+
+    if request.param == "runs":
+        monkeypatch.setattr(lora, "DENSE_ROWS", 0)
+    return request.param
+
+
 def assert_close(got, want):
     rel = ((got - want).abs().max() / want.abs().max()).item()
     assert rel < 1e-4, rel
 
 
-def test_every_adapter_gives_peft_logits_for_prompt_and_decode(setup):
+def test_every_adapter_gives_peft_logits_for_prompt_and_decode(setup, lora_path):
     ckpt, made = setup
     engine, _ = engine_with(ckpt, {n: f for n, (f, _) in made.items()})
     base = reference_logits(hf_model(ckpt), PROMPT)
@@ -105,7 +116,7 @@ def test_every_adapter_gives_peft_logits_for_prompt_and_decode(setup):
         assert_close(run(engine, decode)[0], want[-1])
 
 
-def test_one_step_mixing_the_base_and_three_adapters_equals_each_alone(setup):
+def test_one_step_mixing_the_base_and_three_adapters_equals_each_alone(setup, lora_path):
     ckpt, made = setup
     names = list(made)[:3]
     mixed, _ = engine_with(ckpt, {n: made[n][0] for n in names})
@@ -157,7 +168,7 @@ def greedy(engine, tok, prompts, adapter_of, new=10):
     return [s.output for s in seqs], loop.scheduler
 
 
-def test_greedy_tokens_equal_peft_generate_under_load_with_chunks(setup):
+def test_greedy_tokens_equal_peft_generate_under_load_with_chunks(setup, lora_path):
     """Six sequences over four slots and two adapters at most at once, prompts cut into 8-token chunks."""
     ckpt, made = setup
     names = list(made)[:3]
@@ -407,3 +418,57 @@ def test_two_ranks_serve_adapters_as_one_rank_does(served, tmp_path):
             body = {k: v for k, v in body.items() if v is not None}
             expected = client.post("/generate", json=body).get_json()
             assert post(f"http://127.0.0.1:{port}/generate", body) == (200, expected)
+
+
+def test_an_adapter_trained_on_smollm2_answers_its_phrase_as_peft_does(smollm2_dir, tmp_path):
+    """A real model and a real fine-tune: a LoRA trained here in a few PEFT steps to answer a fixed phrase,
+    served by the chat server: its greedy answer is PEFT's, and the base model's is not the phrase."""
+    from transformers import AutoModelForCausalLM
+
+    from presets.models.llama.tokenizer import find_tokenizer, load_tokenizer
+    from tests.conftest import real_client
+
+    tok = load_tokenizer(find_tokenizer(smollm2_dir), smollm2_dir)
+    prompt = tok.encode("Q: What is the secret word?\nA:", bos=False, eos=False)
+    answer = tok.encode(" The secret word is periwinkle.", bos=False, eos=False)
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32, local_files_only=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        tuned = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "o_proj"]))
+    ids = torch.tensor([prompt + answer])
+    labels = ids.clone()
+    labels[0, : len(prompt)] = -100  # learn the answer only
+    optimizer = torch.optim.AdamW([p for p in tuned.parameters() if p.requires_grad], lr=3e-3)
+    tuned.train()
+    for _ in range(40):
+        loss = tuned(input_ids=ids, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    tuned.eval()
+    tuned.save_pretrained(str(tmp_path / "secret"))
+    want = peft_greedy(tuned, prompt, len(answer))
+    assert tok.decode(want).strip() == "The secret word is periwinkle."  # the fine-tune took
+    with tuned.disable_adapter():
+        assert "periwinkle" not in tok.decode(peft_greedy(tuned, prompt, len(answer)))
+
+    client, rt = real_client(
+        smollm2_dir,
+        "chat",
+        openai=True,
+        max_seq_len=128,
+        max_batch_size=2,
+        lora_modules=(f"secret={tmp_path / 'secret'}",),
+    )
+    try:
+        texts = {}
+        for name in ("secret", None):
+            body = {"prompt": prompt, "max_tokens": len(answer), "temperature": 0}
+            r = client.post("/v1/completions", json=body | ({"model": name} if name else {}))
+            assert r.status_code == 200, r.get_data(as_text=True)
+            texts[name] = r.get_json()["choices"][0]["text"]
+        assert texts["secret"] == tok.decode(want)
+        assert "periwinkle" not in texts[None]
+    finally:
+        rt.shutdown()

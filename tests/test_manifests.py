@@ -85,3 +85,21 @@ def test_kaito_workspaces_match_the_crd_schema_for_every_preset(version, folder)
         for name, ws in seen.items():
             with open(os.path.join(ROOT, "examples", "kaito", f"workspace-{name}.yaml")) as f:
                 assert {k: v for k, v in yaml.safe_load(f).items() if k != "apiVersion"} == ws
+
+
+def test_kaito_workspace_with_adapters_matches_the_crd_and_names_adapters_we_serve(tmp_path):
+    from presets.engine.adapters import adapter_specs
+
+    with open(os.path.join(ROOT, "tests", "data", "kaito", "kaito.sh_workspaces.yaml")) as f:
+        crd = yaml.safe_load(f)
+    (served,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1beta1"]
+    with open(os.path.join(ROOT, "examples", "kaito", "adapters", "workspace-llama-2-7b-chat-adapters.yaml")) as f:
+        ws = yaml.safe_load(f)
+    jsonschema.validate(ws, served["schema"]["openAPIV3Schema"])
+    adapters = ws["inference"]["adapters"]
+    # What Kaito makes of them (/mnt/adapter/<name>/, <name>=<strength>) is what the server reads.
+    env = {a["source"]["name"]: a["strength"] for a in adapters}
+    for name in env:
+        (tmp_path / name).mkdir()
+    specs = adapter_specs("", str(tmp_path), env)
+    assert {(s.name, s.strength) for s in specs} == {(n, float(v)) for n, v in env.items()}

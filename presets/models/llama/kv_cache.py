@@ -11,7 +11,7 @@ reference the kernels are tested against).
 """
 
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -40,6 +40,32 @@ class PagedKVCache(nn.Module):
 
 
 @dataclass
+class StepAdapters:
+    """A step's rows by LoRA adapter: `runs` (slot, [(start, end), ...]) per adapter present; and the same as
+    padded groups for one batched matmul over all of them: `slots` (k,) the adapters' slots - 1, `rows`
+    (k, m) each adapter's rows padded with row 0, and which entries of the flattened (k * m) are real rows
+    (`real`, into `rows.flatten()`)."""
+
+    runs: list[tuple[int, list[tuple[int, int]]]]
+    slots: torch.Tensor  # (k,) int64
+    rows: torch.Tensor  # (k, m) int64
+    real: torch.Tensor  # (n,) int64
+
+    def __bool__(self) -> bool:
+        return bool(self.runs)
+
+    @classmethod
+    def build(cls, runs: dict[int, list[tuple[int, int]]], device) -> "StepAdapters":
+        ordered = sorted(runs.items())
+        rows = [[r for start, end in spans for r in range(start, end)] for _, spans in ordered]
+        m = max(map(len, rows))
+        padded = [r + [0] * (m - len(r)) for r in rows]
+        real = [g * m + j for g, r in enumerate(rows) for j in range(len(r))]
+        t = partial(torch.tensor, dtype=torch.long, device=device)
+        return cls(ordered, t([slot - 1 for slot, _ in ordered]), t(padded), t(real))
+
+
+@dataclass
 class Chunk:
     """A multi-token item: rows [row, row + n) of the step, positions [start, start + n) of its sequence."""
 
@@ -59,14 +85,16 @@ class PagedStep:
     chunks: list[Chunk]
     sample_rows: torch.Tensor  # (S,): rows whose logits are wanted, in plan order
     kernel: AttentionPlan | None = None  # set: every item attends by the Triton kernel (triton_attention.py)
-    lora: list = field(default_factory=list)  # (adapter slot, its rows (n,) int64) per LoRA adapter in the step
+    lora: StepAdapters | None = None  # the rows of each LoRA adapter in the step (lora.py); None: none
 
     @classmethod
     def build(cls, items, block_size: int, device, kernel_group: int = 0) -> tuple[torch.Tensor, "PagedStep"]:
         """(tokens (1, N), step) for plan items (slot, start, tokens, blocks, sample): one-token items first.
         kernel_group > 0: attention by the Triton kernel, for that many query heads per KV head."""
-        order = [i for i, it in enumerate(items) if len(it.tokens) == 1]
-        order += [i for i, it in enumerate(items) if len(it.tokens) > 1]
+        # One-token items first, then chunks; each kind grouped by LoRA adapter, so an adapter's rows are
+        # at most two runs (its decodes, its chunks) that its low-rank path reads and writes in place.
+        order = sorted((i for i, it in enumerate(items) if len(it.tokens) == 1), key=lambda i: items[i].adapter)
+        order += sorted((i for i, it in enumerate(items) if len(it.tokens) > 1), key=lambda i: items[i].adapter)
         tokens, positions, blocks, offsets, last_row, chunks = [], [], [], [], {}, []
         for i in order:
             it = items[i]
@@ -92,11 +120,16 @@ class PagedStep:
             t([last_row[i] for i, it in enumerate(items) if it.sample]),
         )
         rows = [0] + list(itertools.accumulate(len(items[i].tokens) for i in order))
-        by_adapter: dict[int, list[int]] = {}
+        runs: dict[int, list[tuple[int, int]]] = {}
         for j, i in enumerate(order):
             if items[i].adapter:
-                by_adapter.setdefault(items[i].adapter, []).extend(range(rows[j], rows[j + 1]))
-        step.lora = [(slot, t(r)) for slot, r in sorted(by_adapter.items())]
+                spans = runs.setdefault(items[i].adapter, [])
+                if spans and spans[-1][1] == rows[j]:
+                    spans[-1] = (spans[-1][0], rows[j + 1])  # the run goes on
+                else:
+                    spans.append((rows[j], rows[j + 1]))
+        if runs:
+            step.lora = StepAdapters.build(runs, device)
         if kernel_group:
             spans = [(rows[j], len(items[i].tokens), items[i].start, items[i].blocks) for j, i in enumerate(order)]
             step.kernel = AttentionPlan.build(spans, kernel_group, device)

@@ -8,10 +8,11 @@ q and k rows are permuted as the base weights are (HF's half rotation to Meta's 
 Tensor parallel: B is split by output rows like a column-parallel layer's weight, A by input columns like
 a row-parallel one's (whose low-rank product is then summed over the ranks before B).
 
-A step groups its rows by adapter (`segments`: slot -> row indices) and computes, per layer and adapter
-present, x[rows] @ A^T @ B^T added into those rows of the base output: at most `--max_loras` small matmul
-pairs per layer, never a per-token copy of A and B (which at a 2048-token chunk would be gigabytes), and no
-copy of the base weights. The base layers (packed CPU kernels included) run unchanged.
+A step groups its rows by adapter (kv_cache.StepAdapters). A small step (decodes, up to DENSE_ROWS rows)
+runs every adapter present at once: rows gathered into one padded group per adapter, two batched matmuls
+against the adapters' stacked A and B, the real rows added back; a large one (prompt chunks) goes
+adapter by adapter over its runs of rows, adding x[rows] @ A^T @ B^T in place. Never a per-token copy of
+A and B, never a copy of the base weights; the base layers (packed CPU kernels included) run unchanged.
 """
 
 import torch
@@ -20,6 +21,7 @@ from fairscale.nn.model_parallel.initialize import get_model_parallel_group, get
 
 from presets.engine.adapters import AdapterError, LoraAdapter
 from presets.models.llama.hf_checkpoint import to_interleaved
+from presets.models.llama.kv_cache import StepAdapters
 
 # HF module (within a layer) -> (our linear, part index within a stacked linear or None)
 TARGETS = {
@@ -64,24 +66,59 @@ def check_shapes(adapter: LoraAdapter, args) -> None:
             )
 
 
+DENSE_ROWS = 256  # steps of at most this many rows take every adapter's path at once (LinearLora.add_to)
+
+
 class LinearLora:
-    """Adapters' pairs on one of our linear layers: slot -> (A (R, in), B (out, R)), this rank's share."""
+    """Adapters' pairs on one of our linear layers: slot -> (A (R, in), B (out, R)), this rank's share; and the
+    same stacked over the adapters, ranks padded to the largest (a_stack (S, R, in), b_stack (S, out, R))."""
 
     def __init__(self, row_parallel: bool):
         self.row_parallel = row_parallel
         self.pairs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.a_stack = self.b_stack = None
 
-    def add_to(self, out: torch.Tensor, x: torch.Tensor, segments: list[tuple[int, torch.Tensor]]) -> torch.Tensor:
-        """out (1, N, out) += each segment's rows of x (1, N, in) through its adapter's pair."""
-        for slot, rows in segments:
+    def finalize(self, n_adapters: int) -> None:
+        """Stack the pairs once every adapter's is in (zeros for an adapter that does not target this layer)."""
+        if not self.pairs:
+            return
+        a0, b0 = next(iter(self.pairs.values()))
+        rank = max(a.shape[0] for a, _ in self.pairs.values())
+        self.a_stack = a0.new_zeros(n_adapters, rank, a0.shape[1])
+        self.b_stack = b0.new_zeros(n_adapters, b0.shape[0], rank)
+        for slot, (a, b) in self.pairs.items():
+            self.a_stack[slot - 1, : a.shape[0]] = a
+            self.b_stack[slot - 1, :, : a.shape[0]] = b
+
+    def add_to(self, out: torch.Tensor, x: torch.Tensor, step: StepAdapters) -> torch.Tensor:
+        """out (1, N, out) += each row of x (1, N, in) through its adapter's pair, in place.
+
+        A small step (decodes) runs every adapter present at once: its rows gathered into padded groups, two
+        batched matmuls, the real rows added back; a pair per adapter would be bound by the calls' overhead.
+        A large one (prompt chunks) goes adapter by adapter over its runs of rows, with no padding."""
+        if self.a_stack is None:
+            return out
+        if x.shape[1] <= DENSE_ROWS:
+            k, m = step.rows.shape
+            xs = x[0].index_select(0, step.rows.flatten()).view(k, m, -1)
+            a = self.a_stack if k == self.a_stack.shape[0] else self.a_stack.index_select(0, step.slots)
+            b = self.b_stack if k == self.b_stack.shape[0] else self.b_stack.index_select(0, step.slots)
+            low = torch.bmm(xs, a.transpose(1, 2))  # (k, m, R)
+            if self.row_parallel and get_model_parallel_world_size() > 1:
+                dist.all_reduce(low, group=get_model_parallel_group())
+            delta = torch.bmm(low, b.transpose(1, 2)).view(k * m, -1)
+            out[0].index_add_(0, step.rows.flatten()[step.real], delta[step.real])
+            return out
+        for slot, runs in step.runs:
             pair = self.pairs.get(slot)
             if pair is None:
                 continue
             a, b = pair
-            low = x[0, rows] @ a.T  # (n, R)
-            if self.row_parallel and get_model_parallel_world_size() > 1:
-                dist.all_reduce(low, group=get_model_parallel_group())
-            out[0].index_add_(0, rows, low @ b.T)
+            for start, end in runs:
+                low = x[0, start:end] @ a.T  # (n, R)
+                if self.row_parallel and get_model_parallel_world_size() > 1:
+                    dist.all_reduce(low, group=get_model_parallel_group())
+                out[0, start:end].addmm_(low, b.T)
         return out
 
 
@@ -119,6 +156,9 @@ def attach(model, adapters: list[LoraAdapter], rank: int, mp: int) -> None:
             a, b = _pair(ours in ROW_PARALLEL, parts, part_sizes(layer, ours), rank, mp)
             module, linear = ours.split(".")
             layer.get_submodule(module).lora[linear].pairs[slot] = (a.to(device, dtype), b.to(device, dtype))
+    for layer in model.layers:
+        for linear in (*layer.attention.lora.values(), *layer.feed_forward.lora.values()):
+            linear.finalize(len(adapters))
 
 
 def _pair(row_parallel: bool, parts: dict, sizes: list[int], rank: int, mp: int) -> tuple[torch.Tensor, torch.Tensor]:
