@@ -169,8 +169,9 @@ bench-peer: $(LLAMA_SERVER) $(VLLM_STAMP) model ## SmolLM2 over HTTP, alternatin
 		--llama_server $(LLAMA_SERVER) --vllm_python $(VLLM_VENV)/bin/python $(BENCH_PEER_ARGS)
 
 # The GPU machine has torch (CUDA), transformers and sentencepiece but no index: the pure-Python packages
-# the check imports travel as wheels in .whl/ (made here by gpu-wheels, pinned as constraints.txt pins them).
-GPU_WHEELS := fairscale prometheus_client
+# the check imports travel as wheels in .whl/ (made here by gpu-wheels, pinned as constraints.txt pins them):
+# the engine's (fairscale, prometheus-client) and, for the time-to-ready phase's server process, the HTTP stack.
+GPU_WHEELS := fairscale prometheus_client quart hypercorn flask werkzeug aiofiles blinker click itsdangerous h11 h2 hpack hyperframe priority wsproto
 
 gpu-wheels: | $(STAMP) ## build .whl/: the wheels gpu-check needs on a GPU machine without an index
 	mkdir -p .whl

@@ -472,3 +472,62 @@ def test_an_adapter_trained_on_smollm2_answers_its_phrase_as_peft_does(smollm2_d
         assert "periwinkle" not in texts[None]
     finally:
         rt.shutdown()
+
+
+def test_hf_server_serves_adapters_through_peft_a_batch_per_adapter(falcon_dir, tmp_path):
+    """Falcon on transformers' generate: adapters loaded by PEFT, each request answered by its own adapter
+    (PEFT's generate on that adapter alone) while requests of other adapters and of the base model are
+    served at the same time; batches never mix adapters."""
+    import threading
+
+    from transformers import AutoModelForCausalLM
+
+    from tests.conftest import hf_client
+
+    def falcon_adapter(name, seed, targets):
+        torch.manual_seed(seed)
+        base = AutoModelForCausalLM.from_pretrained(falcon_dir, dtype=torch.float32, local_files_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False))
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.mul_(20)
+        model.save_pretrained(str(tmp_path / name))
+        return model.eval()
+
+    refs = {
+        "qkv": falcon_adapter("qkv", 1, ["query_key_value"]),
+        "mlp": falcon_adapter("mlp", 2, ["dense_h_to_4h", "dense_4h_to_h"]),
+    }
+    client, rt = hf_client(falcon_dir, lora_modules=(f"qkv={tmp_path / 'qkv'}", f"mlp={tmp_path / 'mlp'}"))
+    try:
+        assert rt.engine.adapters == ["qkv", "mlp"]
+        prompt = [5, 17, 90, 33, 41, 7, 12]
+        answers = {}
+
+        def ask(name):
+            body = {"prompt": prompt, "max_tokens": 6, "temperature": 0, "ignore_eos": True}
+            r = client.post("/v1/completions", json=body | ({"model": name} if name else {}))
+            answers[name] = r.status_code, r.get_json()
+
+        threads = [threading.Thread(target=ask, args=(n,)) for n in ("qkv", "mlp", None, "qkv")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        texts = {}
+        for name, (status, body) in answers.items():
+            assert status == 200, body
+            texts[name] = body["choices"][0]["text"]
+        for name, ref in refs.items():
+            ref.generation_config.eos_token_id = None
+            with torch.inference_mode():
+                out = ref.generate(torch.tensor([prompt]), max_new_tokens=6, min_new_tokens=6, do_sample=False)
+            assert texts[name] == rt.engine.text(out[0, len(prompt) :].tolist()), name
+        assert len(set(texts.values())) == 3  # the base model's answer is neither adapter's
+        r = client.post("/v1/completions", json={"model": "nope", "prompt": "hi", "max_tokens": 2})
+        assert r.status_code == 404 and r.get_json()["error"]["code"] == "model_not_found"
+    finally:
+        rt.shutdown()

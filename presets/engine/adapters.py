@@ -88,12 +88,17 @@ def _strength(name: str, environ) -> float:
     return value
 
 
-def read_adapter(spec: AdapterSpec, max_rank: int, modules: set[str]) -> LoraAdapter:
-    """Read and check one PEFT folder; `modules` are the module paths of the base model it may target."""
-
-    def refuse(reason: str):
+def _refusal(spec: AdapterSpec):
+    def refuse(reason: str) -> AdapterError:
         return AdapterError(f"adapter {spec.name!r} ({spec.path}): {reason}")
 
+    return refuse
+
+
+def check_folder(spec: AdapterSpec, max_rank: int) -> dict:
+    """Its adapter_config.json once checked: a LoRA we serve, with its weights in safetensors, no rank over
+    max_rank (PEFT's rank_pattern included); AdapterError naming the adapter and the reason otherwise."""
+    refuse = _refusal(spec)
     config_path = os.path.join(spec.path, "adapter_config.json")
     weights_path = os.path.join(spec.path, "adapter_model.safetensors")
     if not os.path.isdir(spec.path):
@@ -111,7 +116,7 @@ def read_adapter(spec: AdapterSpec, max_rank: int, modules: set[str]) -> LoraAda
         raise refuse(f"peft_type is {config.get('peft_type')!r}; only LORA adapters are served")
     for flag, why in (
         ("use_dora", "DoRA adapters are not served"),
-        ("fan_in_fan_out", "fan_in_fan_out (Conv1D layers) is not a Llama layout"),
+        ("fan_in_fan_out", "fan_in_fan_out (Conv1D layers) adapters are not served"),
     ):
         if config.get(flag):
             raise refuse(why)
@@ -123,6 +128,19 @@ def read_adapter(spec: AdapterSpec, max_rank: int, modules: set[str]) -> LoraAda
         bins = os.path.isfile(os.path.join(spec.path, "adapter_model.bin"))
         hint = " (it has adapter_model.bin: save it with safe_serialization=True)" if bins else ""
         raise refuse(f"no adapter_model.safetensors{hint}")
+    ranks = [config.get("r", 8), *(config.get("rank_pattern") or {}).values()]
+    if not all(isinstance(r, int) and r >= 1 for r in ranks):
+        raise refuse(f"ranks {ranks} are not positive integers")
+    if max(ranks) > max_rank:
+        raise refuse(f"rank {max(ranks)} is over --max_lora_rank {max_rank}")
+    return config
+
+
+def read_adapter(spec: AdapterSpec, max_rank: int, modules: set[str]) -> LoraAdapter:
+    """Read and check one PEFT folder; `modules` are the module paths of the base model it may target."""
+    refuse = _refusal(spec)
+    config = check_folder(spec, max_rank)
+    weights_path = os.path.join(spec.path, "adapter_model.safetensors")
     try:
         from safetensors.torch import load_file
 

@@ -12,6 +12,7 @@ from presets.api.chat import render
 from presets.api.chat_template import ChatTemplate, ChatTemplateError, load_chat_template
 from presets.api.kaito_falcon import chat, engine_chat
 from presets.api.openai import openai
+from presets.engine.adapters import adapter_specs, check_folder
 from presets.engine.batch_loop import BatchLoop, Job
 from presets.engine.runtime import Runtime
 from presets.http import auth
@@ -47,6 +48,10 @@ class HFSettings(HttpSettings):
     served_model_name: str = ""  # the model id of the /v1 routes; default the folder's name
     api_key: str = ""
     api_key_file: str = ""
+    lora_modules: tuple = ()  # LoRA adapters: name=path ... (PEFT folders), as the Llama servers take them
+    adapters_dir: str = "auto"  # every subfolder a LoRA adapter (strength: env var of its name); auto: /mnt/adapter
+    max_loras: int = 8  # our engine: LoRA adapters running at once
+    max_lora_rank: int = 64
 
     def __post_init__(self):
         if self.torch_dtype not in ("auto", "bfloat16", "float16", "float32"):
@@ -90,6 +95,10 @@ def llama_settings(settings: HFSettings) -> Settings:
         model_parallel_size=1,
         served_model_name=settings.served_model_name,
         request_timeout=settings.request_timeout,
+        lora_modules=settings.lora_modules,
+        adapters_dir=settings.adapters_dir,
+        max_loras=settings.max_loras,
+        max_lora_rank=settings.max_lora_rank,
     )
 
 
@@ -103,11 +112,15 @@ def folder_chat_template(folder: str) -> ChatTemplate | None:
 
 
 def build_runtime(settings: HFSettings) -> Runtime:
+    specs = adapter_specs(" ".join(settings.lora_modules), settings.adapters_dir)
+
     def load(progress):
         model, tokenizer = loader.load(
             settings.model_id, settings.torch_dtype, settings.device_map, settings.trust_remote_code, progress
         )
-        return HFEngine(model, tokenizer, folder_chat_template(settings.model_id)), tokenizer
+        model = loader.load_adapters(model, specs, settings.max_lora_rank, progress)
+        names = [s.name for s in specs]
+        return HFEngine(model, tokenizer, folder_chat_template(settings.model_id), names), tokenizer
 
     def make_loop(engine: HFEngine, tokenizer):
         rt.engine = engine
@@ -122,6 +135,7 @@ def build_runtime(settings: HFSettings) -> Runtime:
         )
 
     rt = Runtime(load, None, settings.max_batch_size, settings.max_queue_size, make_loop=make_loop)
+    rt.adapters = [s.name for s in specs]
     return rt
 
 
@@ -131,10 +145,10 @@ class TransformersModel:
     engine = "transformers"
     # generate's penalties are defined otherwise; its scores are not kept for log probabilities
     unsupported = ("presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "top_logprobs")
-    adapters: list[str] = []  # no LoRA adapters: the base model only
 
     def __init__(self, rt: Runtime, settings: HFSettings):
         self.rt, self.runner = rt, HFRunner(rt)
+        self.adapters = rt.adapters  # LoRA adapters through PEFT, a batch per adapter
         self.name = settings.served_model_name or os.path.basename(os.path.normpath(settings.model_id))
 
     def context(self) -> int:
@@ -188,6 +202,8 @@ def main(argv=None) -> None:
     try:
         loader.check_folder(settings.model_id)
         auth.load_keys(settings.api_key, settings.api_key_file)
+        for spec in adapter_specs(" ".join(settings.lora_modules), settings.adapters_dir):
+            check_folder(spec, settings.max_lora_rank)  # a folder we cannot serve: a start error
         settings.engine = "presets" if runs_on_our_engine(settings) else "transformers"  # decided once
     except (loader.HFFolderError, CheckpointError, ValueError) as e:
         sys.exit(f"error: {e}")

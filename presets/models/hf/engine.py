@@ -1,5 +1,6 @@
 """Batched transformers generate for HF causal LMs; the BatchLoop thread is its only caller."""
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -59,8 +60,10 @@ def batch_key(params: dict):
 
 
 class HFEngine:
-    def __init__(self, model, tokenizer, chat_template=None):
+    def __init__(self, model, tokenizer, chat_template=None, adapters: list[str] = ()):
+        """`adapters`: the LoRA adapters PEFT holds on `model` (loader.load_adapters), slot i + 1 each."""
         self.model = model
+        self.adapters = list(adapters)
         self.tokenizer = tokenizer
         self.chat_template = chat_template  # the folder's, as api/chat.py renders every model's (None: none)
         self.device = model.device
@@ -105,9 +108,10 @@ class HFEngine:
             torch.manual_seed(p["seed"])  # the job runs alone (see batch_key): reproducible
         streamer = jobs[0].streamer if len(jobs) == 1 else None
         stop = StoppingCriteriaList([_StopWhen(jobs, width, self.text)])
-        out = self.model.generate(
-            input_ids=ids, attention_mask=mask, generation_config=config, streamer=streamer, stopping_criteria=stop
-        )
+        with self._adapter(p.get("adapter", 0)):  # one adapter per batch: batch_key keeps them apart
+            out = self.model.generate(
+                input_ids=ids, attention_mask=mask, generation_config=config, streamer=streamer, stopping_criteria=stop
+            )
         n = p["num_return_sequences"]
         stops = set() if p["ignore_eos"] else set(eos if isinstance(eos, list) else [eos])
         results = []
@@ -119,6 +123,15 @@ class HFEngine:
                 sequences.append((new[:cut], cut < len(new)))
             results.append(sequences)
         return results
+
+    def _adapter(self, slot: int):
+        """The context a batch of LoRA adapter `slot` generates in (0: the base model, PEFT's layers off)."""
+        if not self.adapters:
+            return contextlib.nullcontext()
+        if slot == 0:
+            return self.model.disable_adapter()
+        self.model.set_adapter(self.adapters[slot - 1])
+        return contextlib.nullcontext()
 
     def text(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)

@@ -2,6 +2,7 @@
 
 import glob
 import os
+import warnings
 
 import torch
 
@@ -49,3 +50,34 @@ def load(path: str, torch_dtype: str, device_map: str, trust_remote_code: bool, 
         device_map=device_map if cuda and device_map != "none" else None,
     )
     return model.eval(), tokenizer
+
+
+def load_adapters(model, specs, max_rank: int, progress):
+    """The model wrapped by PEFT with every adapter of `specs` loaded under its name, each scaled by its
+    strength (AdapterError naming the adapter when PEFT cannot put it on this model); the model itself
+    when there are none."""
+    if not specs:
+        return model
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+
+    from presets.engine.adapters import AdapterError, check_folder
+
+    for spec in specs:
+        check_folder(spec, max_rank)
+    for i, spec in enumerate(specs):
+        try:
+            with warnings.catch_warnings():  # PEFT 0.21 reads a property transformers 5 deprecates
+                warnings.simplefilter("ignore", FutureWarning)
+                if i == 0:
+                    model = PeftModel.from_pretrained(model, spec.path, adapter_name=spec.name, is_trainable=False)
+                else:
+                    model.load_adapter(spec.path, adapter_name=spec.name, is_trainable=False)
+        except Exception as e:  # PEFT's own errors: a target this model lacks, shapes of another base
+            raise AdapterError(f"adapter {spec.name!r} ({spec.path}): PEFT cannot load it: {e}") from e
+        if spec.strength != 1.0:
+            for module in model.modules():
+                if isinstance(module, LoraLayer) and spec.name in module.scaling:
+                    module.scaling[spec.name] *= spec.strength
+        progress(f"LoRA adapter {spec.name} loaded")
+    return model.eval()

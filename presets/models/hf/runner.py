@@ -49,6 +49,7 @@ class HFRunner:
                 "num_return_sequences": n if sampling else 1,
                 "ignore_eos": params.ignore_eos,
                 "seed": params.seed,
+                "adapter": params.adapter,  # in the batch key: a batch runs one LoRA adapter
             }
         )
 
