@@ -531,3 +531,35 @@ def test_hf_server_serves_adapters_through_peft_a_batch_per_adapter(falcon_dir, 
         assert r.status_code == 404 and r.get_json()["error"]["code"] == "model_not_found"
     finally:
         rt.shutdown()
+
+
+def test_peft_patterns_are_regexes_matched_at_a_module_path_end():
+    from presets.engine.adapters import _pattern
+
+    patterns = {"q_proj|v_proj": 32, "layers.1.mlp.up_proj": 4}
+    assert _pattern(patterns, "model.layers.3.self_attn.v_proj", 16) == 32
+    assert _pattern(patterns, "model.layers.3.self_attn.q_proj", 16) == 32
+    assert _pattern(patterns, "model.layers.3.self_attn.k_proj", 16) == 16
+    assert _pattern(patterns, "model.layers.1.mlp.up_proj", 16) == 4
+    assert _pattern(patterns, "model.layers.11.mlp.up_proj", 16) == 16
+
+
+def test_a_volumes_own_folders_are_not_adapters(tmp_path):
+    for name in ("lost+found", "..data", "real"):
+        (tmp_path / name).mkdir()
+    assert [s.name for s in adapter_specs("", str(tmp_path), {})] == ["real"]
+
+
+def test_a_request_waiting_for_a_lora_slot_does_not_hold_back_those_behind_it():
+    from presets.engine.scheduler import Scheduler, SchedulerConfig
+
+    sched = Scheduler(SchedulerConfig(max_batch_size=4, num_blocks=32, block_size=16, max_loras=1))
+
+    def seq(adapter):
+        return Sequence([1, 2, 3], SamplingParams(temperature=0, adapter=adapter), 4)
+
+    first, blocked, base, same = seq(1), seq(2), seq(0), seq(1)
+    sched.add([first, blocked, base, same])
+    plan = sched.schedule()
+    assert plan.seqs == [first, base, same]  # adapter 2 waits for adapter 1's slot; the others run
+    assert list(sched.waiting) == [blocked]

@@ -31,6 +31,8 @@ OPENAI_TYPES = {
 def openai_error(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
     """OpenAI's error object: {"error": {"message", "type", "param", "code"}}."""
     kind = OPENAI_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    if code == "model_not_found":
+        kind = "invalid_request_error"  # as OpenAI types its own 404 for an unknown model
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 

@@ -62,7 +62,8 @@ def adapter_specs(lora_modules: str, adapters_dir: str, environ=os.environ) -> l
         if not os.path.isdir(directory):
             raise AdapterError(f"--adapters_dir {directory}: no such folder")
         for name in sorted(os.listdir(directory)):
-            if os.path.isdir(os.path.join(directory, name)):
+            # not a volume's lost+found, nor the ..data folders of a ConfigMap or Secret mount
+            if os.path.isdir(os.path.join(directory, name)) and not name.startswith(".") and name != "lost+found":
                 specs.append(AdapterSpec(name, os.path.join(directory, name), _strength(name, environ)))
     names = [s.name for s in specs]
     for s in specs:
@@ -177,6 +178,6 @@ def read_adapter(spec: AdapterSpec, max_rank: int, modules: set[str]) -> LoraAda
 def _pattern(patterns, module: str, default):
     """PEFT's per-module override: the value of the first pattern that matches the end of the module path."""
     for pattern, value in (patterns or {}).items():
-        if re.fullmatch(rf"(.*\.)?{pattern}", module):
+        if re.fullmatch(rf"(.*\.)?({pattern})", module):
             return value
     return default

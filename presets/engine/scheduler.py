@@ -192,22 +192,31 @@ class Scheduler:
                 break
             if seq not in plan.seqs:
                 budget -= self._plan(plan, seq, min(seq.num_tokens - seq.sched.num_computed, budget))
-        while not preempted and budget and self.waiting and len(self.running) < self.config.max_batch_size:
-            if not self._admit(self.waiting[0]):  # 3. new sequences, first come first served
+        for seq in list(self.waiting):  # 3. new sequences, first come first served
+            if preempted or not budget or len(self.running) >= self.config.max_batch_size:
                 break
-            seq = self.waiting.popleft()
+            if self._lora_blocked(seq):
+                continue  # its adapter waits for a LoRA slot; the sequences behind it need not
+            if not self._admit(seq):
+                break  # out of blocks: the first in line is served first
+            self.waiting.remove(seq)
             budget -= self._plan(plan, seq, min(seq.num_tokens - seq.sched.num_computed, budget))
         return plan
 
     def running_adapters(self) -> set[int]:
         return {s.params.adapter for s in self.running} - {0}
 
-    def _admit(self, seq: Sequence) -> bool:
-        """Give `seq` its cached prefix and fresh blocks for all its tokens, or False when they do not fit now
-        (or its LoRA adapter would be one more than max_loras running at once)."""
+    def _lora_blocked(self, seq: Sequence) -> bool:
+        """Its LoRA adapter would be one more than max_loras with sequences running."""
         adapter = seq.params.adapter
-        if adapter and adapter not in (running := self.running_adapters()) and len(running) >= self.config.max_loras:
+        if not adapter:
             return False
+        running = self.running_adapters()
+        return adapter not in running and len(running) >= self.config.max_loras
+
+    def _admit(self, seq: Sequence) -> bool:
+        """Give `seq` its cached prefix and fresh blocks for all its tokens, or False when they do not fit now."""
+        adapter = seq.params.adapter
         tokens = seq.tokens
         salt = prefix_salt(adapter)
         hits = self.blocks.match(tokens, salt)

@@ -60,5 +60,6 @@ def resolve(device: str, dtype: str, local_rank: int = 0) -> tuple[torch.device,
     if dtype == "auto":
         if dev.type == "cpu":
             return dev, cpu_dtype()
-        return dev, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        # bf16 where the GPU computes it (Ampere on), not where CUDA would emulate it (T4, V100)
+        return dev, torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     return dev, getattr(torch, dtype)

@@ -21,6 +21,7 @@ Needs torch (CUDA), transformers, sentencepiece, and fairscale, prometheus-clien
 """
 
 import argparse
+import gc
 import json
 import os
 import re
@@ -57,6 +58,13 @@ SHAPES = {
 def sync(dev):
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
+
+
+def free_device(dev) -> None:
+    """Give the memory of what the last phase held back to the device (a later one, or another process, needs it)."""
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def phase(report: dict, name: str, fn, *args) -> None:
@@ -108,8 +116,7 @@ def parity(dev, ckpt: str, dtype, quick: bool, report: dict) -> None:
             flush=True,
         )
         del engine, model
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
+        free_device(dev)
 
 
 def copy_bandwidth(dev) -> float:
@@ -160,17 +167,19 @@ def loop_throughput(engine, n: int, prompt_len: int, new: int, vocab: int) -> di
         steps.append((time.perf_counter() - t, all(len(it.tokens) == 1 for it in plan.items)))
         return out
 
-    engine.run = timed
+    engine.run = timed  # an instance attribute: deleted below, or it would keep the engine alive (a cycle)
     replays = engine.graphs.replays if engine.graphs else 0
-    loop.start()
-    t0 = time.perf_counter()
-    loop.submit(seqs)
-    for s in seqs:
-        s.done.wait(600)
-    seconds = time.perf_counter() - t0
-    loop.stop()
-    loop.join(10)
-    engine.run = run
+    try:
+        loop.start()
+        t0 = time.perf_counter()
+        loop.submit(seqs)
+        for s in seqs:
+            s.done.wait(600)
+        seconds = time.perf_counter() - t0
+        loop.stop()
+        loop.join(10)
+    finally:
+        del engine.run
     assert all(len(s.output) == new for s in seqs), "a sequence did not finish"
     ttft = sorted(s.token_times[0] - s.arrival for s in seqs)
     decode = [t for t, d in steps if d]
@@ -257,14 +266,15 @@ def speed(dev, shape: str, quick: bool, report: dict) -> None:
         )
     if graphs is not None:
         report["engine"]["graphs_after"] = len(graphs.buckets)  # captured once: never recaptured
+    del engine, model, graphs
+    free_device(dev)
 
 
 def transformers_baseline(dev, shape: str, quick: bool, report: dict) -> None:
     """transformers' generate, batch 1, on the same shape: ms per new token (a long minus a short generate)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    if dev.type == "cuda":
-        torch.cuda.empty_cache()
+    free_device(dev)
     a = SHAPES[shape]
     config = LlamaConfig(
         vocab_size=a.vocab_size,
@@ -302,8 +312,7 @@ def transformers_baseline(dev, shape: str, quick: bool, report: dict) -> None:
 
 def time_to_ready(dev, shape: str, quick: bool, report: dict) -> None:
     """A server process on a checkpoint written to disk: seconds from its start to /health 200."""
-    if dev.type == "cuda":
-        torch.cuda.empty_cache()
+    free_device(dev)
     ckpt = write_checkpoint(tempfile.mkdtemp(), SHAPES[shape])
     size = sum(os.path.getsize(os.path.join(ckpt, f)) for f in os.listdir(ckpt))
     with socket.socket() as s:

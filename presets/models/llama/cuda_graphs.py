@@ -34,9 +34,9 @@ def buckets(max_batch: int) -> list[int]:
 def cuda_capture(device, pool=None) -> Callable[[Callable[[], torch.Tensor]], Callable[[], torch.Tensor]]:
     """A capture function for `device`: warm fn up on a side stream, record it, return the graph's replay."""
     mempool = pool if pool is not None else torch.cuda.graph_pool_handle()
+    stream = torch.cuda.Stream(device)  # one for every warm-up: memory cached on a stream stays with it
 
     def capture(fn):
-        stream = torch.cuda.Stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
             for _ in range(2):  # Triton compiles and autotunes outside the capture
@@ -101,6 +101,8 @@ class DecodeGraphs:
         t0 = time.perf_counter()
         for b in reversed(self.buckets):  # the largest first: smaller ones reuse its memory
             b.replay = capture(b.forward)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # what the warm-ups cached outside the graphs' pool
         self.capture_seconds = time.perf_counter() - t0
         self.replays = 0
         log.info(
@@ -133,3 +135,9 @@ class DecodeGraphs:
         b.item_pos.copy_(torch.tensor(positions, dtype=torch.int32), non_blocking=True)
         self.replays += 1
         return b.replay()[:n].clone()  # the static output is overwritten by the next replay
+
+
+def reserve_bytes(max_batch: int, vocab_size: int) -> int:
+    """Device memory the graphs keep beyond the KV pool: each bucket's own fp32 logits (the rest of a step's
+    activations share one pool), plus a margin; the engine leaves it out of the KV budget."""
+    return sum(buckets(max_batch)) * vocab_size * 4 + (256 << 20)

@@ -11,7 +11,7 @@ from presets.engine.kv_memory import available_cpu_memory, size_pool
 from presets.engine.scheduler import PlanItem, StepPlan
 from presets.engine.step_loop import KVConfig
 from presets.models.llama import cpu_kernels, lora, triton_attention
-from presets.models.llama.cuda_graphs import DecodeGraphs, cuda_capture
+from presets.models.llama.cuda_graphs import DecodeGraphs, cuda_capture, reserve_bytes
 from presets.models.llama.kv_cache import PagedStep
 from presets.models.llama.model import Transformer
 
@@ -35,14 +35,16 @@ class CacheSettings:
 def choose_attention(requested: str, device: torch.device, cpu_packed: bool) -> str:
     """How steps read the paged cache: "triton" (triton_attention.py, in place), "c" (cpu_kernels.c's decode
     kernel for one-token items, gather and SDPA for prompt chunks) or "sdpa" (gather, then PyTorch's SDPA:
-    the reference the others are tested against). auto: triton on CUDA, c on the CPU."""
+    the reference the others are tested against). auto: triton on CUDA GPUs of compute capability 8.0 and up
+    (A100, H100, L4...; Triton's bf16 needs sm_80), SDPA on older ones (T4, V100), c on the CPU."""
+    ampere = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
     if requested == "auto":
-        if device.type == "cuda" and triton_attention.available():
+        if ampere and triton_attention.available():
             return "triton"
         return "c" if device.type == "cpu" and cpu_packed else "sdpa"
-    runnable = device.type == "cuda" or triton_attention.interpreted()
+    runnable = ampere or triton_attention.interpreted()
     if requested == "triton" and not (triton_attention.available() and runnable):
-        raise ValueError("--attention triton needs the triton package and a CUDA device")
+        raise ValueError("--attention triton needs the triton package and a CUDA GPU of compute capability >= 8.0")
     return requested
 
 
@@ -82,6 +84,9 @@ class LlamaEngine:
         default = available = None
         if self.device.type == "cuda":
             default, available = self._cuda_budget(cache)
+            graphs = cache.cuda_graphs and self.attention == "triton" and get_model_parallel_world_size() == 1
+            if graphs and default is not None:
+                default = max(0, default - reserve_bytes(cache.max_batch_size, model.args.vocab_size))
         else:
             available = available_cpu_memory()
         pool = size_pool(

@@ -15,6 +15,7 @@ over gathered keys. Triton's interpreter (3.7 and 3.9) computes bf16 dots wrongl
 widened to fp32 first: the same products (a bf16 product is exact in fp32), summed in fp32.
 """
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -215,6 +216,12 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     group = n_heads // kv_heads
     out = torch.empty_like(q)
     widen = q.dtype == torch.float32 or (interpreted() and q.dtype == torch.bfloat16)
+    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():  # Triton launches on the current one
+        _launch_all(q, k_cache, v_cache, out, plan, head_dim, kv_heads, group, widen)
+    return out
+
+
+def _launch_all(q, k_cache, v_cache, out, plan: AttentionPlan, head_dim: int, kv_heads: int, group: int, widen: bool):
     for launch in plan.launches:
         grid = (launch.tile_item.shape[0], kv_heads)
         _paged_attention[grid](
@@ -246,4 +253,3 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
             BN=BLOCK_N,
             WIDEN=widen,
         )
-    return out
