@@ -563,3 +563,75 @@ def test_a_request_waiting_for_a_lora_slot_does_not_hold_back_those_behind_it():
     plan = sched.schedule()
     assert plan.seqs == [first, base, same]  # adapter 2 waits for adapter 1's slot; the others run
     assert list(sched.waiting) == [blocked]
+
+
+def runtime_lora_app(ckpt, allow: bool):
+    from presets.api.kaito_llama import completion
+    from presets.api.lora_admin import lora_admin
+    from presets.api.openai import openai
+    from presets.http.app import create_app
+    from presets.servers.llama import LlamaModel, build_runtime
+    from tests.conftest import settings_for
+    from tests.live_client import LiveClient
+
+    settings = settings_for(ckpt, max_seq_len=128, max_batch_size=4, adapters_dir="", allow_runtime_lora=allow)
+    rt = build_runtime(settings)
+    rt.start(background=False)
+    app = create_app(rt, [completion, openai, lora_admin])
+    app.extensions["openai_model"] = LlamaModel(rt, settings, "completion")
+    return LiveClient(app), rt
+
+
+def test_adapters_load_and_unload_while_serving_in_vllms_shapes(tiny_ckpt, tmp_path):
+    old = save_adapter(tiny_ckpt, str(tmp_path / "old"), seed=21, **ADAPTERS["all-r4"])
+    new = save_adapter(tiny_ckpt, str(tmp_path / "new"), seed=22, **ADAPTERS["qv-r8"])
+    write_folder(str(tmp_path / "dora"), {**GOOD, "use_dora": True}, {})
+    client, rt = runtime_lora_app(tiny_ckpt, allow=True)
+    tok = Tokenizer(f"{tiny_ckpt}/tokenizer.model")
+
+    def complete(model):
+        body = {"model": model, "prompt": PROMPT, "max_tokens": 6, "temperature": 0, "ignore_eos": True}
+        r = client.post("/v1/completions", json=body)
+        return r.status_code, r.get_json()
+
+    def load(**body):
+        r = client.post("/v1/load_lora_adapter", json=body)
+        return r.status_code, r.get_data(as_text=True)
+
+    def listed():
+        return [c["id"] for c in client.get("/v1/models").get_json()["data"]]
+
+    try:
+        assert complete("late")[0] == 404
+        assert load(lora_name="late", lora_path=str(tmp_path / "old")) == (
+            200,
+            "Success: LoRA adapter 'late' added successfully.",
+        )
+        assert listed() == ["llama2-completion", "late"]
+        status, body = complete("late")
+        assert status == 200 and body["choices"][0]["text"] == tok.decode(peft_greedy(old, PROMPT, 6))
+        status, text = load(lora_name="late", lora_path=str(tmp_path / "new"))
+        assert status == 400 and "already loaded" in text
+        status, text = load(lora_name="d", lora_path=str(tmp_path / "dora"))
+        assert status == 400 and "DoRA adapters are not served" in text
+        status, text = load(lora_name="x", lora_path=str(tmp_path / "new"), extra=1)
+        assert status == 400 and "unknown field" in text
+        r = client.post("/v1/unload_lora_adapter", json={"lora_name": "late"})
+        assert (r.status_code, r.get_data(as_text=True)) == (200, "Success: LoRA adapter 'late' removed successfully.")
+        assert listed() == ["llama2-completion"] and complete("late")[0] == 404
+        assert client.post("/v1/unload_lora_adapter", json={"lora_name": "late"}).status_code == 404
+        # the same name again, another adapter: a new slot, so none of the old one's cached blocks is taken
+        assert load(lora_name="late", lora_path=str(tmp_path / "new"))[0] == 200
+        status, body = complete("late")
+        assert status == 200 and body["choices"][0]["text"] == tok.decode(peft_greedy(new, PROMPT, 6))
+    finally:
+        rt.shutdown()
+
+
+def test_loading_adapters_while_serving_is_off_by_default(tiny_ckpt):
+    client, rt = runtime_lora_app(tiny_ckpt, allow=False)
+    try:
+        r = client.post("/v1/load_lora_adapter", json={"lora_name": "a", "lora_path": "/tmp"})
+        assert r.status_code == 404 and "--allow_runtime_lora" in r.get_json()["error"]["message"]
+    finally:
+        rt.shutdown()

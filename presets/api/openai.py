@@ -204,7 +204,8 @@ async def _stream(rid, name: str, pieces, opt: Options, n_prompts: int, chat: bo
 def models():
     """The base model, then each LoRA adapter with the base as its parent (as vLLM lists them)."""
     m = model()
-    return jsonify(object="list", data=[_card(m.name)] + [_card(a, parent=m.name) for a in m.adapters])
+    adapters = [_card(a, parent=m.name) for a in m.adapters if a]  # an unloaded one leaves a None
+    return jsonify(object="list", data=[_card(m.name)] + adapters)
 
 
 @openai.get("/models/<path:model_id>")

@@ -127,4 +127,4 @@ def adapter_slot(name, base: str | None, adapters: list[str], param: str) -> int
         return 0
     if isinstance(name, str) and name in adapters:
         return adapters.index(name) + 1
-    raise model_not_found(name, [b for b in [base] if b] + adapters, param)
+    raise model_not_found(name, [b for b in [base, *adapters] if b], param)  # an unloaded adapter leaves a None

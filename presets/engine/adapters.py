@@ -20,7 +20,7 @@ import torch
 
 KAITO_ADAPTERS_DIR = "/mnt/adapter"
 _KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[A-Za-z0-9_-]+)?\.weight$")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 class AdapterError(ValueError):
@@ -67,7 +67,7 @@ def adapter_specs(lora_modules: str, adapters_dir: str, environ=os.environ) -> l
                 specs.append(AdapterSpec(name, os.path.join(directory, name), _strength(name, environ)))
     names = [s.name for s in specs]
     for s in specs:
-        if not _NAME.match(s.name):
+        if not NAME.match(s.name):
             raise AdapterError(f"adapter name {s.name!r}: letters, digits, '.', '_' and '-' only, at most 128")
         if names.count(s.name) > 1:
             raise AdapterError(f"adapter {s.name!r} is named twice")

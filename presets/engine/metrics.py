@@ -69,7 +69,7 @@ class Metrics:
     def finished(self, seq) -> None:
         """Record a retired sequence (EngineLoop's sequences carry per-token times); one that was cancelled or
         failed counts its tokens, not its latencies."""
-        if seq.params.adapter and self.lora.names:
+        if seq.params.adapter and self.lora.names and self.lora.names[seq.params.adapter - 1]:
             self.adapter_requests.labels(self.lora.names[seq.params.adapter - 1]).inc()
         times = seq.token_times
         if seq.admitted is not None:  # a sequence refused or cancelled while waiting computed nothing
@@ -101,7 +101,7 @@ class LoraInfo:
     sequences, and whose value is when those last changed (Unix seconds). Only when adapters are served."""
 
     def __init__(self):
-        self.names: list[str] = []  # adapter slot - 1 -> name
+        self.names: list[str | None] = []  # adapter slot - 1 -> name (None: unloaded)
         self.max_lora = 0
         self.state = ((), ())  # (running slots, waiting slots)
         self.changed = time.time()
@@ -113,7 +113,7 @@ class LoraInfo:
             self.state, self.changed = state, time.time()
 
     def collect(self):
-        if not self.names:
+        if not any(self.names):
             return []
         running, waiting = (",".join(self.names[s - 1] for s in slots) for slots in self.state)
         family = GaugeMetricFamily(

@@ -203,6 +203,10 @@ class Scheduler:
             budget -= self._plan(plan, seq, min(seq.num_tokens - seq.sched.num_computed, budget))
         return plan
 
+    def uses(self, adapter: int) -> int:
+        """Sequences of LoRA adapter `adapter` running or waiting."""
+        return sum(s.params.adapter == adapter for s in (*self.running, *self.waiting))
+
     def running_adapters(self) -> set[int]:
         return {s.params.adapter for s in self.running} - {0}
 

@@ -61,6 +61,7 @@ class Settings(HttpSettings):
     adapters_dir: str = "auto"  # every subfolder a LoRA adapter (strength: env var of its name); auto: /mnt/adapter
     max_loras: int = 8  # LoRA adapters running at once
     max_lora_rank: int = 64  # the largest adapter rank served
+    allow_runtime_lora: bool = False  # POST /v1/load_lora_adapter and /v1/unload_lora_adapter (one rank only)
 
     def __post_init__(self):
         checks = {

@@ -12,6 +12,7 @@ import sys
 from presets.api.chat import encode_dialog, refused
 from presets.api.errors import ApiError
 from presets.api.kaito_llama import chat, completion
+from presets.api.lora_admin import lora_admin
 from presets.api.openai import openai
 from presets.engine.adapters import AdapterSpec, LoraAdapter, adapter_specs, read_adapter
 from presets.engine.kv_memory import parse_bytes
@@ -113,6 +114,7 @@ class LlamaModel:
     def __init__(self, rt: Runtime, settings: Settings, kind: str):
         self.rt, self.max_seq_len = rt, settings.max_seq_len
         self.adapters = rt.adapters
+        self.allow_runtime_lora, self.max_lora_rank = settings.allow_runtime_lora, settings.max_lora_rank
         self.runner = StepRunner(rt)
         self.name = settings.served_model_name or f"llama2-{kind}"
         if is_hf_folder(settings.ckpt_dir) and not settings.served_model_name:  # its folder name, as the HF server
@@ -138,7 +140,7 @@ def build_app(settings: Settings, kind: str, exit=lambda code: None):
     `exit(code)` ends the process (POST /shutdown: 0, a fatal error: 1)."""
     rt = build_runtime(settings)
     keys = auth.load_keys(settings.api_key, settings.api_key_file)
-    app = create_app(rt, [ROUTES[kind], openai], lambda: exit(0), keys)
+    app = create_app(rt, [ROUTES[kind], openai, lora_admin], lambda: exit(0), keys)
     app.extensions["openai_model"] = LlamaModel(rt, settings, kind)
     rt.on_failure = lambda: exit(1)
     rt.start()

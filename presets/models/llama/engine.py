@@ -101,9 +101,7 @@ class LlamaEngine:
         # With graphs the pool has one block more than the scheduler plans with: padding rows write there.
         model.setup_caches(pool.num_blocks + (capture is not None), pool.block_size, cache.max_seq_len)
         self.pool = pool
-        self.kv_config = KVConfig(
-            pool.num_blocks, pool.block_size, cache.prefix_caching, cache.max_loras * bool(adapters)
-        )
+        self.kv_config = KVConfig(pool.num_blocks, pool.block_size, cache.prefix_caching, cache.max_loras)
         log.info("%s", pool.describe(cache.max_seq_len))
         log.info("attention: %s", self.attention)
         if capture is not None:
@@ -147,6 +145,13 @@ class LlamaEngine:
             step_peak / 2**30,
         )
         return max(default, 0), free
+
+    def add_adapter(self, adapter: LoraAdapter, slot: int) -> None:
+        """A LoRA adapter loaded while serving (engine thread, between steps; one rank only)."""
+        lora.add(self.model, adapter, slot, get_model_parallel_rank(), get_model_parallel_world_size())
+
+    def remove_adapter(self, slot: int) -> None:
+        lora.remove(self.model, slot)
 
     def heartbeat(self) -> None:
         """One rank: nobody to tell (process/ranks.py LeaderEngine sends it under torchrun)."""

@@ -81,6 +81,7 @@ class LinearLora:
     def finalize(self, n_adapters: int) -> None:
         """Stack the pairs once every adapter's is in (zeros for an adapter that does not target this layer)."""
         if not self.pairs:
+            self.a_stack = self.b_stack = None
             return
         a0, b0 = next(iter(self.pairs.values()))
         rank = max(a.shape[0] for a, _ in self.pairs.values())
@@ -135,30 +136,63 @@ def attach(model, adapters: list[LoraAdapter], rank: int, mp: int) -> None:
     """Give every layer's attention and feed-forward their LinearLoras (`.lora`: linear name -> LinearLora),
     adapters in slots 1, 2, ... in the order given; slot 0 is the base model. AdapterError when an adapter's
     shapes are not this model's."""
-    args = model.args
-    n_kv = args.n_kv_heads or args.n_heads
     for adapter in adapters:
-        check_shapes(adapter, args)
-    for layer in model.layers:
-        layer.attention.lora = {"wqkv": LinearLora(False), "wo": LinearLora(True)}
-        layer.feed_forward.lora = {"w13": LinearLora(False), "w2": LinearLora(True)}
-    device, dtype = model.norm.weight.device, model.norm.weight.dtype
+        check_shapes(adapter, model.args)
     for slot, adapter in enumerate(adapters, start=1):
-        by_layer: dict[tuple[int, str], dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
-        for module, (a, b) in adapter.modules.items():
-            _, _, index, target = module.split(".", 3)
-            ours, part = TARGETS[target]
-            if target in ("self_attn.q_proj", "self_attn.k_proj"):
-                b = to_interleaved(b, args.n_heads if target.endswith("q_proj") else n_kv)
-            by_layer.setdefault((int(index), ours), {})[part or 0] = (a, b)
-        for (index, ours), parts in by_layer.items():
-            layer = model.layers[index]
-            a, b = _pair(ours in ROW_PARALLEL, parts, part_sizes(layer, ours), rank, mp)
-            module, linear = ours.split(".")
-            layer.get_submodule(module).lora[linear].pairs[slot] = (a.to(device, dtype), b.to(device, dtype))
+        add(model, adapter, slot, rank, mp, finalize=False)
+    _finalize(model, len(adapters))
+
+
+def linears(model) -> list[LinearLora]:
+    """Every layer's LinearLoras, made (empty) on first use."""
+    out = []
     for layer in model.layers:
-        for linear in (*layer.attention.lora.values(), *layer.feed_forward.lora.values()):
-            linear.finalize(len(adapters))
+        if layer.attention.lora is None:
+            layer.attention.lora = {"wqkv": LinearLora(False), "wo": LinearLora(True)}
+            layer.feed_forward.lora = {"w13": LinearLora(False), "w2": LinearLora(True)}
+        out += [*layer.attention.lora.values(), *layer.feed_forward.lora.values()]
+    return out
+
+
+def _finalize(model, n_slots: int) -> None:
+    for linear in linears(model):
+        linear.finalize(n_slots)
+
+
+def add(model, adapter: LoraAdapter, slot: int, rank: int, mp: int, finalize: bool = True) -> None:
+    """Put `adapter` in `slot` on every layer it targets (the engine thread calls this between steps)."""
+    args = model.args
+    check_shapes(adapter, args)
+    linears(model)
+    n_kv = args.n_kv_heads or args.n_heads
+    device, dtype = model.norm.weight.device, model.norm.weight.dtype
+    by_layer: dict[tuple[int, str], dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
+    for module, (a, b) in adapter.modules.items():
+        _, _, index, target = module.split(".", 3)
+        ours, part = TARGETS[target]
+        if target in ("self_attn.q_proj", "self_attn.k_proj"):
+            b = to_interleaved(b, args.n_heads if target.endswith("q_proj") else n_kv)
+        by_layer.setdefault((int(index), ours), {})[part or 0] = (a, b)
+    for (index, ours), parts in by_layer.items():
+        layer = model.layers[index]
+        a, b = _pair(ours in ROW_PARALLEL, parts, part_sizes(layer, ours), rank, mp)
+        module, linear = ours.split(".")
+        layer.get_submodule(module).lora[linear].pairs[slot] = (a.to(device, dtype), b.to(device, dtype))
+    if finalize:
+        _finalize(model, max(slot, _slots(model)))
+
+
+def remove(model, slot: int) -> None:
+    """Take the adapter in `slot` off every layer (its slot number is not given out again)."""
+    for linear in linears(model):
+        linear.pairs.pop(slot, None)
+    _finalize(model, _slots(model))
+
+
+def _slots(model) -> int:
+    """The stacks' height: the largest slot they hold."""
+    stack = next((x.a_stack for x in linears(model) if x.a_stack is not None), None)
+    return 0 if stack is None else stack.shape[0]
 
 
 def _pair(row_parallel: bool, parts: dict, sizes: list[int], rank: int, mp: int) -> tuple[torch.Tensor, torch.Tensor]:
