@@ -73,7 +73,7 @@ def engine_with(ckpt, folders: dict[str, str], strengths=None, max_loras=8, **kw
     model = load_model(ckpt, tok, 0, 1, torch.device("cpu"), torch.float32)
     paths = module_paths(model.args.n_layers)
     adapters = [read_adapter(AdapterSpec(n, p, (strengths or {}).get(n, 1.0)), 64, paths) for n, p in folders.items()]
-    settings = CacheSettings(128, 4, 16, max_loras=max_loras, **kw)
+    settings = CacheSettings(kw.pop("max_seq_len", 128), 4, 16, max_loras=max_loras, **kw)
     return LlamaEngine(model, settings, adapters=adapters), tok
 
 
@@ -184,6 +184,22 @@ def test_greedy_tokens_equal_peft_generate_under_load_with_chunks(setup, lora_pa
         assert out == want[0, len(p) :].tolist()
     assert scheduler.blocks.num_free == scheduler.config.num_blocks
     assert max(map(len, engine.steps)) == 2  # max_loras: three adapters wanted slots, two ran at once
+
+
+def test_preempted_sequences_of_adapters_are_recomputed_with_their_adapter(setup):
+    """A pool of 5 blocks for 4 running sequences of 2 blocks each: sequences are preempted and recomputed."""
+    ckpt, made = setup
+    names = list(made)[:2]
+    args = read_args(ckpt, Tokenizer(f"{ckpt}/tokenizer.model"))
+    per_block = 16 * 2 * args.n_layers * (args.n_kv_heads or args.n_heads) * args.head_dim * 4  # fp32 k and v
+    engine, tok = engine_with(ckpt, {n: made[n][0] for n in names}, max_seq_len=32, memory=5 * per_block)
+    prompts = [PROMPT[: 12 + i] for i in range(6)]
+    adapter_of = [1, 2, 0, 1, 2, 0]
+    got, scheduler = greedy(engine, tok, prompts, adapter_of)
+    assert scheduler.preemptions > 0
+    for p, a, out in zip(prompts, adapter_of, got):
+        ref = hf_model(ckpt) if a == 0 else made[names[a - 1]][1]
+        assert out == peft_greedy(ref, p, 10)
 
 
 class PrefixHits:
