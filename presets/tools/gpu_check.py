@@ -40,7 +40,7 @@ from presets.engine.params import SamplingParams
 from presets.engine.scheduler import PlanItem, Sequence, StepPlan
 from presets.engine.step_loop import EngineLoop
 from presets.models.llama.engine import CacheSettings, LlamaEngine
-from presets.models.llama.hf_convert import to_hf
+from presets.models.llama.hf_convert import hf_config, to_hf
 from presets.models.llama.load import load_model, read_args
 from presets.models.llama.model import ModelArgs, Transformer
 from presets.models.llama.tokenizer import Tokenizer
@@ -272,19 +272,11 @@ def speed(dev, shape: str, quick: bool, report: dict) -> None:
 
 def transformers_baseline(dev, shape: str, quick: bool, report: dict) -> None:
     """transformers' generate, batch 1, on the same shape: ms per new token (a long minus a short generate)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     free_device(dev)
     a = SHAPES[shape]
-    config = LlamaConfig(
-        vocab_size=a.vocab_size,
-        hidden_size=a.dim,
-        intermediate_size=a.ffn_hidden_dim,
-        num_hidden_layers=a.n_layers,
-        num_attention_heads=a.n_heads,
-        num_key_value_heads=a.n_kv_heads or a.n_heads,
-        max_position_embeddings=2048,
-    )
+    config = hf_config(a, max_position_embeddings=2048)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)

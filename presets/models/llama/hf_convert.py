@@ -12,18 +12,17 @@ def _unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.view(n_heads, out_dim // n_heads // 2, 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
 
 
-def to_hf(args: ModelArgs, state: dict[str, torch.Tensor], max_position_embeddings: int = 4096):
-    """A transformers LlamaForCausalLM (fp32, eval) holding the same weights as `state`."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def hf_config(args: ModelArgs, max_position_embeddings: int = 4096):
+    """transformers' LlamaConfig of the model `args` describe."""
+    from transformers import LlamaConfig
 
-    n_kv = args.n_kv_heads or args.n_heads
-    config = LlamaConfig(
+    return LlamaConfig(
         vocab_size=args.vocab_size,
         hidden_size=args.dim,
         intermediate_size=args.ffn_hidden_dim,
         num_hidden_layers=args.n_layers,
         num_attention_heads=args.n_heads,
-        num_key_value_heads=n_kv,
+        num_key_value_heads=args.n_kv_heads or args.n_heads,
         rms_norm_eps=args.norm_eps,
         max_position_embeddings=max_position_embeddings,
         rope_parameters={"rope_type": "default", "rope_theta": args.rope_theta},
@@ -32,6 +31,14 @@ def to_hf(args: ModelArgs, state: dict[str, torch.Tensor], max_position_embeddin
         eos_token_id=2,
         pad_token_id=None,
     )
+
+
+def to_hf(args: ModelArgs, state: dict[str, torch.Tensor], max_position_embeddings: int = 4096):
+    """A transformers LlamaForCausalLM (fp32, eval) holding the same weights as `state`."""
+    from transformers import LlamaForCausalLM
+
+    n_kv = args.n_kv_heads or args.n_heads
+    config = hf_config(args, max_position_embeddings)
     hf = {hf_key(key): w for key, w in state.items() if key != "rope.freqs"}  # (Meta's table; HF recomputes it)
     for i in range(args.n_layers):
         src, dst = f"layers.{i}.", f"model.layers.{i}."
