@@ -59,6 +59,22 @@ class Metrics:
         self.lora = LoraInfo()
         r.register(self.lora)
 
+    def cache_config(self, block_size: int, num_blocks: int, prefix_caching: bool) -> None:
+        """vllm:cache_config_info: the paged KV cache's configuration as labels, value 1, as vLLM exports it
+        (Kaito's benchmark reads block_size and num_gpu_blocks). num_gpu_blocks is the pool's blocks on
+        whatever device holds it, the CPU included, as vLLM's CPU backend names it too."""
+        if self._cache_info is None:
+            self._cache_info = Gauge(
+                "vllm:cache_config_info",
+                "Information of the KV cache configuration.",
+                ["block_size", "num_gpu_blocks", "num_cpu_blocks", "enable_prefix_caching"],
+                registry=self.registry,
+            )
+        self._cache_info.clear()
+        self._cache_info.labels(str(block_size), str(num_blocks), "0", str(prefix_caching)).set(1)
+
+    _cache_info = None
+
     def prefix_cache(self, queries: int, hits: int) -> None:
         self.prefix_queries.inc(queries)
         self.prefix_hits.inc(hits)

@@ -95,6 +95,8 @@ class EngineLoop(EngineThread):
         self.scheduler.on_finish = metrics.finished
         self.scheduler.metrics = metrics
         metrics.kv_usage = self.scheduler.blocks.usage
+        kv = self.engine.kv_config
+        metrics.cache_config(kv.block_size, kv.num_blocks, kv.prefix_caching)
 
     def submit(self, seqs: list[Sequence]) -> None:
         """Queue `seqs` for generation; 400 when one could never fit the KV cache, 503 when the queue is full."""
