@@ -289,3 +289,24 @@ def test_batch_loop_failed_batch_fails_its_jobs_and_health_recovers_without_traf
             time.sleep(0.1)
     finally:
         rt.shutdown()
+
+
+def test_a_full_queues_retry_after_follows_its_measured_pace():
+    from presets.engine.thread import RETRY_CEILING, RETRY_UNKNOWN, EngineThread
+
+    loop = EngineThread(max_waiting=4)
+    assert loop.retry_after(3, now=100.0) == RETRY_UNKNOWN  # nothing left the queue yet: no pace to go by
+    for t in range(90, 100):
+        loop.drained(1, now=float(t))  # one a second for ten seconds
+    assert loop.retry_after(3, now=100.0) == 3
+    assert loop.retry_after(1000, now=100.0) == RETRY_CEILING
+    loop.drained(100, now=100.0)  # a burst: room at once
+    assert loop.retry_after(1, now=100.0) == 1
+    assert loop.retry_after(3, now=300.0) == RETRY_UNKNOWN  # a pace from minutes ago says nothing
+    with pytest.raises(ApiError) as e:
+        loop.drains.clear()
+        for t in range(0, 20, 2):
+            loop.drained(1, now=time.monotonic() - 20 + t)  # one every two seconds, up to now
+        loop._admit_or_refuse(4, 2, "sequences")
+    assert e.value.status == 503 and e.value.headers["Retry-After"] in ("4", "5")  # two more: about 4 s
+    assert "retry in" in e.value.detail

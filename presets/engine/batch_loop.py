@@ -97,6 +97,7 @@ class BatchLoop(EngineThread):
                         job.finish()
                     return
                 batch = self.batch = self._next_batch()
+                self.drained(len(batch))
                 self.running = len(batch)
             if self.metrics:
                 self.metrics.batch_size.observe(len(batch))

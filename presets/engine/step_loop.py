@@ -141,7 +141,9 @@ class EngineLoop(EngineThread):
                     self.calls.clear()
                     for seq in [s for s in (*sched.waiting, *sched.running) if s.cancelled]:
                         sched.finish(seq, None, "cancelled: the client disconnected")  # frees its blocks
+                    queued = len(sched.waiting)
                     plan = sched.schedule() if sched.has_work() else None
+                    self.drained(queued - len(sched.waiting))  # admitted (preempted ones come back: negative)
                 for call in calls:
                     self._call(call)
                 if plan is not None and plan.items:
