@@ -103,3 +103,39 @@ def test_kaito_workspace_with_adapters_matches_the_crd_and_names_adapters_we_ser
         (tmp_path / name).mkdir()
     specs = adapter_specs("", str(tmp_path), env)
     assert {(s.name, s.strength) for s in specs} == {(n, float(v)) for n, v in env.items()}
+
+
+def test_kaito_template_workspaces_validate_and_run_our_servers(tmp_path):
+    """Current Kaito's form for a custom server: each Workspace matches the CRD, its pod template is a valid
+    Kubernetes PodTemplate (kubernetes-validate, strict, offline), and its container is our server as run."""
+    with open(os.path.join(ROOT, "tests", "data", "kaito", "kaito.sh_workspaces.yaml")) as f:
+        crd = yaml.safe_load(f)
+    (served,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1beta1"]
+    paths = sorted(glob.glob(os.path.join(ROOT, "examples", "kaito", "template", "*.yaml")))
+    templates = []
+    for path in paths:
+        with open(path) as f:
+            ws = yaml.safe_load(f)
+        jsonschema.validate(ws, served["schema"]["openAPIV3Schema"])
+        assert "preset" not in ws["inference"], path  # Kaito takes one of preset and template
+        template = ws["inference"]["template"]
+        (container,) = template["spec"]["containers"]
+        (port,) = [p["containerPort"] for p in container["ports"]]
+        for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+            assert container[probe]["httpGet"] == {"path": "/health", "port": port}, path
+        gpus = container["resources"]["limits"].get("nvidia.com/gpu")
+        if "command" in container:  # the Llama servers: torchrun with a rank per GPU, exec'd so SIGTERM reaches it
+            script = container["command"][-1]
+            argv = shlex.split(script.split("&&", 1)[1])
+            assert script.startswith("cd /workspace/llama/llama-2 &&") and argv[:2] == ["exec", "torchrun"], path
+            assert argv[argv.index("--nproc_per_node") + 1] == str(gpus), path
+            assert any(v["mountPath"] == "/dev/shm" for v in container["volumeMounts"]), path
+        name = os.path.basename(path).removesuffix(".yaml")
+        pod_template = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": name}, "template": template}
+        out = tmp_path / f"{name}.yaml"
+        out.write_text(yaml.safe_dump(pod_template))
+        templates.append(str(out))
+    assert len(paths) == 7
+    kv = os.path.join(os.path.dirname(sys.executable), "kubernetes-validate")
+    out = subprocess.run([kv, "--strict", *templates], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
