@@ -139,3 +139,22 @@ def test_kaito_template_workspaces_validate_and_run_our_servers(tmp_path):
     kv = os.path.join(os.path.dirname(sys.executable), "kubernetes-validate")
     out = subprocess.run([kv, "--strict", *templates], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_monitoring_examples_scrape_our_pods_and_scale_on_a_metric_we_export():
+    folder = os.path.join(ROOT, "examples", "kubernetes", "monitoring")
+    with open(os.path.join(folder, "podmonitor.yaml")) as f:
+        monitor = yaml.safe_load(f)
+    with open(os.path.join(folder, "keda-scaledobject.yaml")) as f:
+        scaled = yaml.safe_load(f)
+    with open(os.path.join(ROOT, "examples", "kaito", "template", "workspace-llama-2-7b-chat.yaml")) as f:
+        template = yaml.safe_load(f)["inference"]["template"]
+    assert (monitor["apiVersion"], monitor["kind"]) == ("monitoring.coreos.com/v1", "PodMonitor")
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= template["metadata"]["labels"].items()
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    (container,) = template["spec"]["containers"]
+    assert endpoint["path"] == "/metrics" and endpoint["port"] in [p["name"] for p in container["ports"]]
+    assert (scaled["apiVersion"], scaled["kind"]) == ("keda.sh/v1alpha1", "ScaledObject")
+    (trigger,) = scaled["spec"]["triggers"]
+    assert trigger["type"] == "prometheus" and "vllm:num_requests_waiting" in trigger["metadata"]["query"]
+    assert float(trigger["metadata"]["threshold"]) > 0
