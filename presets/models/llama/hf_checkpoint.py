@@ -13,7 +13,7 @@ import time
 import torch
 
 from presets.models.llama.json_files import read_json
-from presets.models.llama.layout import CheckpointError, split_dim
+from presets.models.llama.layout import CheckpointError, split_dim, transfer_rate
 from presets.models.llama.model import ModelArgs, Transformer
 
 log = logging.getLogger(__name__)
@@ -178,7 +178,7 @@ def load_hf_model(ckpt_dir, args: ModelArgs, mp_rank, mp_size, device, dtype, pr
     except Exception as e:  # a truncated or malformed file: say which
         raise CheckpointError(f"cannot read the weights in {ckpt_dir}: {type(e).__name__}: {e}") from e
     seconds = time.perf_counter() - t0
-    progress(f"weights on {device} in {seconds:.1f} s ({done / 1e9 / max(seconds, 1e-9):.2f} GB/s from the files)")
+    progress(f"weights on {device} in {seconds:.1f} s ({transfer_rate(done, seconds, device)})")
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval()
 

@@ -4,6 +4,8 @@
 import glob
 import os
 
+import torch
+
 
 class CheckpointError(Exception):
     """A checkpoint folder that cannot be served; the message says what is wrong."""
@@ -39,3 +41,10 @@ def is_hf_folder(ckpt_dir: str) -> bool:
     return os.path.isfile(os.path.join(ckpt_dir, "config.json")) and not os.path.isfile(
         os.path.join(ckpt_dir, "params.json")
     )
+
+
+def transfer_rate(n_bytes: int, seconds: float, device) -> str:
+    """How the weights got there: a rate when they were copied; on the CPU in their own dtype they stay mapped."""
+    if torch.device(device).type == "cpu":
+        return "on the CPU: memory-mapped where the dtype is the file's, read as first used"
+    return f"{n_bytes / 1e9 / max(seconds, 1e-9):.2f} GB/s from the file"
