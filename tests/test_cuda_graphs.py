@@ -100,3 +100,15 @@ def test_greedy_generation_with_graphs_equals_without(gqa_ckpt):
         if graphs:
             assert e.graphs.replays > 0
     assert outputs[0] == outputs[1]
+
+
+def test_auto_attention_takes_triton_on_ampere_and_newer_only(monkeypatch):
+    """Triton's bf16 needs sm_80: a T4 (7.5) or V100 (7.0) gets SDPA, an A100 (8.0) or H100 (9.0) the kernel."""
+    gpu = torch.device("cuda", 0)
+    for capability, expected in [((7, 0), "sdpa"), ((7, 5), "sdpa"), ((8, 0), "triton"), ((9, 0), "triton")]:
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert choose_attention("auto", gpu, cpu_packed=True) == expected
+    with pytest.raises(ValueError, match="compute capability >= 8.0"):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+        monkeypatch.delenv("TRITON_INTERPRET")
+        choose_attention("triton", gpu, cpu_packed=True)

@@ -282,24 +282,24 @@ def test_folders_we_cannot_serve_are_refused_naming_adapter_and_reason(tiny_ckpt
 def test_adapter_specs_from_flags_and_kaitos_folder(tmp_path):
     for name in ("b-adapter", "a_adapter"):
         (tmp_path / name).mkdir()
-    specs = adapter_specs("x=/p/x, y=/p/y", str(tmp_path), {"a_adapter": "0.5"})
+    specs = adapter_specs(["x=/p/x,", "y=/p/y"], str(tmp_path), {"a_adapter": "0.5"})
     assert [(s.name, s.path, s.strength) for s in specs] == [
         ("x", "/p/x", 1.0),
         ("y", "/p/y", 1.0),
         ("a_adapter", str(tmp_path / "a_adapter"), 0.5),
         ("b-adapter", str(tmp_path / "b-adapter"), 1.0),
     ]
-    assert adapter_specs("", "auto", {}) == [] or os.path.isdir("/mnt/adapter")
+    assert adapter_specs([], "auto", {}) == [] or os.path.isdir("/mnt/adapter")
     for flags, message in [
-        (("x", ""), "name=path pairs"),
-        (("x=/a x=/b", ""), "named twice"),
-        (("", str(tmp_path / "none")), "no such folder"),
-        (("bad/name=/a", ""), "letters, digits"),
+        ((["x"], ""), "name=path pairs"),
+        ((["x=/a", "x=/b"], ""), "named twice"),
+        (([], str(tmp_path / "none")), "no such folder"),
+        ((["bad/name=/a"], ""), "letters, digits"),
     ]:
         with pytest.raises(AdapterError, match=message):
             adapter_specs(*flags, {})
     with pytest.raises(AdapterError, match="not a number"):
-        adapter_specs("", str(tmp_path), {"a_adapter": "lots"})
+        adapter_specs([], str(tmp_path), {"a_adapter": "lots"})
 
 
 @pytest.fixture(scope="module")
@@ -563,7 +563,7 @@ def test_peft_patterns_are_regexes_matched_at_a_module_path_end():
 def test_a_volumes_own_folders_are_not_adapters(tmp_path):
     for name in ("lost+found", "..data", "real"):
         (tmp_path / name).mkdir()
-    assert [s.name for s in adapter_specs("", str(tmp_path), {})] == ["real"]
+    assert [s.name for s in adapter_specs([], str(tmp_path), {})] == ["real"]
 
 
 def test_a_request_waiting_for_a_lora_slot_does_not_hold_back_those_behind_it():

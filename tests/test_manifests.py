@@ -101,7 +101,7 @@ def test_kaito_workspace_with_adapters_matches_the_crd_and_names_adapters_we_ser
     env = {a["source"]["name"]: a["strength"] for a in adapters}
     for name in env:
         (tmp_path / name).mkdir()
-    specs = adapter_specs("", str(tmp_path), env)
+    specs = adapter_specs([], str(tmp_path), env)
     assert {(s.name, s.strength) for s in specs} == {(n, float(v)) for n, v in env.items()}
 
 

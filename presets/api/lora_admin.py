@@ -22,15 +22,16 @@ from presets.models.llama.lora import module_paths
 lora_admin = Blueprint("lora_admin", __name__, url_prefix="/v1")
 
 
-def _settings():
-    settings = current_app.extensions["openai_model"]  # servers/llama.py LlamaModel: the LoRA settings
-    if not settings.allow_runtime_lora:
+def _served():
+    """(the LlamaModel with its LoRA settings, the runtime), when adapters may be loaded now."""
+    model = current_app.extensions["openai_model"]
+    if not model.allow_runtime_lora:
         raise ApiError(404, "loading LoRA adapters while serving is off: start the server with --allow_runtime_lora")
     rt = runtime()
     rt.require_ready()
     if rt.heartbeat_s:
         raise ApiError(400, "LoRA adapters cannot be loaded while serving on several ranks; list them at start")
-    return settings, rt
+    return model, rt
 
 
 def _name(body: dict) -> str:
@@ -43,17 +44,17 @@ def _name(body: dict) -> str:
 @lora_admin.post("/load_lora_adapter")
 async def load_lora_adapter():
     body = await json_body(request)
-    settings, rt = _settings()
+    model, rt = _served()
     reject_unknown(body, ("lora_name", "lora_path"), "body")
     name, path = _name(body), body.get("lora_path")
     if not isinstance(path, str) or not path:
         raise ApiError(400, "lora_path must be the adapter's folder on the server", param="lora_path")
-    if name in rt.adapters or name == current_app.extensions["openai_model"].name:
+    if name in rt.adapters or name == model.name:
         raise ApiError(400, f"the LoRA adapter {name!r} is already loaded", param="lora_name")
     args = rt.loop.engine.model.args
     try:  # reading the folder off the event loop; the model is touched by the engine thread only
         adapter = await asyncio.to_thread(
-            read_adapter, AdapterSpec(name, path), settings.max_lora_rank, module_paths(args.n_layers)
+            read_adapter, AdapterSpec(name, path), model.max_lora_rank, module_paths(args.n_layers)
         )
     except AdapterError as e:
         raise ApiError(400, str(e), param="lora_path") from None
@@ -66,7 +67,7 @@ async def load_lora_adapter():
 @lora_admin.post("/unload_lora_adapter")
 async def unload_lora_adapter():
     body = await json_body(request)
-    _, rt = _settings()
+    _, rt = _served()
     reject_unknown(body, ("lora_name", "lora_int_id"), "body")
     name = _name(body)
     if name not in rt.adapters:

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -46,11 +47,11 @@ class LoraAdapter:
     modules: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
-def adapter_specs(lora_modules: str, adapters_dir: str, environ=os.environ) -> list[AdapterSpec]:
-    """The adapters to serve: `name=path` pairs (space or comma separated), then the folders of `adapters_dir`
-    ("auto": Kaito's /mnt/adapter when it exists; "": none)."""
+def adapter_specs(lora_modules: Sequence[str], adapters_dir: str, environ=os.environ) -> list[AdapterSpec]:
+    """The adapters to serve: `name=path` pairs (each argument may hold several, comma separated), then the
+    folders of `adapters_dir` ("auto": Kaito's /mnt/adapter when it exists; "": none)."""
     specs = []
-    for pair in lora_modules.replace(",", " ").split():
+    for pair in ",".join(lora_modules).replace(",", " ").split():
         name, sep, path = pair.partition("=")
         if not sep or not name or not path:
             raise AdapterError(f"--lora_modules takes name=path pairs; got {pair!r}")

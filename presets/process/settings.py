@@ -4,6 +4,7 @@ import argparse
 import os
 from dataclasses import dataclass, fields
 
+from presets.engine.adapters import AdapterSpec, adapter_specs
 from presets.engine.kv_memory import parse_bytes
 
 
@@ -35,7 +36,28 @@ class HttpSettings:
 
 
 @dataclass
-class Settings(HttpSettings):
+class LoraSettings:
+    """The LoRA adapters a server serves (docs/operations.md, "LoRA adapters"), the same on every server."""
+
+    lora_modules: tuple = ()  # LoRA adapters: name=path ... (PEFT folders), as vLLM's --lora-modules
+    adapters_dir: str = "auto"  # every subfolder a LoRA adapter (strength: env var of its name); auto: /mnt/adapter
+    max_loras: int = 8  # LoRA adapters running at once
+    max_lora_rank: int = 64  # the largest adapter rank served
+
+    def lora_errors(self) -> list[str]:
+        """The LoRA settings out of range, as 'name=value'."""
+        return [f"{k}={getattr(self, k)!r}" for k in ("max_loras", "max_lora_rank") if getattr(self, k) < 1]
+
+    def lora_settings(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(LoraSettings)}
+
+    def adapters(self) -> list[AdapterSpec]:
+        """The adapters to serve, in their slot order (1, 2, ...); AdapterError names a bad flag or folder name."""
+        return adapter_specs(self.lora_modules, self.adapters_dir)
+
+
+@dataclass
+class Settings(HttpSettings, LoraSettings):
     ckpt_dir: str = "weights/"
     tokenizer_path: str = ""  # default: ckpt_dir's tokenizer.model, or tokenizer.json in a HuggingFace folder
     max_seq_len: int = 512
@@ -57,10 +79,6 @@ class Settings(HttpSettings):
     served_model_name: str = ""  # the model id of the /v1 routes; default llama2-<completion|chat>
     api_key: str = ""  # when set (or api_key_file), requests need "Authorization: Bearer <key>"
     api_key_file: str = ""  # one key per line
-    lora_modules: tuple = ()  # LoRA adapters: name=path ... (PEFT folders), as vLLM's --lora-modules
-    adapters_dir: str = "auto"  # every subfolder a LoRA adapter (strength: env var of its name); auto: /mnt/adapter
-    max_loras: int = 8  # LoRA adapters running at once
-    max_lora_rank: int = 64  # the largest adapter rank served
     allow_runtime_lora: bool = False  # POST /v1/load_lora_adapter and /v1/unload_lora_adapter (one rank only)
 
     def __post_init__(self):
@@ -78,10 +96,9 @@ class Settings(HttpSettings):
             "max_num_batched_tokens": self.max_num_batched_tokens >= 0,
             "max_queue_size": self.max_queue_size >= 1,
             "dist_timeout": self.dist_timeout > 0,
-            "max_loras": self.max_loras >= 1,
-            "max_lora_rank": self.max_lora_rank >= 1,
         }
         bad = [f"{k}={getattr(self, k)!r}" for k, ok in checks.items() if not ok] + self.http_errors()
+        bad += self.lora_errors()
         if bad:
             raise ValueError(f"invalid setting(s): {', '.join(bad)}")
 

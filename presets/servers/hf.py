@@ -12,7 +12,7 @@ from presets.api.chat import render
 from presets.api.chat_template import ChatTemplate, ChatTemplateError, load_chat_template
 from presets.api.kaito_falcon import chat, engine_chat
 from presets.api.openai import openai
-from presets.engine.adapters import adapter_specs, check_folder
+from presets.engine.adapters import check_folder
 from presets.engine.batch_loop import BatchLoop, Job
 from presets.engine.runtime import Runtime
 from presets.http import auth
@@ -25,14 +25,14 @@ from presets.models.llama.hf_checkpoint import read_config
 from presets.models.llama.layout import CheckpointError
 from presets.models.llama.load import check_layout
 from presets.process import logs, server
-from presets.process.settings import HttpSettings, Settings, parse_settings
+from presets.process.settings import HttpSettings, LoraSettings, Settings, parse_settings
 from presets.servers import llama as llama_server
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class HFSettings(HttpSettings):
+class HFSettings(HttpSettings, LoraSettings):
     model_id: str = "weights/"  # a local HuggingFace folder
     torch_dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bfloat16 | float16 | float32
     device_map: str = "auto"  # accelerate's placement over this node's GPUs; "none" for one device
@@ -48,10 +48,6 @@ class HFSettings(HttpSettings):
     served_model_name: str = ""  # the model id of the /v1 routes; default the folder's name
     api_key: str = ""
     api_key_file: str = ""
-    lora_modules: tuple = ()  # LoRA adapters: name=path ... (PEFT folders), as the Llama servers take them
-    adapters_dir: str = "auto"  # every subfolder a LoRA adapter (strength: env var of its name); auto: /mnt/adapter
-    max_loras: int = 8  # our engine: LoRA adapters running at once
-    max_lora_rank: int = 64
 
     def __post_init__(self):
         if self.torch_dtype not in ("auto", "bfloat16", "float16", "float32"):
@@ -60,8 +56,8 @@ class HFSettings(HttpSettings):
             raise ValueError(f"invalid setting: engine={self.engine!r} (auto, presets or transformers)")
         if self.max_batch_size < 1 or self.max_queue_size < 1:
             raise ValueError("max_batch_size and max_queue_size must be >= 1")
-        if self.http_errors():
-            raise ValueError(f"invalid setting(s): {', '.join(self.http_errors())}")
+        if self.http_errors() + self.lora_errors():
+            raise ValueError(f"invalid setting(s): {', '.join(self.http_errors() + self.lora_errors())}")
 
 
 def runs_on_our_engine(settings: HFSettings) -> bool:
@@ -95,10 +91,7 @@ def llama_settings(settings: HFSettings) -> Settings:
         model_parallel_size=1,
         served_model_name=settings.served_model_name,
         request_timeout=settings.request_timeout,
-        lora_modules=settings.lora_modules,
-        adapters_dir=settings.adapters_dir,
-        max_loras=settings.max_loras,
-        max_lora_rank=settings.max_lora_rank,
+        **settings.lora_settings(),
     )
 
 
@@ -112,7 +105,7 @@ def folder_chat_template(folder: str) -> ChatTemplate | None:
 
 
 def build_runtime(settings: HFSettings) -> Runtime:
-    specs = adapter_specs(" ".join(settings.lora_modules), settings.adapters_dir)
+    specs = settings.adapters()
 
     def load(progress):
         model, tokenizer = loader.load(
@@ -202,7 +195,7 @@ def main(argv=None) -> None:
     try:
         loader.check_folder(settings.model_id)
         auth.load_keys(settings.api_key, settings.api_key_file)
-        for spec in adapter_specs(" ".join(settings.lora_modules), settings.adapters_dir):
+        for spec in settings.adapters():
             check_folder(spec, settings.max_lora_rank)  # a folder we cannot serve: a start error
         settings.engine = "presets" if runs_on_our_engine(settings) else "transformers"  # decided once
     except (loader.HFFolderError, CheckpointError, ValueError) as e:

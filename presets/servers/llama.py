@@ -14,7 +14,7 @@ from presets.api.errors import ApiError
 from presets.api.kaito_llama import chat, completion
 from presets.api.lora_admin import lora_admin
 from presets.api.openai import openai
-from presets.engine.adapters import AdapterSpec, LoraAdapter, adapter_specs, read_adapter
+from presets.engine.adapters import LoraAdapter, read_adapter
 from presets.engine.kv_memory import parse_bytes
 from presets.engine.runner import StepRunner
 from presets.engine.runtime import Runtime
@@ -37,14 +37,9 @@ ROUTES = {"completion": completion, "chat": chat}
 TORCHRUN_DRAIN = 25  # seconds: torchrun sends SIGKILL 30 s after SIGTERM
 
 
-def served_adapters(settings: Settings) -> list[AdapterSpec]:
-    """The LoRA adapters of --lora_modules and --adapters_dir, in their slot order (1, 2, ...)."""
-    return adapter_specs(" ".join(settings.lora_modules), settings.adapters_dir)
-
-
 def read_adapters(settings: Settings, args) -> list[LoraAdapter]:
     """Every served adapter read and checked against the base model (AdapterError names what is wrong)."""
-    adapters = [read_adapter(s, settings.max_lora_rank, module_paths(args.n_layers)) for s in served_adapters(settings)]
+    adapters = [read_adapter(s, settings.max_lora_rank, module_paths(args.n_layers)) for s in settings.adapters()]
     for adapter in adapters:
         check_shapes(adapter, args)
     return adapters
@@ -100,7 +95,7 @@ def build_runtime(settings: Settings) -> Runtime:
         settings.max_queue_size,
         heartbeat_s=heartbeat_interval(settings.dist_timeout) if multi else None,
     )
-    rt.adapters = [s.name for s in served_adapters(settings)]
+    rt.adapters = [s.name for s in settings.adapters()]
     rt.metrics.lora.names, rt.metrics.lora.max_lora = rt.adapters, settings.max_loras
     return rt
 
