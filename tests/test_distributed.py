@@ -164,26 +164,7 @@ FAIL_BOUND_S = 15  # a dead rank stops the whole job within this many seconds
 def test_killed_worker_makes_master_fail_fast(two_shards, two_hosts, sig):
     """Two nodes, so only our failure handling acts (on one node torchrun itself stops the other ranks).
     SIGTERM on the worker node (its pod is going away) stops the job as fast and as loudly as a kill."""
-    shared = two_hosts[0]["netns"] is None
-    ports = [free_port(), free_port()] if shared else [5000, 5000]
-    rdzv_port = free_port() if shared else 29500
-    flags = [*SEQ, "--dist_timeout", "8"]
-    procs = [
-        start(
-            server_cmd(
-                "completion",
-                two_shards,
-                ports[n],
-                *flags,
-                host=h["ip"],
-                torchrun=node_flags("static", two_hosts, n, rdzv_port),
-            ),
-            "completion",
-            h["netns"],
-            h["env"],
-        )
-        for n, h in enumerate(two_hosts)
-    ]
+    procs, ports = start_nodes(two_shards, two_hosts, "static", [*SEQ, "--dist_timeout", "8"])
     url, ns = f"http://{two_hosts[0]['ip']}:{ports[0]}", two_hosts[0]["netns"]
     with running(*procs):
         for proc, port, host in zip(procs, ports, two_hosts):
@@ -258,6 +239,19 @@ def two_hosts():
         subprocess.run(["ip", "netns", "del", n], capture_output=True)
 
 
+def start_nodes(shards: str, hosts, form: str, flags: list[str]) -> tuple[list, list[int]]:
+    """A completion server on each host (a torchrun node of `form`): (processes, each node's pod port)."""
+    shared = hosts[0]["netns"] is None
+    ports = [free_port(), free_port()] if shared else [5000, 5000]
+    rdzv_port = free_port() if shared else 29500
+    procs = []
+    for node, host in enumerate(hosts):
+        torchrun = node_flags(form, hosts, node, rdzv_port)
+        cmd = server_cmd("completion", shards, ports[node], *flags, host=host["ip"], torchrun=torchrun)
+        procs.append(start(cmd, "completion", host["netns"], host["env"]))
+    return procs, ports
+
+
 def node_flags(form: str, hosts, node: int, rdzv_port: int) -> list[str]:
     if form == "static":
         return [
@@ -293,20 +287,7 @@ def node_flags(form: str, hosts, node: int, rdzv_port: int) -> list[str]:
 
 @pytest.mark.parametrize("form", ["static", "c10d"])
 def test_two_nodes_serve_probes_and_equal_one_rank(two_shards, completion_client, two_hosts, form):
-    shared = two_hosts[0]["netns"] is None
-    ports = [free_port(), free_port()] if shared else [5000, 5000]  # each node's pod port
-    rdzv_port = free_port() if shared else 29500
-    procs = []
-    for node, host in enumerate(two_hosts):
-        cmd = server_cmd(
-            "completion",
-            two_shards,
-            ports[node],
-            *SEQ,
-            host=host["ip"],
-            torchrun=node_flags(form, two_hosts, node, rdzv_port),
-        )
-        procs.append(start(cmd, "completion", host["netns"], host["env"]))
+    procs, ports = start_nodes(two_shards, two_hosts, form, SEQ)
     urls = [f"http://{h['ip']}:{p}" for h, p in zip(two_hosts, ports)]
     with running(*procs):
         for proc, url, host in zip(procs, urls, two_hosts):  # every node answers its probes
@@ -325,26 +306,8 @@ def test_two_nodes_serve_probes_and_equal_one_rank(two_shards, completion_client
 
 def test_worker_node_health_follows_the_master(two_shards, two_hosts):
     """A worker node's /healthz is 200 only while rank 0's messages arrive; when rank 0 dies it exits non-zero."""
-    shared = two_hosts[0]["netns"] is None
-    ports = [free_port(), free_port()] if shared else [5000, 5000]
-    rdzv_port = free_port() if shared else 29500
-    flags = [*SEQ, "--dist_timeout", "12"]  # heartbeats every 3 s; a worker is stale after 7 s
-    procs = [
-        start(
-            server_cmd(
-                "completion",
-                two_shards,
-                ports[n],
-                *flags,
-                host=h["ip"],
-                torchrun=node_flags("static", two_hosts, n, rdzv_port),
-            ),
-            "completion",
-            h["netns"],
-            h["env"],
-        )
-        for n, h in enumerate(two_hosts)
-    ]
+    # heartbeats every 3 s; a worker is stale after 7 s
+    procs, ports = start_nodes(two_shards, two_hosts, "static", [*SEQ, "--dist_timeout", "12"])
     urls = [f"http://{h['ip']}:{p}" for h, p in zip(two_hosts, ports)]
     worker_ns = two_hosts[1]["netns"]
     with running(*procs):
