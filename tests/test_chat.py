@@ -4,7 +4,7 @@ one renderer of chat templates for every server."""
 import pytest
 
 from presets.api.chat import encode_dialog, has_special_tags, kaito_dialog
-from presets.api.errors import ApiError
+from presets.errors import ApiError
 from presets.models.llama.tokenizer import Tokenizer
 
 DIALOG = [

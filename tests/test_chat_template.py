@@ -1,4 +1,4 @@
-"""presets.api.chat_template renders a model folder's chat template as transformers' apply_chat_template does.
+"""presets.models.chat_template renders a model folder's chat template as transformers' apply_chat_template does.
 
 Each tokenizer folder is made here (a tokenizer trained on the bundled corpus), so nothing is downloaded.
 """
@@ -13,7 +13,7 @@ import pytest
 from tokenizers import Tokenizer
 from transformers import AutoTokenizer
 
-from presets.api.chat_template import ChatTemplate, ChatTemplateError, load_chat_template
+from presets.models.chat_template import ChatTemplate, ChatTemplateError, load_chat_template
 from presets.tools.tiny_hf import LLAMA2_CHAT_TEMPLATE, train_tokenizer
 
 LLAMA2_SPECIAL = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>"}

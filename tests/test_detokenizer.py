@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from presets.api.detokenizer import Detokenizer
+from presets.engine.detokenizer import Detokenizer
 from presets.models.llama.tokenizer import find_tokenizer, load_tokenizer
 
 TEXTS = [

@@ -99,9 +99,9 @@ def smollm2_gguf(model_dir: str) -> str:
 @pytest.fixture(scope="module")
 def llm_api(smollm2_dir, tmp_path_factory):
     """A client of the llm-api app on the GGUF file, found as config.yaml's setup_params.filename in models_dir."""
-    from presets.models.llamacpp.model_file import resolve
     from presets.servers.llm_api import build_app
     from presets.servers.llm_api_config import load_config
+    from presets.servers.llm_api_model_file import resolve
 
     gguf = smollm2_gguf(smollm2_dir)
     # One llama.cpp thread: ggml's spinning worker threads would fight the HTTP and engine threads on a small machine.

@@ -275,7 +275,7 @@ def test_embeddings_are_the_models_mean_hidden_state(llm, tiny_ckpt):
 
 
 def test_a_failed_engine_call_fails_its_request_only(llm):
-    from presets.api.errors import ApiError
+    from presets.errors import ApiError
 
     rt = llm.application.extensions["runtime"]
     with pytest.raises(ApiError) as e:
@@ -466,7 +466,7 @@ def test_bad_config_is_refused_naming_the_key(tmp_path, extra, env, named):
 
 def test_model_file_under_its_own_name_in_models_dir(tmp_path, models_dir):
     """setup_params.filename alone names a file already in models_dir; llm-api's derived name comes first."""
-    from presets.models.llamacpp.model_file import resolve
+    from presets.servers.llm_api_model_file import resolve
 
     cfg = load_config(
         write_config(tmp_path, models_dir, model_name="other", setup_params={"filename": "ggml-llama-tiny-q4.bin"}),
@@ -577,8 +577,8 @@ def test_a_chat_template_renders_to_the_same_ids_on_every_server(tiny_ckpt, tmp_
     """One template, three servers: the Llama server (a tokenizer with the template), the Falcon/HF server's
     /chat messages and llm-api's GGUF file all render through api/chat.py and give the same ids."""
     from presets.api.chat import encode_dialog
-    from presets.api.chat_template import ChatTemplate
     from presets.api.kaito_falcon import prompt_text
+    from presets.models.chat_template import ChatTemplate
 
     dialog = [
         {"role": "user", "content": "Hi"},

@@ -6,11 +6,11 @@ import time
 import pytest
 import torch
 
-from presets.api.errors import ApiError
 from presets.engine.params import SamplingParams
 from presets.engine.runtime import Runtime
 from presets.engine.sampling import make_rng, nucleus_sample, sample, top_p_filter
 from presets.engine.scheduler import Sequence
+from presets.errors import ApiError
 from tests.fakes import BOS, ByteTokenizer, FakeEngine
 
 GREEDY = SamplingParams(temperature=0)

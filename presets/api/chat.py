@@ -12,9 +12,9 @@
 
 import unicodedata
 
-from presets.api.chat_template import ChatTemplate, ChatTemplateError
-from presets.api.errors import ApiError
 from presets.api.validation import reject_unknown
+from presets.errors import ApiError
+from presets.models.chat_template import ChatTemplate, ChatTemplateError
 
 B_INST, E_INST = "[INST]", "[/INST]"
 B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"

@@ -5,12 +5,13 @@ import time
 
 from quart import Blueprint, jsonify, request
 
+from presets.api import falcon_params
 from presets.api.chat import openai_messages, render
-from presets.api.chat_template import ChatTemplate
-from presets.api.errors import ApiError
 from presets.api.validation import json_body, reject_unknown
 from presets.engine.batch_loop import Job
+from presets.errors import ApiError
 from presets.http.app import record, record_counts, runtime
+from presets.models.chat_template import ChatTemplate
 from presets.models.hf import params as hf_params
 from presets.models.hf.engine import batch_key
 
@@ -43,7 +44,7 @@ async def kaito_request():
     rt.require_ready()
     vocab = rt.engine.vocab_size if rt.engine is not None else rt.tokenizer.n_words  # generate's or ours
     text, special = prompt_text(body, chat_template(rt))
-    return rt, hf_params.parse(body, vocab), text, special
+    return rt, falcon_params.parse(body, vocab), text, special
 
 
 @chat.post("/chat")

@@ -14,9 +14,9 @@ import threading
 
 from quart import Blueprint, Response, current_app, jsonify, request
 
-from presets.api.errors import ApiError
 from presets.api.validation import boolean, integer, json_body, number, reject_unknown
 from presets.engine.params import SamplingParams, room_left
+from presets.errors import ApiError
 from presets.http.app import logged_stream, record_counts, runtime
 
 llm_api = Blueprint("llm_api", __name__)

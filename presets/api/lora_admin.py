@@ -13,9 +13,9 @@ import asyncio
 
 from quart import Blueprint, current_app, request
 
-from presets.api.errors import ApiError
 from presets.api.validation import json_body, reject_unknown
 from presets.engine.adapters import NAME, AdapterError, AdapterSpec, read_adapter
+from presets.errors import ApiError
 from presets.http.app import runtime
 from presets.models.llama.lora import module_paths
 

@@ -15,7 +15,6 @@ from typing import Protocol
 from quart import Blueprint, Response, current_app, jsonify, request
 
 from presets.api.chat import openai_messages
-from presets.api.errors import ApiError, openai_error
 from presets.api.openai_request import (
     CHAT_FIELDS,
     COMPLETION_FIELDS,
@@ -26,6 +25,7 @@ from presets.api.openai_request import (
 )
 from presets.api.validation import adapter_slot, json_body
 from presets.engine.params import SamplingParams
+from presets.errors import ApiError, openai_error
 from presets.http.app import logged_stream, record_counts, runtime
 
 openai = Blueprint("openai", __name__, url_prefix="/v1")

@@ -5,10 +5,10 @@ ignored."""
 import re
 from dataclasses import dataclass
 
-from presets.api.errors import ApiError
 from presets.api.validation import adapter_slot, boolean, integer, number
 from presets.engine.params import MAX_TEMPERATURE, SamplingParams, room_left
 from presets.engine.structured import grammar_for
+from presets.errors import ApiError
 
 # The fields each route takes. Fields of OpenAI's API not listed are a 400 that names them, never ignored.
 COMMON = {

@@ -4,7 +4,7 @@ import json
 import math
 import re
 
-from presets.api.errors import ApiError, model_not_found
+from presets.errors import ApiError, model_not_found
 
 _MISSING = object()
 

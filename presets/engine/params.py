@@ -2,12 +2,8 @@
 
 from dataclasses import dataclass
 
-from presets.api.errors import ApiError
-from presets.api.validation import boolean, integer, number, reject_unknown
+from presets.errors import ApiError
 
-# Server settings that clients sometimes send as parameters (Kaito's preset docs list them with the
-# request parameters); they are fixed when the server starts.
-SERVER_SETTINGS = ("max_seq_len", "max_batch_size")
 GREEDY_BELOW = 1e-5  # temperatures under this are treated as 0 (greedy)
 MAX_TEMPERATURE = 2.0  # OpenAI's bound, on every route: beyond it sampling is near uniform noise
 
@@ -33,31 +29,6 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_BELOW  # dividing logits by less would overflow to inf/NaN
-
-    @classmethod
-    def from_seed_parameters(
-        cls, params, where: str, default_max_gen_len: int | None, max_seq_len: int | None = None
-    ) -> "SamplingParams":
-        """Parse the `parameters` object of Kaito's preset API: temperature, top_p, max_gen_len, ignore_eos, seed.
-
-        The same ranges as the OpenAI routes: temperature in [0, 2], and a max_gen_len over `max_seq_len`
-        (room no prompt could leave) is a 400; up to it, max_gen_len is capped to the room the prompt
-        leaves, as Meta's generate does ("bounded by max_seq_len")."""
-        if params is None:
-            params = {}
-        if not isinstance(params, dict):
-            raise ApiError(400, f"{where} must be a JSON object")
-        for key in SERVER_SETTINGS:
-            if key in params:
-                raise ApiError(400, f"{where}.{key} is a server setting (--{key} at start), not a request parameter")
-        reject_unknown(params, ("temperature", "top_p", "max_gen_len", "ignore_eos", "seed"), where)
-        return cls(
-            temperature=number(params, "temperature", where, cls.temperature, lo=0, hi=MAX_TEMPERATURE),
-            top_p=number(params, "top_p", where, cls.top_p, lo=0, hi=1, lo_open=True),
-            max_tokens=integer(params, "max_gen_len", where, default_max_gen_len, lo=1, hi=max_seq_len),
-            ignore_eos=boolean(params, "ignore_eos", where, False),
-            seed=integer(params, "seed", where, None, lo=0, hi=2**63 - 1),
-        )
 
 
 def room_left(context: int, prompt_tokens: int, setting: str, which: str = "prompt") -> int:

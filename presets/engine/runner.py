@@ -2,9 +2,9 @@
 (streamed text, stop strings, log probabilities). Every route on the step engine (OpenAI, llm-api) uses it; the
 HF server's runner (models/hf/runner.py) gives the same shapes from transformers' generate."""
 
-from presets.api.errors import ApiError
-from presets.api.streaming import StreamedText, TokenOffsets, cut_at_stop
 from presets.engine.flag import Flag
+from presets.engine.stop_strings import StreamedText, TokenOffsets, cut_at_stop
+from presets.errors import ApiError
 
 
 class StepRunner:

@@ -7,12 +7,12 @@ import time
 from dataclasses import replace
 from functools import partial
 
-from presets.api.errors import ApiError
-from presets.api.streaming import stop_window
 from presets.engine.metrics import Metrics
 from presets.engine.params import SamplingParams, room_left
 from presets.engine.scheduler import Sequence
 from presets.engine.step_loop import Call, EngineLoop
+from presets.engine.stop_strings import stop_window
+from presets.errors import ApiError
 
 log = logging.getLogger(__name__)
 

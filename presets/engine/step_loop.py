@@ -7,12 +7,12 @@ from typing import Protocol
 
 import torch
 
-from presets.api.errors import ApiError
 from presets.engine.flag import Flag
 from presets.engine.params import SamplingParams
 from presets.engine.sampling import make_rng, sample, token_logprobs
 from presets.engine.scheduler import PlanItem, Scheduler, SchedulerConfig, Sequence, StepPlan
 from presets.engine.thread import EngineThread
+from presets.errors import ApiError
 
 log = logging.getLogger(__name__)
 

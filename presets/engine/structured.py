@@ -12,7 +12,7 @@ import asyncio
 import json
 import threading
 
-from presets.api.errors import ApiError
+from presets.errors import ApiError
 
 MAX_SCHEMA_BYTES = 64 << 10
 

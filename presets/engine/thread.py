@@ -5,7 +5,7 @@ import threading
 import time
 from collections import deque
 
-from presets.api.errors import ApiError
+from presets.errors import ApiError
 
 RETRY_FLOOR, RETRY_CEILING = 1, 60  # seconds a full queue's Retry-After says, at least and at most
 RETRY_UNKNOWN = 5  # ... when nothing has left the queue lately to measure its pace by

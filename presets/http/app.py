@@ -12,7 +12,7 @@ import time
 from quart import Blueprint, Quart, Response, current_app, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from presets.api.errors import ApiError, openai_error
+from presets.errors import ApiError, openai_error
 from presets.http import auth
 
 log = logging.getLogger("presets.requests")

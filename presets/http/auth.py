@@ -3,7 +3,7 @@
 import hmac
 import os
 
-from presets.api.errors import ApiError
+from presets.errors import ApiError
 
 OPEN_ROUTES = ("/", "/healthz", "/health", "/metrics", "/check")  # /check: llm-api's liveness route
 

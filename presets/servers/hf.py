@@ -9,7 +9,6 @@ import sys
 from dataclasses import dataclass
 
 from presets.api.chat import render
-from presets.api.chat_template import ChatTemplate, ChatTemplateError, load_chat_template
 from presets.api.kaito_falcon import chat, engine_chat
 from presets.api.openai import openai
 from presets.engine.adapters import check_folder
@@ -17,6 +16,7 @@ from presets.engine.batch_loop import BatchLoop, Job
 from presets.engine.runtime import Runtime
 from presets.http import auth
 from presets.http.app import create_app
+from presets.models.chat_template import ChatTemplate, ChatTemplateError, load_chat_template
 from presets.models.hf import loader
 from presets.models.hf.engine import HFEngine, HFJob
 from presets.models.hf.params import DEFAULTS, EXTRAS

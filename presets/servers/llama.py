@@ -10,7 +10,6 @@ import signal
 import sys
 
 from presets.api.chat import encode_dialog, refused
-from presets.api.errors import ApiError
 from presets.api.kaito_llama import chat, completion
 from presets.api.lora_admin import lora_admin
 from presets.api.openai import openai
@@ -19,6 +18,7 @@ from presets.engine.kv_memory import parse_bytes
 from presets.engine.runner import StepRunner
 from presets.engine.runtime import Runtime
 from presets.engine.structured import StructuredOutput
+from presets.errors import ApiError
 from presets.http import auth
 from presets.http.app import create_app
 from presets.models.llama.engine import CacheSettings, LlamaEngine

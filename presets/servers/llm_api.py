@@ -19,9 +19,9 @@ from presets.engine.runner import StepRunner
 from presets.engine.runtime import Runtime
 from presets.http import auth
 from presets.http.app import create_app
-from presets.models.llamacpp import model_file
 from presets.models.llamacpp.engine import LlamaCppEngine
 from presets.process import logs, server
+from presets.servers import llm_api_model_file as model_file
 from presets.servers.llm_api_config import ConfigError, LlmApiConfig, load_config
 
 log = logging.getLogger(__name__)

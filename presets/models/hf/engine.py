@@ -6,8 +6,8 @@ from dataclasses import dataclass
 import torch
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
-from presets.api.errors import ApiError
-from presets.api.streaming import stop_window
+from presets.engine.stop_strings import stop_window
+from presets.errors import ApiError
 from presets.models.hf.params import new_tokens
 
 # Parameters passed to generate as they are; the others are handled here (lengths, ids, seed).

@@ -2,12 +2,12 @@
 
 import time
 
-from presets.api.errors import ApiError
-from presets.api.streaming import StreamedText, cut_at_stop
 from presets.engine.batch_loop import Job
 from presets.engine.flag import Flag
 from presets.engine.params import SamplingParams
 from presets.engine.runner import count_usage
+from presets.engine.stop_strings import StreamedText, cut_at_stop
+from presets.errors import ApiError
 from presets.models.hf.engine import HFJob, batch_key
 from presets.models.hf.params import DEFAULTS, EXTRAS
 

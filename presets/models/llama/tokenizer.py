@@ -8,7 +8,7 @@ eos), decode(ids), n_words, bos_id, eos_id and eos_ids (every id that ends a gen
 import logging
 import os
 
-from presets.api.chat_template import ChatTemplate, ChatTemplateError, load_chat_template, special_tokens
+from presets.models.chat_template import ChatTemplate, ChatTemplateError, load_chat_template, special_tokens
 from presets.models.llama.json_files import read_json
 from presets.models.llama.layout import is_hf_folder
 

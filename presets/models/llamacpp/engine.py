@@ -14,8 +14,8 @@ import llama_cpp
 import numpy as np
 import torch
 
-from presets.api.chat_template import ChatTemplate, ChatTemplateError
 from presets.engine.step_loop import KVConfig
+from presets.models.chat_template import ChatTemplate, ChatTemplateError
 from presets.process.device import cpu_flags
 
 log = logging.getLogger(__name__)

@@ -1,7 +1,7 @@
 """Stop strings and streamed text, one implementation for every engine's routes (OpenAI, llm-api)."""
 
-from presets.api.detokenizer import Detokenizer
-from presets.api.errors import ApiError
+from presets.engine.detokenizer import Detokenizer
+from presets.errors import ApiError
 
 
 def stop_window(stops) -> int:
