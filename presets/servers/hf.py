@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from presets.api.chat import render
 from presets.api.kaito_falcon import chat, engine_chat
-from presets.api.openai import openai
+from presets.api.routes import OPENAI_ROUTES
 from presets.engine.adapters import check_folder
 from presets.engine.batch_loop import BatchLoop, Job
 from presets.engine.runtime import Runtime
@@ -161,7 +161,7 @@ class TransformersModel:
 def create_hf_app(settings: HFSettings, rt: Runtime, shutdown=lambda: None):
     """The app: Kaito's /chat route and the OpenAI routes over `rt`."""
     keys = auth.load_keys(settings.api_key, settings.api_key_file)
-    app = create_app(rt, [chat, openai], shutdown, keys)
+    app = create_app(rt, [chat, *OPENAI_ROUTES], shutdown, keys)
     app.extensions["openai_model"] = TransformersModel(rt, settings)
     return app
 
@@ -171,7 +171,9 @@ def create_engine_app(settings: HFSettings, shutdown=lambda: None):
     routes (continuous batching); the model starts loading when the runtime starts."""
     ours = llama_settings(settings)
     rt = llama_server.build_runtime(ours)
-    app = create_app(rt, [engine_chat, openai], shutdown, auth.load_keys(settings.api_key, settings.api_key_file))
+    app = create_app(
+        rt, [engine_chat, *OPENAI_ROUTES], shutdown, auth.load_keys(settings.api_key, settings.api_key_file)
+    )
     app.extensions["openai_model"] = llama_server.LlamaModel(rt, ours, "chat")
     return app, rt
 

@@ -12,7 +12,7 @@ import sys
 from presets.api.chat import encode_dialog, refused
 from presets.api.kaito_llama import chat, completion
 from presets.api.lora_admin import lora_admin
-from presets.api.openai import openai
+from presets.api.routes import OPENAI_ROUTES
 from presets.engine.adapters import LoraAdapter, read_adapter
 from presets.engine.kv_memory import parse_bytes
 from presets.engine.runner import StepRunner
@@ -135,7 +135,7 @@ def build_app(settings: Settings, kind: str, exit=lambda code: None):
     `exit(code)` ends the process (POST /shutdown: 0, a fatal error: 1)."""
     rt = build_runtime(settings)
     keys = auth.load_keys(settings.api_key, settings.api_key_file)
-    app = create_app(rt, [ROUTES[kind], openai, lora_admin], lambda: exit(0), keys)
+    app = create_app(rt, [ROUTES[kind], *OPENAI_ROUTES, lora_admin], lambda: exit(0), keys)
     app.extensions["openai_model"] = LlamaModel(rt, settings, kind)
     rt.on_failure = lambda: exit(1)
     rt.start()

@@ -14,7 +14,7 @@ import torch
 
 from presets.api.chat import render
 from presets.api.llm_api import LlmApiSettings, llm_api
-from presets.api.openai import openai
+from presets.api.routes import OPENAI_ROUTES
 from presets.engine.runner import StepRunner
 from presets.engine.runtime import Runtime
 from presets.http import auth
@@ -79,7 +79,7 @@ def build_app(cfg: LlmApiConfig, path: str, exit=lambda code: None, start: bool 
     `exit(code)` ends the process."""
     rt = build_runtime(cfg, path)
     keys = auth.load_keys(cfg.api_key, cfg.api_key_file)
-    app = create_app(rt, [llm_api, openai], lambda: exit(0), keys)
+    app = create_app(rt, [llm_api, *OPENAI_ROUTES], lambda: exit(0), keys)
     runner = StepRunner(rt)
     params = cfg.llama_params()
     app.extensions["llm_api"] = LlmApiSettings(rt, runner, params["last_n_tokens_size"], params["seed"])

@@ -1,0 +1,6 @@
+"""The OpenAI-compatible routes every server mounts beside its own API (servers/*.py): one list, so a route added
+here is served by every model family."""
+
+from presets.api.openai import openai
+
+OPENAI_ROUTES = [openai]
