@@ -62,7 +62,14 @@ class OpenAIModel(Protocol):
     def vocab_size(self) -> int:
         """The number of token ids (token-id prompts and logit_bias are checked against it)."""
 
-    def encode_prompt(self, text: str) -> list[int]: ...
+    def encode_prompt(self, text: str, special: bool = True) -> list[int]:
+        """special: with what the tokenizer adds to a prompt (BOS); false: the text's own tokens only."""
+
+    def decode(self, ids: list[int]) -> str:
+        """The text of ids (each below vocab_size()), special tokens written as text (POST /detokenize)."""
+
+    def token_strs(self, ids: list[int]) -> list[str]:
+        """Each id's string in the vocabulary ("▁Paris"), as transformers' convert_ids_to_tokens."""
 
     def encode_messages(self, messages: list[dict]) -> list[int]:
         """Validated messages (api/chat.py) as prompt ids; ApiError(400) when the model cannot chat."""

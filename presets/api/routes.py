@@ -2,5 +2,6 @@
 here is served by every model family."""
 
 from presets.api.openai import openai
+from presets.api.tokenize import tokenizer_routes
 
-OPENAI_ROUTES = [openai]
+OPENAI_ROUTES = [openai, tokenizer_routes]

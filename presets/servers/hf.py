@@ -150,8 +150,14 @@ class TransformersModel:
     def vocab_size(self) -> int:
         return len(self.rt.tokenizer)
 
-    def encode_prompt(self, text: str) -> list[int]:
-        return self.rt.tokenizer(text).input_ids
+    def encode_prompt(self, text: str, special: bool = True) -> list[int]:
+        return self.rt.tokenizer(text, add_special_tokens=special).input_ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.rt.tokenizer.decode(ids, skip_special_tokens=False)
+
+    def token_strs(self, ids: list[int]) -> list[str]:
+        return self.rt.tokenizer.convert_ids_to_tokens(ids)
 
     def encode_messages(self, messages: list[dict]) -> list[int]:
         text = render(self.rt.engine.chat_template, messages)

@@ -121,8 +121,14 @@ class LlamaModel:
     def vocab_size(self) -> int:
         return self.rt.tokenizer.n_words
 
-    def encode_prompt(self, text: str) -> list[int]:
-        return self.rt.tokenizer.encode(text, bos=True, eos=False)
+    def encode_prompt(self, text: str, special: bool = True) -> list[int]:
+        return self.rt.tokenizer.encode(text, bos=special, eos=False)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.rt.tokenizer.decode(ids, special=True)
+
+    def token_strs(self, ids: list[int]) -> list[str]:
+        return self.rt.tokenizer.token_strs(ids)
 
     def encode_messages(self, messages: list[dict]) -> list[int]:
         if refused(self.rt.tokenizer, messages):

@@ -66,8 +66,14 @@ class GgufModel:
     def vocab_size(self) -> int:
         return self.rt.tokenizer.n_words
 
-    def encode_prompt(self, text: str) -> list[int]:
-        return self.rt.tokenizer.encode(text)
+    def encode_prompt(self, text: str, special: bool = True) -> list[int]:
+        return self.rt.tokenizer.encode(text, bos=special)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.rt.tokenizer.detokenize(ids)
+
+    def token_strs(self, ids: list[int]) -> list[str]:
+        return self.rt.tokenizer.token_strs(ids)
 
     def encode_messages(self, messages: list[dict]) -> list[int]:
         """In the GGUF file's own chat template (api/chat.py renders it)."""

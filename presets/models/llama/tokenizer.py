@@ -1,8 +1,9 @@
 """Tokenizers of the Llama engine: Meta's SentencePiece `tokenizer.model` or a HuggingFace `tokenizer.json`.
 
 `load_tokenizer` tells them apart by content, not by name. Both answer the same calls: encode(text, bos,
-eos), decode(ids), n_words, bos_id, eos_id and eos_ids (every id that ends a generation, e.g. Llama 3's
-<|end_of_text|> and <|eot_id|>), and chat_template (the model's own, or None for Meta's Llama-2 format).
+eos), decode(ids, special), token_strs(ids), n_words, bos_id, eos_id and eos_ids (every id that ends a
+generation, e.g. Llama 3's <|end_of_text|> and <|eot_id|>), and chat_template (the model's own, or None for
+Meta's Llama-2 format).
 """
 
 import logging
@@ -39,8 +40,21 @@ class Tokenizer:
         ids = self.sp.encode(text)
         return [self.bos_id] * bos + ids + [self.eos_id] * eos
 
-    def decode(self, ids: list[int]) -> str:
-        return self.sp.decode(ids)
+    def decode(self, ids: list[int], special: bool = False) -> str:
+        """special: control tokens (BOS, EOS) written as their text ("<s>") instead of left out."""
+        if not special:
+            return self.sp.decode(ids)
+        out, run = [], []
+        for i in ids:
+            if self.sp.is_control(i):
+                out += [self.sp.decode(run), self.sp.id_to_piece(i)]
+                run = []
+            else:
+                run.append(i)
+        return "".join(out) + self.sp.decode(run)
+
+    def token_strs(self, ids: list[int]) -> list[str]:
+        return [self.sp.id_to_piece(i) for i in ids]
 
 
 class HFTokenizer:
@@ -84,8 +98,12 @@ class HFTokenizer:
         """bos: add what the tokenizer adds to a prompt (its post-processor: BOS for Llama, nothing for GPT-2 BPE)."""
         return self.tok.encode(text, add_special_tokens=bos).ids + [self.eos_id] * eos
 
-    def decode(self, ids: list[int]) -> str:
-        return self.tok.decode(ids, skip_special_tokens=True)
+    def decode(self, ids: list[int], special: bool = False) -> str:
+        """special: special tokens written as their text ("<|im_start|>") instead of left out."""
+        return self.tok.decode(ids, skip_special_tokens=not special)
+
+    def token_strs(self, ids: list[int]) -> list[str]:
+        return [self.tok.id_to_token(i) for i in ids]
 
 
 def find_tokenizer(ckpt_dir: str, tokenizer_path: str = "") -> str:

@@ -96,6 +96,22 @@ class LlamaCppTokenizer:
         """The text of `ids` as a continuation (a leading space is kept; BOS/EOS render as nothing)."""
         return b"".join(self.piece(t) for t in ids).decode("utf-8", "replace")
 
+    def detokenize(self, ids: list[int]) -> str:
+        """The text of `ids` as a whole prompt (the space the tokenizer put before the first word dropped), special
+        tokens written as their text ("<s>"): llama.cpp's inverse of `encode`."""
+        tokens = (llama_cpp.llama_token * len(ids))(*ids)
+        size = 4 * len(ids) + 16
+        while True:
+            buf = ctypes.create_string_buffer(size)
+            n = llama_cpp.llama_detokenize(self.vocab, tokens, len(ids), buf, size, False, True)
+            if n >= 0:
+                return buf.raw[:n].decode("utf-8", "replace")
+            size = -n
+
+    def token_strs(self, ids: list[int]) -> list[str]:
+        """Each id's text in the vocabulary ("▁Paris")."""
+        return [llama_cpp.llama_vocab_get_text(self.vocab, t).decode("utf-8", "replace") for t in ids]
+
     def _chat_template(self) -> ChatTemplate | None:
         """The file's tokenizer.chat_template, rendered as every server renders templates (api/chat.py); None
         without one, or with one that does not compile (then /v1/chat/completions says there is none)."""
