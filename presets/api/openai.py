@@ -88,8 +88,8 @@ async def _run(prompts, body, default_max, chat: bool, echoes=None):
         if structured is None:
             raise ApiError(
                 400,
-                "response_format json_object/json_schema needs a model with a tokenizer.json on our "
-                "engine; this one cannot follow a grammar",
+                "response_format json_object/json_schema needs decoding by a grammar, which this server "
+                "cannot do for this model (docs/api.md: structured output)",
                 param="response_format",
             )
         await structured.check(params.grammar)

@@ -12,6 +12,7 @@ import asyncio
 import json
 import threading
 
+from presets.engine.token_table import TokenTable
 from presets.errors import ApiError
 
 MAX_SCHEMA_BYTES = 64 << 10
@@ -87,10 +88,11 @@ def _oversized_integer(value, path: str) -> str:
 
 
 class StructuredOutput:
-    """Matchers for one model's tokenizer (its tokenizer.json) and vocabulary (the logits' width)."""
+    """Matchers for one model's tokenizer (the path of its tokenizer.json, or its TokenTable) and vocabulary
+    (the logits' width)."""
 
-    def __init__(self, tokenizer_json: str, vocab_size: int, eos_ids):
-        self.tokenizer_json, self.vocab_size, self.eos_ids = tokenizer_json, vocab_size, list(eos_ids)
+    def __init__(self, tokenizer: str | TokenTable, vocab_size: int, eos_ids):
+        self.source, self.vocab_size, self.eos_ids = tokenizer, vocab_size, list(eos_ids)
         self._tokenizer = None
         self._verdicts: dict[str, str] = {}  # grammar -> "" (fine) or the reason it cannot be used
         self._lock = threading.Lock()
@@ -101,8 +103,11 @@ class StructuredOutput:
             if self._tokenizer is None:
                 from llguidance import LLTokenizer
 
-                with open(self.tokenizer_json, encoding="utf-8") as f:
-                    self._tokenizer = LLTokenizer(f.read(), n_vocab=self.vocab_size, eos_token=self.eos_ids)
+                if isinstance(self.source, TokenTable):
+                    self._tokenizer = self.source.lltokenizer(self.vocab_size, self.eos_ids)
+                else:
+                    with open(self.source, encoding="utf-8") as f:
+                        self._tokenizer = LLTokenizer(f.read(), n_vocab=self.vocab_size, eos_token=self.eos_ids)
             return self._tokenizer
 
     def _check(self, grammar: str) -> str:

@@ -17,7 +17,6 @@ from presets.engine.adapters import LoraAdapter, read_adapter
 from presets.engine.kv_memory import parse_bytes
 from presets.engine.runner import StepRunner
 from presets.engine.runtime import Runtime
-from presets.engine.structured import StructuredOutput
 from presets.errors import ApiError
 from presets.http import auth
 from presets.http.app import create_app
@@ -25,7 +24,8 @@ from presets.models.llama.engine import CacheSettings, LlamaEngine
 from presets.models.llama.layout import CheckpointError, is_hf_folder
 from presets.models.llama.load import check_layout, load_model, read_args
 from presets.models.llama.lora import check_shapes, module_paths
-from presets.models.llama.tokenizer import HFTokenizer, find_tokenizer, load_tokenizer
+from presets.models.llama.structured_vocab import structured_output
+from presets.models.llama.tokenizer import find_tokenizer, load_tokenizer
 from presets.process import device, distributed, logs, server
 from presets.process.probe_server import start_probe_server
 from presets.process.ranks import FollowerState, LeaderEngine, StepChannel, follow, heartbeat_interval
@@ -83,8 +83,7 @@ def build_runtime(settings: Settings) -> Runtime:
 
     def load(progress):
         engine, tokenizer, group = load_engine(settings, progress)
-        if isinstance(tokenizer, HFTokenizer):  # llguidance reads a tokenizer.json, not SentencePiece
-            rt.structured = StructuredOutput(tokenizer.path, engine.model.args.vocab_size, tokenizer.eos_ids)
+        rt.structured = structured_output(tokenizer, engine.model.args.vocab_size)
         return (engine if group is None else LeaderEngine(engine, StepChannel(group))), tokenizer
 
     multi = distributed.world()[1] > 1
