@@ -72,7 +72,8 @@ def test_neutral_values_of_fields_clients_send_by_default_are_accepted(live):
         ({"best_of": 1}, "best_of", "unsupported field(s) ['best_of']"),  # a completions field
         ({"response_format": {"type": "xml"}}, "response_format.type", "type 'xml' is not supported"),
         ({"messages": [{"role": "user", "content": "hi", "name": "bob"}]}, "messages[0].name", "unknown field"),
-        ({"messages": [{"role": "tool", "content": "hi"}]}, "messages[0].role", "role must be one of"),
+        ({"messages": [{"role": "function", "content": "hi"}]}, "messages[0].role", "role must be one of"),
+        ({"messages": [{"role": "tool", "content": "hi"}]}, "messages[0].tool_call_id", "tool_call_id must be a string"),
         (
             {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
             "messages[0].content",

@@ -10,6 +10,7 @@
    Kaito's Llama-2 chat API (`refused`).
 """
 
+import json
 import unicodedata
 
 from presets.api.validation import reject_unknown
@@ -27,23 +28,38 @@ OPENAI_ROLES = {"system": "system", "developer": "system", "user": "user", "assi
 # -- 1. validation ------------------------------------------------------------------------------------------
 
 
-def openai_messages(messages, where: str = "messages") -> list[dict]:
-    """OpenAI chat messages as {role, content} text: content parts joined, "developer" as "system"; anything
-    else in a message (other fields, other part types, other roles) is a 400 naming it."""
+def openai_messages(messages, where: str = "messages", tools: bool = False) -> list[dict]:
+    """OpenAI chat messages as {role, content} text: content parts joined, "developer" as "system"; with `tools`
+    (the chat route), also "tool" results and assistant `tool_calls` (their arguments as objects, as templates take
+    them). Anything else in a message (other fields, other part types, other roles) is a 400 naming it."""
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, f"{where} must be a non-empty list of {{role, content}} objects", param=where)
-    return [_openai_message(m, f"{where}[{i}]") for i, m in enumerate(messages)]
+    return [_openai_message(m, f"{where}[{i}]", tools) for i, m in enumerate(messages)]
 
 
-def _openai_message(m, where: str) -> dict:
+def _openai_message(m, where: str, tools: bool) -> dict:
     if not isinstance(m, dict):
         raise ApiError(400, f"{where} must be an object with role and content", param=where)
-    reject_unknown(m, ("role", "content"), where)
-    if m.get("role") not in OPENAI_ROLES:
+    roles = OPENAI_ROLES | ({"tool": "tool"} if tools else {})
+    if m.get("role") not in roles:
         raise ApiError(
-            400, f"{where}.role must be one of {sorted(OPENAI_ROLES)}, got {m.get('role')!r}", param=f"{where}.role"
+            400, f"{where}.role must be one of {sorted(roles)}, got {m.get('role')!r}", param=f"{where}.role"
         )
-    content = m.get("content")
+    extra = {"assistant": ("tool_calls",), "tool": ("tool_call_id",)}.get(m["role"], ()) if tools else ()
+    reject_unknown(m, ("role", "content", *extra), where)
+    out = {"role": roles[m["role"]]}
+    if m.get("tool_calls") is not None:
+        out["tool_calls"] = _tool_calls(m["tool_calls"], f"{where}.tool_calls")
+        if m.get("content") is None:
+            return out | {"content": None}
+    if m["role"] == "tool":
+        if not isinstance(m.get("tool_call_id"), str):
+            raise ApiError(400, f"{where}.tool_call_id must be a string", param=f"{where}.tool_call_id")
+        out["tool_call_id"] = m["tool_call_id"]
+    return out | {"content": _text(m.get("content"), where)}
+
+
+def _text(content, where: str) -> str:
     if isinstance(content, list):
         for j, part in enumerate(content):
             if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
@@ -57,7 +73,32 @@ def _openai_message(m, where: str) -> dict:
         content = "".join(part["text"] for part in content)
     if not isinstance(content, str):
         raise ApiError(400, f"{where}.content must be a string or a list of text parts", param=f"{where}.content")
-    return {"role": OPENAI_ROLES[m["role"]], "content": content}
+    return content
+
+
+def _tool_calls(calls, where: str) -> list[dict]:
+    """An assistant message's tool calls, their JSON arguments read into objects."""
+    if not isinstance(calls, list) or not calls:
+        raise ApiError(400, f"{where} must be a non-empty list of tool calls", param=where)
+    out = []
+    for i, c in enumerate(calls):
+        f = c.get("function") if isinstance(c, dict) else None
+        ok = isinstance(f, dict) and isinstance(f.get("name"), str) and isinstance(f.get("arguments"), str)
+        if not ok or c.get("type", "function") != "function" or not isinstance(c.get("id", ""), str):
+            raise ApiError(
+                400,
+                f'{where}[{i}] must be {{"id", "type": "function", "function": {{"name", "arguments"}}}} with '
+                "arguments a JSON string",
+                param=f"{where}[{i}]",
+            )
+        try:
+            args = json.loads(f["arguments"])
+        except ValueError:
+            args = None
+        if not isinstance(args, dict):
+            raise ApiError(400, f"{where}[{i}].function.arguments must be a JSON object", param=f"{where}[{i}]")
+        out.append({"id": c.get("id", ""), "type": "function", "function": {"name": f["name"], "arguments": args}})
+    return out
 
 
 def kaito_dialog(dialog, where: str) -> list[dict]:
@@ -89,13 +130,13 @@ def _check_alternation(dialog: list[dict], where: str) -> None:
 # -- 2. the model's own template ----------------------------------------------------------------------------
 
 
-def render(template: ChatTemplate | None, messages: list[dict]) -> str:
-    """The prompt text of validated messages in the model's chat template; a 400 when it has none or it
-    refuses them."""
+def render(template: ChatTemplate | None, messages: list[dict], tools: list[dict] | None = None) -> str:
+    """The prompt text of validated messages (and tools, for a template that takes them) in the model's chat
+    template; a 400 when it has none or it refuses them."""
     if template is None:
         raise ApiError(400, "this model has no chat template: send a prompt in your own format instead of messages")
     try:
-        return template.render(messages, add_generation_prompt=True)
+        return template.render(messages, add_generation_prompt=True, tools=tools)
     except ChatTemplateError as e:
         raise ApiError(400, f"messages do not fit the model's chat template: {e}") from e
 
@@ -123,13 +164,13 @@ def refused(tokenizer, dialog: list[dict]) -> bool:
     return tokenizer.chat_template is None and has_special_tags(dialog, tokenizer)
 
 
-def encode_dialog(tokenizer, dialog: list[dict], where: str = "messages") -> list[int]:
+def encode_dialog(tokenizer, dialog: list[dict], where: str = "messages", tools: list[dict] | None = None) -> list[int]:
     """Token ids of a validated dialog, ending where the assistant's answer starts: the tokenizer's chat template
     (a Llama tokenizer's), else Meta's format."""
     if tokenizer.chat_template is None:
         return encode_llama2(tokenizer, dialog, where)
     # the template writes BOS itself where the model wants it
-    return tokenizer.encode(render(tokenizer.chat_template, dialog), bos=False, eos=False)
+    return tokenizer.encode(render(tokenizer.chat_template, dialog, tools), bos=False, eos=False)
 
 
 def encode_llama2(tokenizer, dialog: list[dict], where: str = "messages") -> list[int]:

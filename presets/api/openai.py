@@ -6,27 +6,28 @@ and ids back into text. Fields OpenAI defines that we do not support answer 400,
 ignored. `stream: true` sends server-sent events whose text concatenates to the non-streamed text.
 """
 
-import json
+import dataclasses
 import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Protocol
 
-from quart import Blueprint, Response, current_app, jsonify, request
+from quart import Blueprint, current_app, jsonify, request
 
 from presets.api.chat import openai_messages
+from presets.api.openai_answer import logprobs_object, stream_answer, usage_object
 from presets.api.openai_request import (
     CHAT_FIELDS,
     COMPLETION_FIELDS,
-    Options,
     parse_request,
     prompt_ids,
     reject_unsupported,
 )
+from presets.api.tools import ToolPlan, for_model, parse_tools, plan_for_template
 from presets.api.validation import adapter_slot, json_body
 from presets.engine.params import SamplingParams
-from presets.errors import ApiError, openai_error
-from presets.http.app import logged_stream, record_counts, runtime
+from presets.errors import ApiError
+from presets.http.app import record_counts, runtime
 
 openai = Blueprint("openai", __name__, url_prefix="/v1")
 
@@ -54,6 +55,7 @@ class OpenAIModel(Protocol):
     engine: str  # what runs the model: "presets" (our engines) or "transformers" (generate)
     unsupported: tuple[str, ...]  # fields this engine cannot honour: a 400 naming them unless neutral
     adapters: list[str]  # LoRA adapters served besides the base model; a request's `model` may name one
+    tool_call_parser: str  # how the model writes tool calls (api/tool_parsers.py), or "auto": from its template
     runner: Runner
 
     def context(self) -> int:
@@ -71,140 +73,92 @@ class OpenAIModel(Protocol):
     def token_strs(self, ids: list[int]) -> list[str]:
         """Each id's string in the vocabulary ("▁Paris"), as transformers' convert_ids_to_tokens."""
 
-    def encode_messages(self, messages: list[dict]) -> list[int]:
-        """Validated messages (api/chat.py) as prompt ids; ApiError(400) when the model cannot chat."""
+    def encode_messages(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        """Validated messages (api/chat.py) as prompt ids, with `tools` for a template that takes them;
+        ApiError(400) when the model cannot chat."""
+
+    def chat_template(self):
+        """The model's ChatTemplate (models/chat_template.py), or None (Meta's Llama-2 format, or none)."""
 
 
 def model() -> OpenAIModel:
     return current_app.extensions["openai_model"]
 
 
-async def _run(prompts, body, default_max, chat: bool, echoes=None):
-    """Generate for validated token-id `prompts`; `echoes`: the prompts' text, for echo."""
+async def _run(prompts, body, default_max, chat: bool, echoes=None, tools: ToolPlan | None = None):
+    """Generate for validated token-id `prompts`; `echoes`: the prompts' text, for echo; `tools`: the chat
+    request's tool plan."""
     m = model()
     params, opt = parse_request(body, prompts, default_max, chat, m, runtime().max_waiting)
-    if params.grammar is not None:
-        structured = runtime().structured
-        if structured is None:
-            raise ApiError(
-                400,
-                "response_format json_object/json_schema needs decoding by a grammar, which this server "
-                "cannot do for this model (docs/api.md: structured output)",
-                param="response_format",
-            )
-        await structured.check(params.grammar)
+    params = await _with_grammar(params, tools)
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     echoes = echoes if opt.echo else None
     if opt.stream:
         usage = {"sequences": 0, "prompt_tokens": 0, "completion_tokens": 0}
         pieces = m.runner.stream(prompts, params, opt.n, opt.stops, usage)
-        return await _stream(rid, served_name(m, params), pieces, opt, len(prompts), chat, usage, echoes)
+        return await stream_answer(rid, served_name(m, params), pieces, opt, len(prompts), chat, usage, echoes, tools)
     results = await m.runner.generate(prompts, params, opt.n, opt.stops)
     prompt_tokens, completion = sum(map(len, prompts)), sum(r[2] for r in results)
     record_counts(len(results), prompt_tokens, completion)  # the request's log line
     decode = runtime().tokenizer.decode
     choices = []
     for i, (text, finish, _, lps) in enumerate(results):
+        logprobs = logprobs_object(lps, chat, decode)
         if chat:
-            choices.append(
-                {
-                    "index": i,
-                    "message": {"role": "assistant", "content": text},
-                    "finish_reason": finish,
-                    "logprobs": _logprobs_object(lps, chat, decode),
-                }
-            )
+            content, calls = tools.split(text) if tools else (text, [])
+            message = {"role": "assistant", "content": content} | ({"tool_calls": calls} if calls else {})
+            finish = "tool_calls" if calls else finish
+            choices.append({"index": i, "message": message, "finish_reason": finish, "logprobs": logprobs})
         else:
             text = echoes[i // opt.n] + text if echoes else text
-            choices.append(
-                {"index": i, "text": text, "finish_reason": finish, "logprobs": _logprobs_object(lps, chat, decode)}
-            )
+            choices.append({"index": i, "text": text, "finish_reason": finish, "logprobs": logprobs})
     return jsonify(
         id=rid,
         object="chat.completion" if chat else "text_completion",
         created=int(time.time()),
         model=served_name(m, params),
         choices=choices,
-        usage=_usage(prompt_tokens, completion),
+        usage=usage_object(prompt_tokens, completion),
     )
 
 
-def _logprobs_object(entries, chat: bool, text):
-    """OpenAI's logprobs of a choice (or of a chunk's tokens) from (token id, (logprob, top), text offset)
-    entries; None without them. A token is shown as its own decoded text (a piece of a character that
-    byte-level BPE splits shows as U+FFFD)."""
-    if entries is None:
-        return None
-    if chat:
-
-        def item(t, lp):
-            return {"token": text([t]), "logprob": lp, "bytes": list(text([t]).encode())}
-
-        return {
-            "content": [item(t, lp) | {"top_logprobs": [item(a, v) for a, v in top]} for t, (lp, top), _ in entries]
-        }
-    return {
-        "tokens": [text([t]) for t, _, _ in entries],
-        "token_logprobs": [lp for _, (lp, _), _ in entries],
-        "top_logprobs": [{text([a]): v for a, v in top} for _, (_, top), _ in entries],
-        "text_offset": [offset for _, _, offset in entries],
-    }
-
-
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-    }
+async def _with_grammar(params: SamplingParams, tools: ToolPlan | None) -> SamplingParams:
+    """`params` with the grammar a forced tool call needs, and any grammar checked against the model."""
+    param = "response_format"
+    if tools is not None:
+        if params.logprobs is not None:
+            raise ApiError(400, "logprobs cannot be combined with tools (unless tool_choice is none)", param="logprobs")
+        if params.grammar is not None:
+            raise ApiError(
+                400,
+                "response_format cannot be combined with tools (unless tool_choice is none)",
+                param="response_format",
+            )
+        if tools.forced and params.ignore_eos:
+            raise ApiError(400, "ignore_eos cannot be combined with a forced tool call", param="ignore_eos")
+        if tools.forced:
+            params, param = dataclasses.replace(params, grammar=tools.grammar()), "tool_choice"
+    if params.grammar is None:
+        return params
+    structured = runtime().structured
+    if structured is None:
+        asked = "required or a named function" if param == "tool_choice" else "json_object/json_schema"
+        raise ApiError(
+            400,
+            f"{param} {asked} needs decoding by a grammar: this server cannot follow a grammar for this model "
+            "(docs/api.md, structured output)",
+            param=param,
+        )
+    try:
+        await structured.check(params.grammar)
+    except ApiError as e:
+        raise ApiError(400, e.detail.replace("response_format", param), param=param) from None
+    return params
 
 
 def served_name(m: OpenAIModel, params: SamplingParams) -> str:
     """The model a request ran on, as its answer names it: the base model's name or its LoRA adapter's."""
     return m.adapters[params.adapter - 1] if params.adapter else m.name
-
-
-async def _stream(rid, name: str, pieces, opt: Options, n_prompts: int, chat: bool, usage: dict, echoes):
-    """Server-sent events from the runner's (index, text, finish_reason, logprobs) pieces, then [DONE]; an error
-    after the stream began (the engine stopped, request_timeout) is a last event {"error": ...}. The request's
-    log line is written when the stream ends, with the tokens it got (the runner counts them in `usage`)."""
-    kind = "chat.completion.chunk" if chat else "text_completion"
-    first = await anext(pieces, None)  # starts the generation: a full queue is still a 503 here, not mid-stream
-    n_choices = opt.n * n_prompts
-    extra = {"usage": None} if opt.include_usage else {}
-    decode = runtime().tokenizer.decode  # (the events are sent outside the request's context)
-
-    def event(choices, **more):
-        body = {"id": rid, "object": kind, "created": int(time.time()), "model": name, "choices": choices}
-        return f"data: {json.dumps(body | extra | more, ensure_ascii=False)}\n\n"
-
-    def chunk(i, text=None, finish=None, lps=None, role=False):
-        lp = _logprobs_object(lps, chat, decode)
-        if chat:
-            delta = {"role": "assistant"} if role else ({"content": text} if text is not None else {})
-            return event([{"index": i, "delta": delta, "finish_reason": finish, "logprobs": lp}])
-        return event([{"index": i, "text": text or "", "finish_reason": finish, "logprobs": lp}])
-
-    async def events():
-        try:
-            if chat:
-                yield "".join(chunk(i, role=True) for i in range(n_choices))
-            if echoes:
-                yield "".join(chunk(i, echoes[i // opt.n]) for i in range(n_choices))
-            if first is not None:
-                yield chunk(*first)
-            async for piece in pieces:
-                yield chunk(*piece)
-            if opt.include_usage:
-                yield event([], usage=_usage(usage["prompt_tokens"], usage["completion_tokens"]))
-            yield "data: [DONE]\n\n"
-        except ApiError as e:
-            usage["end"] = f"error_{e.status}"
-            yield f"data: {json.dumps(openai_error(e.status, e.detail, e.param, e.code))}\n\n"
-        finally:
-            await pieces.aclose()
-
-    return Response(logged_stream(events(), usage), mimetype="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
 @openai.get("/models")
@@ -254,8 +208,15 @@ async def completions():
 
 @openai.post("/chat/completions")
 async def chat_completions():
-    """OpenAI chat completion: messages in the model family's chat format."""
+    """OpenAI chat completion: messages in the model family's chat format, with tools (api/tools.py)."""
     body = await json_body(request)
     runtime().require_ready()
     reject_unsupported(body, CHAT_FIELDS)
-    return await _run([model().encode_messages(openai_messages(body.get("messages")))], body, None, chat=True)
+    m = model()
+    messages = openai_messages(body.get("messages"), tools=True)
+    plan, template = parse_tools(body), m.chat_template()
+    takes_tools = template is not None and template.takes_tools
+    if plan is not None:
+        plan_for_template(plan, template, m.tool_call_parser)
+    prompt = m.encode_messages(for_model(messages, plan, takes_tools), tools=plan and plan.template_tools)
+    return await _run([prompt], body, None, chat=True, tools=plan)

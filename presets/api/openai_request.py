@@ -5,6 +5,7 @@ ignored."""
 import re
 from dataclasses import dataclass
 
+from presets.api.tools import TOOL_FIELDS
 from presets.api.validation import adapter_slot, boolean, integer, number
 from presets.engine.params import MAX_TEMPERATURE, SamplingParams, room_left
 from presets.engine.structured import grammar_for
@@ -30,7 +31,7 @@ COMMON = {
     "response_format",
 }
 COMPLETION_FIELDS = COMMON | {"prompt", "echo", "best_of"}
-CHAT_FIELDS = COMMON | {"messages", "max_completion_tokens", "top_logprobs"}
+CHAT_FIELDS = COMMON | {"messages", "max_completion_tokens", "top_logprobs", *TOOL_FIELDS}
 MAX_N = 16
 
 

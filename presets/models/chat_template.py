@@ -7,6 +7,7 @@ from datetime import datetime
 from pathlib import Path
 
 import jinja2
+import jinja2.meta
 from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -50,10 +51,13 @@ class ChatTemplate:
             self._template = _ENV.from_string(source)
         except jinja2.TemplateSyntaxError as e:
             raise ChatTemplateError(f"chat template syntax error on line {e.lineno}: {e.message}") from None
+        self.source = source
+        self.takes_tools = "tools" in jinja2.meta.find_undeclared_variables(_ENV.parse(source))
         self.special_tokens = dict(special_tokens)
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """The prompt text for `messages`; a template's `raise_exception(msg)` becomes ChatTemplateError(msg)."""
+    def render(self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None) -> str:
+        """The prompt text for `messages` (and `tools`: OpenAI's function tools, which the template reads as its
+        `tools`); a template's `raise_exception(msg)` becomes ChatTemplateError(msg)."""
         # transformers drops None-valued keys (OpenAI clients send content=None), which templates handle as missing
         messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
         try:
@@ -61,7 +65,7 @@ class ChatTemplate:
                 **self.special_tokens,
                 messages=messages,
                 add_generation_prompt=add_generation_prompt,
-                tools=None,
+                tools=tools,
                 documents=None,
             )
         # Sandbox refusals (SecurityError), undefined values, and the template's own bugs (e.g. 1 + 'a')

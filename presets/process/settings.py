@@ -77,6 +77,7 @@ class Settings(HttpSettings, LoraSettings):
     max_queue_size: int = 256  # sequences waiting for a batch slot before 503
     dist_timeout: float = 1800.0  # seconds a collective may wait before the job is declared failed
     served_model_name: str = ""  # the model id of the /v1 routes; default llama2-<completion|chat>
+    tool_call_parser: str = "auto"  # how the model writes tool calls: hermes, llama3_json, mistral; auto: its template
     api_key: str = ""  # when set (or api_key_file), requests need "Authorization: Bearer <key>"
     api_key_file: str = ""  # one key per line
     allow_runtime_lora: bool = False  # POST /v1/load_lora_adapter and /v1/unload_lora_adapter (one rank only)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from presets.api.chat import render
 from presets.api.kaito_falcon import chat, engine_chat
 from presets.api.routes import OPENAI_ROUTES
+from presets.api.tool_parsers import check_parser_flag
 from presets.engine.adapters import check_folder
 from presets.engine.batch_loop import BatchLoop, Job
 from presets.engine.runtime import Runtime
@@ -46,6 +47,7 @@ class HFSettings(HttpSettings, LoraSettings):
     max_batch_size: int = 32  # sequences generated at once, as for Llama
     max_queue_size: int = 256
     served_model_name: str = ""  # the model id of the /v1 routes; default the folder's name
+    tool_call_parser: str = "auto"  # how the model writes tool calls: hermes, llama3_json, mistral; auto: its template
     api_key: str = ""
     api_key_file: str = ""
 
@@ -90,6 +92,7 @@ def llama_settings(settings: HFSettings) -> Settings:
         dtype=settings.torch_dtype,
         model_parallel_size=1,
         served_model_name=settings.served_model_name,
+        tool_call_parser=settings.tool_call_parser,
         request_timeout=settings.request_timeout,
         **settings.lora_settings(),
     )
@@ -143,6 +146,7 @@ class TransformersModel:
         self.rt, self.runner = rt, HFRunner(rt)
         self.adapters = rt.adapters  # LoRA adapters through PEFT, a batch per adapter
         self.name = settings.served_model_name or os.path.basename(os.path.normpath(settings.model_id))
+        self.tool_call_parser = check_parser_flag(settings.tool_call_parser)
 
     def context(self) -> int:
         return self.rt.engine.context or 2048
@@ -159,9 +163,12 @@ class TransformersModel:
     def token_strs(self, ids: list[int]) -> list[str]:
         return self.rt.tokenizer.convert_ids_to_tokens(ids)
 
-    def encode_messages(self, messages: list[dict]) -> list[int]:
-        text = render(self.rt.engine.chat_template, messages)
+    def encode_messages(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        text = render(self.rt.engine.chat_template, messages, tools)
         return self.rt.tokenizer(text, add_special_tokens=False).input_ids  # the template writes them itself
+
+    def chat_template(self):
+        return self.rt.engine.chat_template
 
 
 def create_hf_app(settings: HFSettings, rt: Runtime, shutdown=lambda: None):

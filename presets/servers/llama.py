@@ -13,6 +13,7 @@ from presets.api.chat import encode_dialog, refused
 from presets.api.kaito_llama import chat, completion
 from presets.api.lora_admin import lora_admin
 from presets.api.routes import OPENAI_ROUTES
+from presets.api.tool_parsers import check_parser_flag
 from presets.engine.adapters import LoraAdapter, read_adapter
 from presets.engine.kv_memory import parse_bytes
 from presets.engine.runner import StepRunner
@@ -110,6 +111,7 @@ class LlamaModel:
         self.adapters = rt.adapters
         self.allow_runtime_lora, self.max_lora_rank = settings.allow_runtime_lora, settings.max_lora_rank
         self.runner = StepRunner(rt)
+        self.tool_call_parser = check_parser_flag(settings.tool_call_parser)
         self.name = settings.served_model_name or f"llama2-{kind}"
         if is_hf_folder(settings.ckpt_dir) and not settings.served_model_name:  # its folder name, as the HF server
             self.name = os.path.basename(os.path.normpath(settings.ckpt_dir))
@@ -129,10 +131,13 @@ class LlamaModel:
     def token_strs(self, ids: list[int]) -> list[str]:
         return self.rt.tokenizer.token_strs(ids)
 
-    def encode_messages(self, messages: list[dict]) -> list[int]:
+    def encode_messages(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         if refused(self.rt.tokenizer, messages):
             raise ApiError(400, "messages: special tags ([INST], [/INST], <<SYS>>, <</SYS>>) are not allowed")
-        return encode_dialog(self.rt.tokenizer, messages)
+        return encode_dialog(self.rt.tokenizer, messages, tools=tools)
+
+    def chat_template(self):
+        return self.rt.tokenizer.chat_template
 
 
 def build_app(settings: Settings, kind: str, exit=lambda code: None):

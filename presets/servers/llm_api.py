@@ -15,6 +15,7 @@ import torch
 from presets.api.chat import render
 from presets.api.llm_api import LlmApiSettings, llm_api
 from presets.api.routes import OPENAI_ROUTES
+from presets.api.tool_parsers import check_parser_flag
 from presets.engine.runner import StepRunner
 from presets.engine.runtime import Runtime
 from presets.http import auth
@@ -59,6 +60,7 @@ class GgufModel:
     def __init__(self, rt: Runtime, runner: StepRunner, cfg: LlmApiConfig):
         self.rt, self.runner = rt, runner
         self.name = cfg.served_model_name or f"{cfg.model_family}-{cfg.model_name}"
+        self.tool_call_parser = check_parser_flag(cfg.tool_call_parser)
 
     def context(self) -> int:
         return self.rt.max_seq_len
@@ -75,9 +77,13 @@ class GgufModel:
     def token_strs(self, ids: list[int]) -> list[str]:
         return self.rt.tokenizer.token_strs(ids)
 
-    def encode_messages(self, messages: list[dict]) -> list[int]:
+    def encode_messages(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         """In the GGUF file's own chat template (api/chat.py renders it)."""
-        return self.rt.tokenizer.encode(render(self.rt.tokenizer.chat_template, messages), bos=False, special=True)
+        text = render(self.rt.tokenizer.chat_template, messages, tools)
+        return self.rt.tokenizer.encode(text, bos=False, special=True)
+
+    def chat_template(self):
+        return self.rt.tokenizer.chat_template
 
 
 def build_app(cfg: LlmApiConfig, path: str, exit=lambda code: None, start: bool = True):

@@ -66,6 +66,7 @@ class LlmApiConfig(HttpSettings):
     max_batch_size: int = 4  # sequences generated together (llama.cpp sequences sharing the context)
     max_queue_size: int = 256
     served_model_name: str = ""  # default <model_family>-<model_name>
+    tool_call_parser: str = "auto"  # how the model writes tool calls: hermes, llama3_json, mistral; auto: its template
     api_key: str = ""
     api_key_file: str = ""
 
