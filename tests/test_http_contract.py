@@ -288,6 +288,90 @@ def test_full_queues_on_the_llm_api_server_are_503_with_retry_after_and_counted(
     assert metric(client, REJECTED) == rejected + 3
 
 
+# -- item 3: a client's deadline to start, X-Request-Timeout ---------------------------------------------------
+
+BAD_DEADLINES = ["0", "-2", "soon", "inf", "1e3", "3601"]
+
+
+def assert_bad_deadlines_are_400(client, path: str, body: dict, headers=None):
+    for value in BAD_DEADLINES:
+        r = client.post(path, json=body, headers={**(headers or {}), "X-Request-Timeout": value})
+        assert r.status_code == 400 and "X-Request-Timeout" in error_message(r), (value, r.text)
+
+
+def assert_withdrawn_at_its_deadline(client, rt, path: str, body: dict, headers=None):
+    """With the engine held on one running request and the queue empty, a request of X-Request-Timeout 0.5 is
+    admitted (none ahead), then withdrawn at 0.5 s with a 503: the queue (of one) has room again at once."""
+    headers = headers or {}
+    with ThreadPoolExecutor(4) as pool, Held(rt) as held:
+        running = pool.submit(client.post, path, json=body, headers=headers)
+        wait_for(lambda: held.entered.is_set() and rt.loop.counts() == (1, 0), "the first request to run")
+        t0 = time.monotonic()
+        r = client.post(path, json=body, headers={**headers, "X-Request-Timeout": "0.5"}, timeout=20)
+        assert r.status_code == 503 and 0.5 <= time.monotonic() - t0 < 15, r.text
+        assert "did not start within its X-Request-Timeout of 0.5s" in error_message(r)
+        assert 1 <= int(r.headers["Retry-After"]) <= 60
+        assert rt.loop.counts() == (1, 0)  # it left the queue
+        waiting = pool.submit(client.post, path, json=body, headers=headers)  # and its place is free
+        wait_for(lambda: rt.loop.counts() == (1, 1), "another request to wait")
+        held.released.set()
+        answers = [running.result(timeout=60), waiting.result(timeout=60)]
+    assert [a.status_code for a in answers] == [200, 200], [a.text for a in answers]
+
+
+def test_x_request_timeout_on_the_llama_server(tiny_ckpt):
+    """400s; a request that cannot start in time refused at once (a stream too, before it starts), on the Kaito
+    and the OpenAI routes; a request without the header on the same connection is not refused; one admitted
+    and stuck withdrawn at its deadline."""
+    client, rt = real_client(tiny_ckpt, "chat", openai=True, max_seq_len=128, max_batch_size=1, max_queue_size=4)
+    try:
+        llama_deadlines(client, rt)
+    finally:
+        rt.shutdown()
+
+
+def llama_deadlines(client, rt):
+    body = {"input_data": {"input_string": [user("Hello")]}, "parameters": {**GREEDY, "max_gen_len": 4}}
+    openai_body = {"messages": user("Hello"), "max_tokens": 4, "temperature": 0}
+    assert_bad_deadlines_are_400(client, "/chat", body)
+    assert_bad_deadlines_are_400(client, "/v1/chat/completions", openai_body)
+    with ThreadPoolExecutor(4) as pool, Held(rt) as held, requests.Session() as session:
+        inflight = [pool.submit(client.post, "/chat", json=body)]
+        wait_for(lambda: held.entered.is_set() and rt.loop.counts() == (1, 0), "the first request to run")
+        inflight.append(pool.submit(client.post, "/chat", json=body))
+        wait_for(lambda: rt.loop.counts() == (1, 1), "the second request to wait")
+        rt.loop.drains.clear()
+        for t in range(5):
+            rt.loop.drained(1, now=time.monotonic() - 40 + 10 * t)  # a pace of one sequence per 8 s
+        for path, b in [("/chat", body), ("/v1/chat/completions", openai_body | {"stream": True})]:
+            t0 = time.monotonic()
+            r = session.post(client.url + path, json=b, headers={"X-Request-Timeout": "2"}, timeout=20)
+            assert r.status_code == 503 and time.monotonic() - t0 < 2, r.text  # at once: 1 ahead, about 8 s
+            assert r.headers["Retry-After"] == "9" and "application/json" in r.headers["Content-Type"]
+            assert "cannot start within its X-Request-Timeout of 2s" in r.text
+            assert rt.loop.counts() == (1, 1)  # never queued
+        # a request with no deadline on the same connection is queued (the refused one's deadline did not stay)
+        inflight.append(pool.submit(session.post, client.url + "/chat", json=body, timeout=60))
+        wait_for(lambda: rt.loop.counts() == (1, 2), "the request without a deadline to wait")
+        held.released.set()
+        assert [f.result(timeout=60).status_code for f in inflight] == [200, 200, 200]
+    assert_withdrawn_at_its_deadline(client, rt, "/v1/chat/completions", openai_body)
+
+
+def test_x_request_timeout_on_the_hf_server(hf_keyed):
+    client, rt = hf_keyed
+    body = {"prompt": "Hello", "do_sample": False, "max_length": 12}
+    assert_bad_deadlines_are_400(client, "/chat", body, AUTH)
+    assert_withdrawn_at_its_deadline(client, rt, "/chat", body, AUTH)
+
+
+def test_x_request_timeout_on_the_llm_api_server(llm_api_keyed):
+    client, rt = llm_api_keyed
+    body = {"prompt": "Hello", "params": {"n_predict": 4, "temp": 0, "ignore_eos": True}}
+    assert_bad_deadlines_are_400(client, "/generate", body, AUTH)
+    assert_withdrawn_at_its_deadline(client, rt, "/generate", body, AUTH)
+
+
 # -- item 3: /healthz while the model loads ------------------------------------------------------------------
 
 

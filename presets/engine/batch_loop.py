@@ -10,7 +10,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from presets.engine.flag import Flag
-from presets.engine.thread import EngineThread
+from presets.engine.thread import EngineThread, StartBy
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +36,11 @@ def _ignore(payload) -> None:
 
 
 class BatchLoop(EngineThread):
-    def __init__(self, run_batch, max_batch_size: int, max_waiting: int, warm_up_job=None, cancel_payload=_ignore):
+    def __init__(
+        self, run_batch, max_batch_size: int, max_waiting: int, warm_up_job=None, cancel_payload=_ignore, kv=None
+    ):
         super().__init__(max_waiting)
+        self.kv = kv  # (() -> token positions the running batch holds, the most it admits), for /metrics
         self.run_batch = run_batch  # (key, payloads) -> results, one per payload
         self.cancel_payload = cancel_payload  # (payload) -> None: stop a running job at its next token
         self.max_batch_size = max_batch_size
@@ -50,11 +53,34 @@ class BatchLoop(EngineThread):
         """(running, waiting) requests."""
         return self.running, len(self.waiting)
 
-    def submit(self, jobs: list[Job]) -> None:
+    def attach_metrics(self, metrics) -> None:
+        """With `kv`: vllm:kv_cache_usage_perc is the running batch's share of the token budget (at most 1), and
+        vllm:cache_config_info says the budget as blocks of one token."""
+        super().attach_metrics(metrics)
+        if self.kv:
+            held, budget = self.kv
+            metrics.kv_usage = lambda: min(1.0, held() / budget)
+            metrics.cache_config(1, budget, False)
+
+    def submit(self, jobs: list[Job], start: StartBy | None = None) -> None:
+        """Queue `jobs`; 503 when the queue is full or the jobs ahead would not leave it before `start`."""
         with self.cv:
-            self._admit_or_refuse(len(self.waiting), len(jobs), "requests")
+            self._admit_or_refuse(len(self.waiting), len(jobs), "requests", start)
             self.waiting.extend(jobs)
             self.cv.notify()
+
+    def withdraw(self, jobs: list[Job]) -> int | None:
+        """Take a request's jobs out of the queue if none has started: how many waited ahead of them; None,
+        leaving them, when one has started (it runs, or ran, in a batch)."""
+        with self.cv:
+            if not all(job in self.waiting for job in jobs):
+                return None
+            ahead = min(self.waiting.index(job) for job in jobs)
+            for job in jobs:
+                self.waiting.remove(job)
+                job.error = "did not start by its deadline"
+                job.finish()
+            return ahead
 
     def cancel(self, jobs: list[Job]) -> None:
         """Drop waiting `jobs`; a running one stops at its next token where its payload allows (HFJob)."""

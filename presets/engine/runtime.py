@@ -4,7 +4,8 @@ import asyncio
 import logging
 import threading
 import time
-from dataclasses import replace
+from contextvars import ContextVar
+from dataclasses import dataclass, replace
 from functools import partial
 
 from presets.engine.metrics import Metrics
@@ -12,9 +13,23 @@ from presets.engine.params import SamplingParams, room_left
 from presets.engine.scheduler import Sequence
 from presets.engine.step_loop import Call, EngineLoop
 from presets.engine.stop_strings import stop_window
+from presets.engine.thread import StartBy
 from presets.errors import ApiError
 
 log = logging.getLogger(__name__)
+
+# The deadline to start of the request being served (the HTTP layer sets it from X-Request-Timeout): a context
+# variable, so it reaches submit() from every route of every server without passing through their code.
+START_BY: ContextVar[StartBy | None] = ContextVar("start_by", default=None)
+
+
+@dataclass
+class Deadline:
+    """What bounds the waits of one request's items (Runtime.submit gives it, Runtime.wait honours it)."""
+
+    end: float | None  # the time.monotonic() past which it is a 504 (--request_timeout); None: no limit
+    start: StartBy | None  # the client's deadline to start; None when it sent none, or once the request started
+    items: list  # the request's sequences, jobs or Call
 
 
 class Runtime:
@@ -181,11 +196,19 @@ class Runtime:
         if why:
             raise ApiError(503, why, {"Retry-After": "5"})
 
-    def submit(self, items: list) -> float | None:
-        """Queue items (sequences or jobs) without waiting; their deadline (a loop.time()) or None."""
+    def start_within(self, seconds: float | None, source: str = "") -> None:
+        """The request being served must start running within `seconds` (None: no such deadline); `source` names
+        it in answers. Set per request by the HTTP layer, before the route runs."""
+        START_BY.set(None if seconds is None else StartBy(time.monotonic() + seconds, source))
+
+    def submit(self, items: list) -> Deadline:
+        """Queue items (sequences or jobs) without waiting: 503 at once when the queue is full or they cannot start
+        by the request's deadline to start. Their Deadline, for wait()."""
         self.require_ready()
-        self.loop.submit(items)
-        return time.monotonic() + self.request_timeout if self.request_timeout else None
+        start = START_BY.get()
+        self.loop.submit(items, start)
+        end = time.monotonic() + self.request_timeout if self.request_timeout else None
+        return Deadline(end, start, items)
 
     async def arun(self, items: list) -> list:
         """Submit items and await all of them; errors become ApiErrors. A request that is cancelled (its
@@ -211,22 +234,35 @@ class Runtime:
         self.require_ready()
         call = Call(fn)
         self.loop.submit_call(call)
-        await self.wait(call, None)
+        await self.wait(call, Deadline(None, START_BY.get(), [call]))
         if call.error:
             raise ApiError(503 if self.loop.stopping else 500, call.error)
         return call.result
 
-    async def wait(self, item, deadline: float | None, flag=None) -> bool:
-        """Until `item` is done (or `flag`, when given, is set): True. 504 past the deadline, 503 when the
-        engine stops."""
+    async def wait(self, item, deadline: Deadline | None, flag=None) -> bool:
+        """Until `item` is done (or `flag`, when given, is set): True. 504 past --request_timeout, 503 when the
+        engine stops or when the request has not started by its deadline to start (then it leaves the queue)."""
         flag = flag or item.done
         while True:
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                raise ApiError(504, f"the request ran past request_timeout ({self.request_timeout:g}s)")
+            left = self._time_left(deadline) if deadline else None
             if await flag.wait_async(0.5 if left is None else min(0.5, left)):
                 return True
             if not self.loop.alive and not item.done.is_set():
                 failed = self.loop.failed
                 why = f"engine failed: {failed}" if failed else "engine stopped before the request finished"
                 raise ApiError(503, why)
+
+    def _time_left(self, deadline: Deadline) -> float | None:
+        """Seconds until the next of `deadline`'s times, raising once one has passed: 504 past --request_timeout;
+        past the deadline to start, a 503 if none of the request's items has started (they are withdrawn from the
+        queue first), else the request runs on (the deadline to start is met)."""
+        now = time.monotonic()
+        if deadline.end is not None and deadline.end <= now:
+            raise ApiError(504, f"the request ran past request_timeout ({self.request_timeout:g}s)")
+        if deadline.start is not None and deadline.start.left(now) <= 0:
+            ahead = self.loop.withdraw(deadline.items)
+            if ahead is not None:
+                raise self.loop.not_started(ahead, deadline.start)
+            deadline.start = None  # it started in time: a started request is not cut by its deadline to start
+        times = [t - now for t in (deadline.end, deadline.start and deadline.start.at) if t is not None]
+        return max(0.0, min(times)) if times else None

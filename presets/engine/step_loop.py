@@ -11,7 +11,7 @@ from presets.engine.flag import Flag
 from presets.engine.params import SamplingParams
 from presets.engine.sampling import make_rng, sample, token_logprobs
 from presets.engine.scheduler import PlanItem, Scheduler, SchedulerConfig, Sequence, StepPlan
-from presets.engine.thread import EngineThread
+from presets.engine.thread import EngineThread, StartBy
 from presets.errors import ApiError
 
 log = logging.getLogger(__name__)
@@ -98,14 +98,15 @@ class EngineLoop(EngineThread):
         kv = self.engine.kv_config
         metrics.cache_config(kv.block_size, kv.num_blocks, kv.prefix_caching)
 
-    def submit(self, seqs: list[Sequence]) -> None:
-        """Queue `seqs` for generation; 400 when one could never fit the KV cache, 503 when the queue is full."""
+    def submit(self, seqs: list[Sequence], start: StartBy | None = None) -> None:
+        """Queue `seqs` for generation; 400 when one could never fit the KV cache, 503 when the queue is full or
+        the sequences ahead would not leave it before `start`, the request's deadline to start."""
         for i, seq in enumerate(seqs):
             why = self.scheduler.fits_alone(seq)
             if why:
                 raise ApiError(400, f"sequence {i}: {why}")
         with self.cv:
-            self._admit_or_refuse(len(self.scheduler.waiting), len(seqs), "sequences")
+            self._admit_or_refuse(len(self.scheduler.waiting), len(seqs), "sequences", start)
             self.scheduler.add(seqs)
             self.cv.notify()
 
@@ -115,6 +116,23 @@ class EngineLoop(EngineThread):
             self._admit_or_refuse(len(self.calls), 1, "calls")
             self.calls.append(call)
             self.cv.notify()
+
+    def withdraw(self, items: list) -> int | None:
+        """Take a request's sequences (or its Call) out of the queue if none has started running (a sequence
+        preempted back to the queue has started): how many waited ahead of them; None, leaving them, otherwise."""
+        with self.cv:
+            queue = self.calls if isinstance(items[0], Call) else self.scheduler.waiting
+            if not all(item in queue for item in items) or any(getattr(s, "admitted", None) is not None for s in items):
+                return None
+            ahead = min(queue.index(item) for item in items)
+            for item in items:
+                if isinstance(item, Call):
+                    queue.remove(item)
+                    item.error = "did not start by its deadline"
+                    item.done.set()
+                else:  # waiting, never admitted: it holds no block; finish() takes it off the queue
+                    self.scheduler.finish(item, None, "did not start by its deadline")
+            return ahead
 
     def cancel(self, seqs: list[Sequence]) -> None:
         """Retire `seqs` before the next step (their client is gone)."""
@@ -204,7 +222,7 @@ class EngineLoop(EngineThread):
             if self.metrics:
                 self.metrics.batch_size.observe(len(plan.items))
                 if sched.config.max_loras:
-                    waiting = {s.params.adapter for s in sched.waiting}
+                    waiting = {s.params.adapter for s in list(sched.waiting)}  # a copy: routes change the queue
                     self.metrics.lora.update(sched.running_adapters(), waiting)
             self.last_step_failed = False
         except Exception as e:  # one rank alone: fail this step's sequences and go on

@@ -13,7 +13,7 @@ from quart import Blueprint, Quart, Response, current_app, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from presets.errors import ApiError, openai_error
-from presets.http import auth
+from presets.http import auth, deadline
 
 log = logging.getLogger("presets.requests")
 
@@ -174,7 +174,8 @@ def _error_handlers(app: Quart) -> None:
 
 
 def _request_hooks(app: Quart, runtime_, api_keys: list[str]) -> None:
-    """Before a route: its start time, the API key, JSON bodies only. After: the 503 count and the log line."""
+    """Before a route: its start time, the API key, JSON bodies only, the client's deadline to start
+    (X-Request-Timeout). After: the 503 count and the log line."""
 
     @app.before_request
     def start_timer():
@@ -190,6 +191,14 @@ def _request_hooks(app: Quart, runtime_, api_keys: list[str]) -> None:
                 f"POST bodies must be JSON: send Content-Type: application/json "
                 f"(got {request.headers.get('Content-Type') or 'none'})",
             )
+
+    @app.before_request
+    async def client_deadline():
+        # A coroutine, so that what it sets is in the request's own context (Quart runs a sync hook on a thread);
+        # each request runs in a task of its own, so one without the header starts with no deadline.
+        seconds = deadline.parse(request.headers.getlist(deadline.HEADER))
+        if seconds is not None:
+            runtime_.start_within(seconds, f"{deadline.HEADER} of {seconds:g}s")
 
     @app.after_request
     def after(response):
