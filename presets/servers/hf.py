@@ -128,6 +128,7 @@ def build_runtime(settings: HFSettings) -> Runtime:
             settings.max_queue_size,
             warm_up_job=lambda: Job(None, HFJob("Hello", ids, warm, 1)),
             cancel_payload=HFJob.cancel,
+            kv=(lambda: engine.kv_tokens, engine.kv_budget(settings.max_batch_size)),  # /metrics: no block pool
         )
 
     rt = Runtime(load, None, settings.max_batch_size, settings.max_queue_size, make_loop=make_loop)

@@ -72,9 +72,17 @@ class HFEngine:
         self.vocab_size = len(tokenizer)
         self.eos_id = model.generation_config.eos_token_id or tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else _first(self.eos_id)
+        # Token positions the running batch's KV cache holds (rows x (padded prompt + tokens so far), as generate
+        # grows it each step); 0 between batches. Read by /metrics (vllm:kv_cache_usage_perc) from another thread.
+        self.kv_tokens = 0
         # generate() fills unset fields from the model's own config; EOS is passed explicitly per batch,
         # so clear it there, or ignore_eos could not turn it off.
         model.generation_config.eos_token_id = None
+
+    def kv_budget(self, max_batch_size: int) -> int:
+        """The token positions the server admits at once: max_batch_size sequences of the model's whole context
+        (generate has no block pool; this is its budget as vllm:cache_config_info's blocks of one token)."""
+        return max_batch_size * (self.context or 2048)
 
     def job(self, prompt_text: str, params: dict, add_special_tokens: bool = True) -> HFJob:
         """Tokenize and size one request; 400 when the prompt leaves no room to generate."""
@@ -107,11 +115,19 @@ class HFEngine:
         if p["seed"] is not None:
             torch.manual_seed(p["seed"])  # the job runs alone (see batch_key): reproducible
         streamer = jobs[0].streamer if len(jobs) == 1 else None
-        stop = StoppingCriteriaList([_StopWhen(jobs, width, self.text)])
-        with self._adapter(p.get("adapter", 0)):  # one adapter per batch: batch_key keeps them apart
-            out = self.model.generate(
-                input_ids=ids, attention_mask=mask, generation_config=config, streamer=streamer, stopping_criteria=stop
-            )
+        stop = StoppingCriteriaList([_StopWhen(jobs, width, self.text, self._held)])
+        self.kv_tokens = ids.numel()  # the prompts' cache, before the first step
+        try:
+            with self._adapter(p.get("adapter", 0)):  # one adapter per batch: batch_key keeps them apart
+                out = self.model.generate(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    generation_config=config,
+                    streamer=streamer,
+                    stopping_criteria=stop,
+                )
+        finally:
+            self.kv_tokens = 0
         n = p["num_return_sequences"]
         stops = set() if p["ignore_eos"] else set(eos if isinstance(eos, list) else [eos])
         results = []
@@ -136,14 +152,20 @@ class HFEngine:
     def text(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
+    def _held(self, input_ids: torch.Tensor) -> None:
+        """After each step: every row (return sequences and beams included) holds keys and values for its ids."""
+        self.kv_tokens = input_ids.numel()
+
 
 class _StopWhen(StoppingCriteria):
-    """Per row: stop once its job is cancelled (the client left) or its text holds one of the job's stops."""
+    """Per row: stop once its job is cancelled (the client left) or its text holds one of the job's stops; called
+    after every step of generate, it also reports the ids so far (`on_step`)."""
 
-    def __init__(self, jobs, width: int, text):
-        self.jobs, self.width, self.text = jobs, width, text
+    def __init__(self, jobs, width: int, text, on_step):
+        self.jobs, self.width, self.text, self.on_step = jobs, width, text, on_step
 
     def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
+        self.on_step(input_ids)
         per_job = input_ids.shape[0] // len(self.jobs)  # return sequences or beams of each job
         done = []
         for row, ids in enumerate(input_ids):
