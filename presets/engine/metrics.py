@@ -51,7 +51,9 @@ class Metrics:
             "vllm:num_preemptions", "Sequences preempted for KV-cache space (recomputed later).", registry=r
         )
         self.rejected = Counter(
-            "presets:requests_rejected", "Requests refused with 503 (full queue, loading, shutting down).", registry=r
+            "presets:requests_rejected",
+            "Requests refused with 503 (full queue, cannot start by X-Request-Timeout, loading, shutting down).",
+            registry=r,
         )
         self.adapter_requests = Counter(
             "presets:lora_requests", "Sequences finished per LoRA adapter.", ["adapter"], registry=r
