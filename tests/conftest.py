@@ -54,13 +54,13 @@ def real_client(ckpt: str, kind: str, openai: bool = False, **kw):
     """A Flask test client of the `kind` server on checkpoint `ckpt`, model loaded and warmed up (with the
     OpenAI routes when `openai`)."""
     from presets.api.kaito_llama import chat, completion
-    from presets.api.openai import openai as openai_routes
+    from presets.api.routes import OPENAI_ROUTES
     from presets.servers.llama import LlamaModel
 
     settings = settings_for(ckpt, **kw)
     rt = build_runtime(settings)
     rt.start(background=False)
-    app = create_app(rt, [{"completion": completion, "chat": chat}[kind]] + [openai_routes] * openai)
+    app = create_app(rt, [{"completion": completion, "chat": chat}[kind]] + OPENAI_ROUTES * openai)
     app.extensions["openai_model"] = LlamaModel(rt, settings, kind)
     return LiveClient(app, Limits(max_body_bytes=settings.max_request_bytes)), rt
 

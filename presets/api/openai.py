@@ -90,7 +90,7 @@ async def _run(prompts, body, default_max, chat: bool, echoes=None, tools: ToolP
     request's tool plan."""
     m = model()
     params, opt = parse_request(body, prompts, default_max, chat, m, runtime().max_waiting)
-    params = await _with_grammar(params, tools)
+    params = await with_grammar(params, tools)
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     echoes = echoes if opt.echo else None
     if opt.stream:
@@ -122,7 +122,7 @@ async def _run(prompts, body, default_max, chat: bool, echoes=None, tools: ToolP
     )
 
 
-async def _with_grammar(params: SamplingParams, tools: ToolPlan | None) -> SamplingParams:
+async def with_grammar(params: SamplingParams, tools: ToolPlan | None) -> SamplingParams:
     """`params` with the grammar a forced tool call needs, and any grammar checked against the model."""
     param = "response_format"
     if tools is not None:
@@ -206,17 +206,21 @@ async def completions():
     return await _run(ids, body, 16, chat=False, echoes=texts)
 
 
+def encode_chat(body: dict, m: OpenAIModel) -> tuple[list[int], ToolPlan | None]:
+    """(prompt ids, tool plan) of a chat request's messages and tools, as the model's template takes them."""
+    messages = openai_messages(body.get("messages"), tools=True)
+    plan, template = parse_tools(body), m.chat_template()
+    takes_tools = template is not None and template.takes_tools
+    if plan is not None:
+        plan_for_template(plan, template, m.tool_call_parser)
+    return m.encode_messages(for_model(messages, plan, takes_tools), tools=plan and plan.template_tools), plan
+
+
 @openai.post("/chat/completions")
 async def chat_completions():
     """OpenAI chat completion: messages in the model family's chat format, with tools (api/tools.py)."""
     body = await json_body(request)
     runtime().require_ready()
     reject_unsupported(body, CHAT_FIELDS)
-    m = model()
-    messages = openai_messages(body.get("messages"), tools=True)
-    plan, template = parse_tools(body), m.chat_template()
-    takes_tools = template is not None and template.takes_tools
-    if plan is not None:
-        plan_for_template(plan, template, m.tool_call_parser)
-    prompt = m.encode_messages(for_model(messages, plan, takes_tools), tools=plan and plan.template_tools)
+    prompt, plan = encode_chat(body, model())
     return await _run([prompt], body, None, chat=True, tools=plan)

@@ -2,6 +2,7 @@
 here is served by every model family."""
 
 from presets.api.openai import openai
+from presets.api.responses import responses
 from presets.api.tokenize import tokenizer_routes
 
-OPENAI_ROUTES = [openai, tokenizer_routes]
+OPENAI_ROUTES = [openai, responses, tokenizer_routes]

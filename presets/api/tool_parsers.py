@@ -13,6 +13,8 @@ import json
 import re
 from dataclasses import dataclass
 
+from presets.engine.structured import COMPACT
+
 ARGS_DEFAULT = {"type": "object", "properties": {}}
 
 
@@ -70,7 +72,7 @@ class Parser:
                 }
                 for s in schemas
             ],
-            "x-guidance": {"whitespace_flexible": False},  # compact JSON: whitespace is not the model's to pad
+            "x-guidance": COMPACT,  # no free whitespace, as response_format's JSON
         }
         if self.name == "mistral":
             listed = {"type": "array", "items": one, "minItems": 1} | ({} if parallel else {"maxItems": 1})

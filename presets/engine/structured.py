@@ -16,6 +16,9 @@ from presets.engine.token_table import TokenTable
 from presets.errors import ApiError
 
 MAX_SCHEMA_BYTES = 64 << 10
+# JSON without free whitespace between its tokens: whitespace carries nothing, and a model allowed it can pad an
+# answer with newlines until max_tokens (small models do) instead of writing the object.
+COMPACT = {"whitespace_flexible": False}
 
 
 def grammar_for(response_format) -> str | None:
@@ -28,7 +31,7 @@ def grammar_for(response_format) -> str | None:
     if kind == "json_object":
         if set(response_format) != {"type"}:
             raise ApiError(400, "response_format json_object takes no other field", param="response_format")
-        return LLMatcher.grammar_from_json_schema({"type": "object"})
+        return LLMatcher.grammar_from_json_schema({"type": "object"}, defaults=COMPACT)
     if kind != "json_schema":
         raise ApiError(
             400,
@@ -63,7 +66,7 @@ def grammar_for(response_format) -> str | None:
             param="response_format.json_schema.schema",
         )
     try:
-        return LLMatcher.grammar_from_json_schema(schema)
+        return LLMatcher.grammar_from_json_schema(schema, defaults=COMPACT)
     except ValueError as e:  # what llguidance cannot take that the walk above does not foresee
         raise ApiError(400, f"response_format: unsupported schema: {str(e)[:300]}", param="response_format") from e
 
