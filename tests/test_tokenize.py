@@ -40,7 +40,7 @@ def client_for(rt, m, keys=()) -> LiveClient:
 @pytest.fixture(scope="module")
 def meta(tiny_ckpt):
     """The Llama chat server on Meta's layout (SentencePiece, Meta's Llama-2 chat format): (client, model)."""
-    settings = settings_for(tiny_ckpt, max_seq_len=128, max_batch_size=4)
+    settings = settings_for(tiny_ckpt, max_seq_len=512, max_batch_size=4)  # room for tools
     rt = build_runtime(settings)
     rt.start(background=False)
     m = LlamaModel(rt, settings, "chat")
@@ -90,14 +90,15 @@ def greedy(client, route: str, **body) -> tuple[str, int]:
 # -- SentencePiece (Meta's layout) and llama.cpp: BOS on and off ----------------------------------------------
 
 
-@pytest.mark.parametrize("family, bos_text", [("meta", "<s>"), ("gguf", "<s> ")])  # llama.cpp: a space after <s>
-def test_prompt_round_trips_and_add_special_tokens_adds_bos(family, bos_text, request):
+@pytest.mark.parametrize("family, bos_text, context", [("meta", "<s>", 512), ("gguf", "<s> ", 128)])
+def test_prompt_round_trips_and_add_special_tokens_adds_bos(family, bos_text, context, request):
+    """llama.cpp writes a space after <s>; the context is --max_seq_len, llm-api's ctx_size."""
     client = request.getfixturevalue(family)
     client = client[0] if family == "meta" else client
     plain = tokenize(client, prompt=TEXT, add_special_tokens=False)
     with_bos = tokenize(client, prompt=TEXT)  # vLLM's default: add_special_tokens true
     assert with_bos["tokens"] == [1] + plain["tokens"] and plain["count"] == len(plain["tokens"]) > 5
-    assert with_bos["max_model_len"] == 128 and with_bos["token_strs"] is None
+    assert with_bos["max_model_len"] == context and with_bos["token_strs"] is None
     assert detokenize(client, plain["tokens"]) == TEXT
     assert detokenize(client, with_bos["tokens"]) == bos_text + TEXT  # BOS written as text
     assert detokenize(client, []) == ""
@@ -132,6 +133,38 @@ def test_messages_tokenize_to_the_ids_the_chat_route_runs(family, request, tiny_
     assert prompt_tokens == out["count"]
     assert greedy(client, "completions", prompt=out["tokens"]) == (text, out["count"])  # the same ids, the same answer
     assert tokenize(client, messages=DIALOG, add_generation_prompt=True, continue_final_message=False) == out
+
+
+WEATHER = {
+    "type": "function",
+    "function": {"name": "weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}},
+}
+TOOL_DIALOG = [
+    {"role": "user", "content": "Weather in Paris?"},
+    {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Paris"}'}}
+        ],
+    },
+    {"role": "tool", "tool_call_id": "c1", "content": "Sunny."},  # last: Meta's format alternates user/assistant
+]
+
+
+@pytest.mark.parametrize("family", ["meta", "hf_llama"])
+def test_tools_and_tool_messages_tokenize_as_the_chat_route_renders_them(family, request):
+    client = request.getfixturevalue(family)
+    client = client[0] if family == "meta" else client
+    with_tools = tokenize(client, messages=TOOL_DIALOG, tools=[WEATHER])
+    without = tokenize(client, messages=TOOL_DIALOG)
+    assert with_tools["count"] > without["count"]  # the tools are described to the model
+    for tools, out in (([WEATHER], with_tools), (None, without)):
+        r = client.post(
+            "/v1/chat/completions", json={"messages": TOOL_DIALOG, "tools": tools, "max_tokens": 1, "temperature": 0}
+        )
+        assert r.status_code == 200 and r.get_json()["usage"]["prompt_tokens"] == out["count"], r.get_data()
+    assert "weather" in detokenize(client, with_tools["tokens"]) and "Sunny." in detokenize(client, without["tokens"])
 
 
 def test_chat_ids_detokenize_to_the_rendered_template(hf_llama, hf_llama_dir):
@@ -186,7 +219,8 @@ USER = [{"role": "user", "content": "hi"}]
         ("/tokenize", {"messages": [{"role": "user", "content": "x", "name": "a"}]}, "messages[0].name"),
         ("/tokenize", {"messages": USER, "chat_template": "{{ messages }}"}, "chat_template"),
         ("/tokenize", {"messages": USER, "chat_template_kwargs": {"x": 1}}, "chat_template_kwargs"),
-        ("/tokenize", {"messages": USER, "tools": [{"type": "function"}]}, "tools"),
+        ("/tokenize", {"messages": USER, "tools": "weather"}, "tools"),
+        ("/tokenize", {"messages": USER, "tools": [WEATHER], "tool_choice": "required"}, "tool_choice"),
         ("/tokenize", {"messages": USER, "mm_processor_kwargs": {"a": 1}}, "mm_processor_kwargs"),
         ("/tokenize", {"messages": USER, "add_generation_prompt": False}, "add_generation_prompt"),
         ("/tokenize", {"messages": USER, "add_generation_prompt": "no"}, "add_generation_prompt"),

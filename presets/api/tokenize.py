@@ -6,13 +6,13 @@
 
 Errors are OpenAI's error object naming the field, as vLLM answers them. Fields vLLM defines that these routes
 do not implement are a 400 naming them unless their value changes nothing; fields vLLM does not define are a
-400 too. `model`, when given, must name the served model or one of its LoRA adapters (they share its tokenizer).
+400 too. Messages and `tools` are rendered by the chat route's own path (openai.encode_chat). `model`, when given,
+must name the served model or one of its LoRA adapters (they share its tokenizer).
 """
 
 from quart import Blueprint, jsonify, request
 
-from presets.api.chat import openai_messages
-from presets.api.openai import OpenAIModel, model
+from presets.api.openai import OpenAIModel, encode_chat, model
 from presets.api.openai_request import reject_unsupported
 from presets.api.validation import adapter_slot, boolean, json_body
 from presets.errors import ApiError, openai_error
@@ -25,7 +25,6 @@ PROMPT_FIELDS = {"model", "prompt", "add_special_tokens", "return_token_strs"}
 NEUTRAL_ONLY = {
     "chat_template": "the model's own chat template is used (a request cannot bring its own)",
     "chat_template_kwargs": "the chat template takes no arguments from requests",
-    "tools": "tools are not rendered into the chat template by /tokenize",
     "mm_processor_kwargs": "these models read text only",
     "media_io_kwargs": "these models read text only",
 }
@@ -36,6 +35,7 @@ CHAT_FIELDS = {
     "continue_final_message",
     "add_special_tokens",
     "return_token_strs",
+    "tools",
     *NEUTRAL_ONLY,
 }
 # The chat route's prompt: its generation prompt, the final message closed, the template's own special tokens. A
@@ -103,7 +103,7 @@ def _chat_ids(m: OpenAIModel, body: dict) -> list[int]:
                 param=key,
             )
     boolean(body, "return_token_strs", "", False)
-    return m.encode_messages(openai_messages(body.get("messages")))
+    return encode_chat(body, m)[0]  # as /v1/chat/completions with tool_choice "auto": tools are shown to the model
 
 
 @tokenizer_routes.post("/detokenize")
