@@ -77,6 +77,71 @@ Call one as <tool_call>
 {%- if add_generation_prompt %}<|im_start|>assistant
 {% endif %}"""
 
+# Llama 3.1's JSON tool calling, in the shape of its template (written for this test): tools in the first user
+# turn, a call as {"name", "parameters"}, results in "ipython" turns.
+LLAMA31_TEMPLATE = """{{ bos_token }}
+{%- for m in messages %}
+{%- if m.role == 'user' and tools and loop.index0 == (1 if messages[0].role == 'system' else 0) %}
+<|start_header_id|>user<|end_header_id|>
+
+Given the following functions, respond with a JSON for a function call with its proper arguments.
+{% for t in tools %}{{ t | tojson(indent=4) }}
+
+{% endfor %}{{ m.content | trim }}<|eot_id|>
+{%- elif m.tool_calls is defined %}
+<|start_header_id|>assistant<|end_header_id|>
+
+{% for c in m.tool_calls %}
+{"name": "{{ c.function.name }}", "parameters": {{ c.function.arguments | tojson }}}{% endfor %}<|eot_id|>
+{%- elif m.role == 'tool' %}
+<|start_header_id|>ipython<|end_header_id|>
+
+{{ m.content }}<|eot_id|>
+{%- else %}
+<|start_header_id|>{{ m.role }}<|end_header_id|>
+
+{{ m.content | trim }}<|eot_id|>
+{%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+<|start_header_id|>assistant<|end_header_id|>
+
+{% endif %}"""
+
+# Mistral's v3 tool format, in the shape of its template (written for this test).
+MISTRAL_TEMPLATE = """{{ bos_token }}
+{%- if tools %}[AVAILABLE_TOOLS] {{ tools | tojson }}[/AVAILABLE_TOOLS]{% endif %}
+{%- for m in messages %}
+{%- if m.role == 'user' or m.role == 'system' %}[INST] {{ m.content }}[/INST]
+{%- elif m.tool_calls is defined %}[TOOL_CALLS] [
+{%- for c in m.tool_calls %}{"name": "{{ c.function.name }}", "arguments": {{ c.function.arguments | tojson }}}
+{%- if not loop.last %}, {% endif %}{% endfor %}]{{ eos_token }}
+{%- elif m.role == 'tool' %}[TOOL_RESULTS] {"content": {{ m.content | tojson }}}[/TOOL_RESULTS]
+{%- else %}{{ m.content }}{{ eos_token }}
+{%- endif %}
+{%- endfor %}"""
+
+TOOL_TEMPLATES = {  # name: (template, named special tokens, added tokens, the parser its text implies)
+    "hermes": (
+        None,  # HERMES_TEMPLATE, below
+        {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"},
+        CHATML_TOKENS,
+        "hermes",
+    ),
+    "llama3.1": (
+        LLAMA31_TEMPLATE,
+        {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"},
+        ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|python_tag|>"],
+        "llama3_json",
+    ),
+    "mistral": (
+        MISTRAL_TEMPLATE,
+        {"bos_token": "<s>", "eos_token": "</s>"},
+        ["<s>", "</s>", "[INST]", "[/INST]", "[TOOL_CALLS]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]"],
+        "mistral",
+    ),
+}
+
 # A conversation with a call and its result, as an OpenAI client sends it (arguments as a JSON string).
 HISTORY = [
     {"role": "system", "content": "Be brief."},
@@ -227,9 +292,11 @@ def test_tool_choice_none_shows_no_tools_and_none_of_tools_is_none():
 
 
 @pytest.fixture(scope="module")
-def hermes_folder(tmp_path_factory):
-    special = {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}
-    return write_folder(tmp_path_factory.mktemp("hermes"), HERMES_TEMPLATE, special, CHATML_TOKENS)
+def tool_folders(tmp_path_factory):
+    made = {}
+    for name, (template, special, added, _) in TOOL_TEMPLATES.items():
+        made[name] = write_folder(tmp_path_factory.mktemp(name), template or HERMES_TEMPLATE, special, added)
+    return made
 
 
 def as_templates_take_them(messages: list[dict]) -> list[dict]:
@@ -244,16 +311,19 @@ def as_templates_take_them(messages: list[dict]) -> list[dict]:
     return out
 
 
-def test_history_with_calls_and_results_renders_as_transformers_does(hermes_folder):
-    template = load_chat_template(hermes_folder)
+@pytest.mark.parametrize("name", TOOL_TEMPLATES)
+def test_history_with_calls_and_results_renders_as_transformers_does(tool_folders, name):
+    template = load_chat_template(tool_folders[name])
     assert template.takes_tools
     p = plan_for_template(parse_tools({"tools": TOOLS}), template, "auto")
-    ours = render(template, for_model(openai_messages(HISTORY, tools=True), p, True), p.template_tools)
-    hf = AutoTokenizer.from_pretrained(hermes_folder)
+    assert p.parser.name == TOOL_TEMPLATES[name][3]
+    history = HISTORY[1:] if name == "mistral" else HISTORY
+    ours = render(template, for_model(openai_messages(history, tools=True), p, True), p.template_tools)
+    hf = AutoTokenizer.from_pretrained(tool_folders[name])
     theirs = hf.apply_chat_template(
-        as_templates_take_them(HISTORY), tools=TOOLS, tokenize=False, add_generation_prompt=True
+        as_templates_take_them(history), tools=TOOLS, tokenize=False, add_generation_prompt=True
     )
-    assert ours == theirs and '"arguments": {"city": "Paris", "unit": "C"}' in ours
+    assert ours == theirs and '{"city": "Paris", "unit": "C"}' in ours and '"get_weather"' in ours
     assert hf(ours, add_special_tokens=False).input_ids == hf(theirs, add_special_tokens=False).input_ids
 
 

@@ -79,31 +79,14 @@ class LlamaEngine:
         self.attention = choose_attention(cache.attention, self.device, cpu_packed)
         att = model.layers[0].attention
         self.kernel_group = att.n_local_heads // att.n_local_kv_heads if self.attention == "triton" else 0
-        self.graphs = None
-        per_token = model.kv_bytes_per_token()
-        default = available = None
-        if self.device.type == "cuda":
-            default, available = self._cuda_budget(cache)
-            graphs = cache.cuda_graphs and self.attention == "triton" and get_model_parallel_world_size() == 1
-            if graphs and default is not None:
-                default = max(0, default - reserve_bytes(cache.max_batch_size, model.args.vocab_size))
-        else:
-            available = available_cpu_memory()
-        pool = size_pool(
-            per_token, cache.block_size, cache.max_seq_len, cache.max_batch_size, cache.memory, available, default
-        )
-        if agree is not None:
-            pool.num_blocks = agree(pool.num_blocks)
-        if self.attention != "triton":
-            capture = None  # graphs replay the Triton kernel's fixed-shape launches
-        elif capture is None and cache.cuda_graphs and self.device.type == "cuda":
-            capture = cuda_capture(self.device) if get_model_parallel_world_size() == 1 else None
+        self.pool = pool = self._size_pool(cache, agree)
+        capture = self._graph_capture(cache, capture)
         # With graphs the pool has one block more than the scheduler plans with: padding rows write there.
         model.setup_caches(pool.num_blocks + (capture is not None), pool.block_size, cache.max_seq_len)
-        self.pool = pool
         self.kv_config = KVConfig(pool.num_blocks, pool.block_size, cache.prefix_caching, cache.max_loras)
         log.info("%s", pool.describe(cache.max_seq_len))
         log.info("attention: %s", self.attention)
+        self.graphs = None
         if capture is not None:
             self.graphs = DecodeGraphs(
                 model, cache.max_batch_size, cache.max_seq_len, self.kernel_group, pool.num_blocks, capture
@@ -116,6 +99,33 @@ class LlamaEngine:
                 n,
                 len(model.layers),
             )
+
+    def _size_pool(self, cache: CacheSettings, agree):
+        """The KV pool: what memory allows (less the decode graphs' reserve on CUDA), agreed over the ranks."""
+        default = available = None
+        if self.device.type == "cuda":
+            default, available = self._cuda_budget(cache)
+            graphs = cache.cuda_graphs and self.attention == "triton" and get_model_parallel_world_size() == 1
+            if graphs and default is not None:
+                default = max(0, default - reserve_bytes(cache.max_batch_size, self.model.args.vocab_size))
+        else:
+            available = available_cpu_memory()
+        per_token = self.model.kv_bytes_per_token()
+        pool = size_pool(
+            per_token, cache.block_size, cache.max_seq_len, cache.max_batch_size, cache.memory, available, default
+        )
+        if agree is not None:
+            pool.num_blocks = agree(pool.num_blocks)
+        return pool
+
+    def _graph_capture(self, cache: CacheSettings, capture):
+        """How decode graphs are recorded, or None: only over the Triton kernel (graphs replay its fixed-shape
+        launches), on one CUDA rank."""
+        if self.attention != "triton":
+            return None
+        if capture is None and cache.cuda_graphs and self.device.type == "cuda":
+            return cuda_capture(self.device) if get_model_parallel_world_size() == 1 else None
+        return capture
 
     def _cuda_budget(self, cache: CacheSettings) -> tuple[int | None, int]:
         """(default pool bytes, bytes free now) on CUDA: a largest step (max_num_batched_tokens prompt tokens)
