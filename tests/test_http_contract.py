@@ -370,6 +370,14 @@ def test_x_request_timeout_on_the_llm_api_server(llm_api_keyed):
     body = {"prompt": "Hello", "params": {"n_predict": 4, "temp": 0, "ignore_eos": True}}
     assert_bad_deadlines_are_400(client, "/generate", body, AUTH)
     assert_withdrawn_at_its_deadline(client, rt, "/generate", body, AUTH)
+    with ThreadPoolExecutor(2) as pool, Held(rt) as held:  # an embedding waits for the engine's step: withdrawn too
+        running = pool.submit(client.post, "/generate", json=body, headers=AUTH)
+        wait_for(lambda: held.entered.is_set(), "the generation to run")
+        r = client.post("/embeddings", json={"text": "Hi"}, headers={**AUTH, "X-Request-Timeout": "0.5"}, timeout=20)
+        assert r.status_code == 503 and "did not start within its X-Request-Timeout of 0.5s" in error_message(r)
+        assert r.headers["Retry-After"] and not rt.loop.calls
+        held.released.set()
+        assert running.result(timeout=60).status_code == 200
 
 
 # -- item 3: /healthz while the model loads ------------------------------------------------------------------
