@@ -166,3 +166,16 @@ def test_text_format_json_schema_is_followed(server, client):
 def test_refusals_are_400s_naming_the_field(server, body, param):
     r = requests.post(f"{server[0]}/v1/responses", json={"model": server[1], "input": "hi", **body}, timeout=30)
     assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+def generated(url: str) -> float:
+    lines = requests.get(f"{url}/metrics", timeout=10).text.splitlines()
+    return float(next(x.split()[1] for x in lines if x.startswith("vllm:generation_tokens_total ")))
+
+
+def test_responses_count_in_the_metrics_like_chat_requests(server, client):
+    before = generated(server[0])
+    r = client.responses.create(model=server[1], input="Count me", max_output_tokens=5, temperature=0)
+    with client.responses.stream(model=server[1], input="Count me", max_output_tokens=4, temperature=0) as stream:
+        list(stream)
+    assert generated(server[0]) - before == r.usage.output_tokens + 4 == 9

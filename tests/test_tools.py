@@ -365,7 +365,7 @@ def ask(client, **body):
 @pytest.mark.parametrize("seed", range(3))
 def test_a_named_choice_always_calls_that_function_with_valid_arguments(chat, seed):
     choice = {"type": "function", "function": {"name": "get_weather"}}
-    for c in ask(chat, tool_choice=choice, temperature=1.0, seed=seed, n=2):
+    for c in ask(chat, tool_choice=choice, temperature=1.0, seed=seed, n=4):
         assert c["finish_reason"] == "tool_calls"
         ((name, args),) = calls_of(c["message"]["tool_calls"])
         assert name == "get_weather"
@@ -483,3 +483,11 @@ def test_the_openai_client_sends_the_result_back_and_gets_text(smollm2_server):
         model="smollm2-135m-instruct", messages=history, tools=TOOLS, tool_choice="none", temperature=0, max_tokens=30
     )
     assert answer.choices[0].message.content and not answer.choices[0].message.tool_calls
+
+
+def test_a_named_choice_admits_one_call_and_required_one_or_more():
+    named = plan(tool_choice={"type": "function", "function": {"name": "now"}})
+    assert "call)*" not in named.grammar() and '"const": "now"' in named.grammar()
+    assert '"const": "get_weather"' not in named.grammar()
+    assert "call)*" in plan(tool_choice="required").grammar()
+    assert "call)*" not in plan(tool_choice="required", parallel_tool_calls=False).grammar()

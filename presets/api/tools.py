@@ -43,7 +43,8 @@ class ToolPlan:
         allowed = (
             self.functions if self.choice == "required" else [f for f in self.functions if f["name"] == self.choice]
         )
-        return self.parser.grammar(allowed, self.parallel)
+        # a named function is called once, as OpenAI's API does; "required" calls one or more when parallel
+        return self.parser.grammar(allowed, self.parallel and self.choice == "required")
 
     def split(self, text: str) -> tuple[str | None, list[dict]]:
         """(content, tool_calls) of a whole answer: OpenAI's message fields."""
