@@ -24,9 +24,13 @@ ARG PIP_FLAGS=""
 ARG TORCH_INDEX=""
 COPY requirements.txt constraints.txt docker/install_requirements.sh .wheelhouse* /tmp/build/
 RUN PIP_FLAGS="${PIP_FLAGS}" TORCH_INDEX="${TORCH_INDEX}" sh /tmp/build/install_requirements.sh && rm -rf /tmp/build
+# Read-only root: the server writes only to /tmp (the temporary folder, and HOME: Triton's, CUDA's and
+# HuggingFace's caches) and /dev/shm (NCCL), both mounted writable; no bytecode is written beside the code.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONPATH=/opt/presets \
     PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    HOME=/tmp \
     HF_HUB_OFFLINE=1 \
     TRANSFORMERS_OFFLINE=1
 
@@ -39,9 +43,13 @@ RUN python -m presets.tools.llama_image server "SRC_DIR=${SRC_DIR}" "LLAMA_VERSI
 
 # 3. Weights (largest, last) and the version.
 ARG VERSION=0.0.1
-COPY llama/${LLAMA_VERSION} weights/
+# Owned by the server's user: files saved by safetensors (mode 600) are then readable by it.
+COPY --chown=1000:1000 llama/${LLAMA_VERSION} weights/
 RUN python -m presets.tools.llama_image weights "LLAMA_VERSION=${LLAMA_VERSION}" "VERSION=${VERSION}"
 
+# A numeric non-root user (Kubernetes' runAsNonRoot can check it), with no passwd entry; run as this UID, the
+# weights' owner (another UID reads only weights that are readable by all).
+USER 1000:1000
 EXPOSE 5000
 # One GPU (7B). Kaito replaces this with
 # "cd /workspace/llama/llama-2 && torchrun <flags> inference_api.py --max_seq_len 512 --max_batch_size 8".

@@ -16,6 +16,20 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE = "presets-test-base:bookworm-gomp"
+IMAGE_UID = 1000  # the images' USER (numeric, no passwd entry), as the Kubernetes examples' runAsUser
+# How the tests run every image: Pod Security's restricted profile in Docker's words. The root filesystem is
+# read-only and /tmp the only writable folder (the images point HOME there); Docker's own /dev/shm stays.
+RESTRICTED = [
+    "--user",
+    f"{IMAGE_UID}:{IMAGE_UID}",
+    "--read-only",
+    "--tmpfs",
+    "/tmp",
+    "--cap-drop",
+    "ALL",
+    "--security-opt",
+    "no-new-privileges",
+]
 
 
 def sh(*cmd, **kw) -> subprocess.CompletedProcess:

@@ -2,7 +2,8 @@
 
 Needs root and Debian's docker.io and debootstrap (`make test` installs them). No image is pulled and
 builds have no network: the base is made here and pip installs from the wheelhouse, as an air-gapped
-user would build.
+user would build. Every container runs as Pod Security's restricted profile has it run (docker_env.RESTRICTED:
+the images' UID, a read-only root with /tmp writable, no capabilities, no privilege escalation).
 """
 
 import os
@@ -22,7 +23,7 @@ from presets.tools.tiny_checkpoint import write_checkpoint
 from presets.tools.tiny_hf import write_falcon
 from tests import docker_env
 from tests.conftest import TINY
-from tests.docker_env import sh
+from tests.docker_env import IMAGE_UID, RESTRICTED, sh
 from tests.launch import ROOT, answers_the_seed_requests, free_port, get, post
 from tests.test_hf import SEED_ADVANCED
 from tests.test_llama_cpp import GREEDY, sse_text
@@ -68,8 +69,11 @@ def weights():
     made_root = not os.path.isdir(seed_000_root)
     seed_000 = os.path.join(seed_000_root, "presets-test-tiny")
     write_checkpoint(llama, TINY)
-    shutil.copytree(llama, seed_000, dirs_exist_ok=True)
     write_falcon(falcon)
+    for folder in (llama, falcon):  # as safetensors saves them: only their owner reads them (the images' user must)
+        for file in [os.path.join(folder, f) for f in os.listdir(folder)]:
+            os.chmod(file, 0o600 if os.path.isfile(file) else 0o700)
+    shutil.copytree(llama, seed_000, dirs_exist_ok=True)
     yield {
         "llama": os.path.relpath(llama, ROOT),
         "falcon": os.path.relpath(falcon, ROOT),
@@ -150,17 +154,23 @@ def image_contents(tag: str) -> str:
         "docker",
         "inspect",
         "--format",
-        "{{json .Config.Cmd}} {{json .Config.Env}} {{.Config.WorkingDir}} {{json .Config.ExposedPorts}}",
+        "{{json .Config.Cmd}} {{json .Config.Env}} {{.Config.WorkingDir}} {{json .Config.ExposedPorts}} "
+        "{{.Config.User}}",
         tag,
     ).stdout
     return files + config
 
 
 def run_container(tag: str, *command: str) -> tuple[str, str]:
+    """The image run the restricted way (docker_env.RESTRICTED), its port published on 127.0.0.1."""
     port = free_port()
     name = f"presets-test-{port}"
-    sh("docker", "run", "-d", "--name", name, "-p", f"127.0.0.1:{port}:5000", tag, *command)
+    sh("docker", "run", "-d", "--name", name, *RESTRICTED, "-p", f"127.0.0.1:{port}:5000", tag, *command)
     return name, f"http://127.0.0.1:{port}"
+
+
+def image_user(tag: str) -> str:
+    return sh("docker", "inspect", "--format", "{{.Config.User}}", tag).stdout.strip()
 
 
 def wait_healthy(name: str, url: str, timeout: float = 120) -> None:
@@ -216,6 +226,12 @@ def test_dockerfiles_lint_and_layer_order():
 
     llama = [recipe(path) for kind, path in DOCKERFILES.items() if kind.startswith("llama")]
     assert len(llama) == 3 and llama[0] == llama[1] == llama[2]
+    for path in [*DOCKERFILES.values(), LLM_API_DOCKERFILE]:
+        parser = DockerfileParser(path=path)
+        users = [i["value"] for i in parser.structure if i["instruction"] == "USER"]
+        assert users[-1:] == [f"{IMAGE_UID}:{IMAGE_UID}"], path  # numeric, so runAsNonRoot can check it
+        # Nothing written beside the code; every cache under HOME, in the writable /tmp (docs/operations.md).
+        assert parser.envs["PYTHONDONTWRITEBYTECODE"] == "1" and parser.envs["HOME"] == "/tmp", path
     with open(os.path.join(ROOT, ".dockerignore")) as f:
         ignore = f.read().split()
     assert ignore[ignore.index("*") :][:1] == ["*"] and "!presets/" in ignore  # an allow-list context
@@ -226,6 +242,7 @@ def test_llama_image_serves_with_kaitos_command(base_image, wheelhouse, weights,
     """Seed 002's command; Kaito's explicit --max_batch_size 8 stays 8 (the pool's log line says 8 fit)."""
     tag = f"presets-test-llama:{model_type}"
     build("llama", tag, weights["llama"], MODEL_TYPE=model_type, VERSION="0.0.7")
+    assert image_user(tag) == f"{IMAGE_UID}:{IMAGE_UID}"
     name, url = run_container(tag, "/bin/sh", "-c", KAITO_LLAMA)
     try:
         wait_healthy(name, url)
@@ -295,6 +312,7 @@ def test_llama_image_default_command_and_falcon_image(base_image, wheelhouse, we
     finally:
         remove(name)
     build("falcon", "presets-test-falcon:latest", weights["falcon"], VERSION="0.0.3")
+    assert image_user("presets-test-falcon:latest") == f"{IMAGE_UID}:{IMAGE_UID}"
     name, url = run_container("presets-test-falcon:latest")
     try:
         wait_healthy(name, url)
@@ -315,6 +333,8 @@ def test_compose_file_runs_the_image_as_llm_api_did():
     assert sorted(app["volumes"]) == [f"{ROOT}/config.yaml:/llm-api/config.yaml:ro", f"{ROOT}/models:/models:rw"]
     assert app["environment"] == {"LLM_API_MODELS_DIR": "/models"}
     assert app["ulimits"]["memlock"] == 16000000000
+    assert app["read_only"] and app["tmpfs"] == ["/tmp"] and app["cap_drop"] == ["ALL"]  # as the tests run it
+    assert app["security_opt"] == ["no-new-privileges:true"] and "user" not in app  # the image's UID
 
 
 def test_llm_api_image_runs_as_seed_004_says(base_image, wheelhouse, tmp_path):
@@ -330,6 +350,7 @@ def test_llm_api_image_runs_as_seed_004_says(base_image, wheelhouse, tmp_path):
     )
     tag = "presets-test-llm-api:latest"
     docker_build("-f", LLM_API_DOCKERFILE, "-t", tag, ".")
+    assert image_user(tag) == f"{IMAGE_UID}:{IMAGE_UID}"
     port = free_port()
     name = f"presets-test-{port}"
     # The seed's memlock=16000000000 where this machine allows it; a sandbox may cap the hard limit lower.
@@ -341,6 +362,7 @@ def test_llm_api_image_runs_as_seed_004_says(base_image, wheelhouse, tmp_path):
         "-d",
         "--name",
         name,
+        *RESTRICTED,
         "-v",
         f"{models}/:/models:rw",
         "-v",
