@@ -1,4 +1,5 @@
-"""Kubernetes and Kaito manifests: schema-valid, Kaito's command, probes on every pod."""
+"""Kubernetes and Kaito manifests: schema-valid, Kaito's command, probes on every pod, Pod Security's restricted
+profile."""
 
 import glob
 import os
@@ -9,6 +10,7 @@ import sys
 import jsonschema
 import pytest
 import yaml
+from dockerfile_parse import DockerfileParser
 
 from presets.servers.llama import TORCHRUN_DRAIN
 from tests.launch import ROOT
@@ -158,3 +160,87 @@ def test_monitoring_examples_scrape_our_pods_and_scale_on_a_metric_we_export():
     (trigger,) = scaled["spec"]["triggers"]
     assert trigger["type"] == "prometheus" and "vllm:num_requests_waiting" in trigger["metadata"]["query"]
     assert float(trigger["metadata"]["threshold"]) > 0
+
+
+def pod_templates():
+    """Every pod template of the examples: the Kaito template Workspaces' and the Kubernetes workloads'."""
+    for path in sorted(glob.glob(os.path.join(ROOT, "examples", "kaito", "template", "*.yaml"))):
+        with open(path) as f:
+            yield path, yaml.safe_load(f)["inference"]["template"]["spec"]
+    for path, objects in docs():
+        for o in objects:
+            if "template" in o.get("spec", {}):
+                yield path, o["spec"]["template"]["spec"]
+
+
+IMAGES = {  # the Dockerfile that builds each example's image, by the image's name
+    "llm-api": os.path.join("docker", "presets", "inference", "llama-cpp", "Dockerfile"),
+    "falcon": os.path.join("docker", "presets", "inference", "falcon", "Dockerfile"),
+    "llama-2": os.path.join("docker", "presets", "inference", "llama-2", "Dockerfile"),
+}
+
+
+def restricted_violations(pod: dict) -> list[str]:
+    """What Pod Security's `restricted` profile (Kubernetes 1.25+) refuses in a pod spec, for the fields it checks."""
+    bad = [f"spec.{k}" for k in ("hostNetwork", "hostPID", "hostIPC") if pod.get(k)]
+    bad += [f"volume {v['name']}: hostPath" for v in pod.get("volumes", []) if "hostPath" in v]
+    sc = pod.get("securityContext", {})
+    bad += [f"sysctl {s['name']}" for s in sc.get("sysctls", [])]
+    for c in pod.get("containers", []) + pod.get("initContainers", []):
+        csc = {**sc, **c.get("securityContext", {})}  # the container's fields override the pod's
+        where = f"container {c['name']}"
+        if csc.get("runAsNonRoot") is not True or csc.get("runAsUser", 1) == 0:
+            bad.append(f"{where}: runAsNonRoot must be true, runAsUser non-zero")
+        if csc.get("seccompProfile", {}).get("type") not in ("RuntimeDefault", "Localhost"):
+            bad.append(f"{where}: seccompProfile.type must be RuntimeDefault or Localhost")
+        if c.get("securityContext", {}).get("allowPrivilegeEscalation") is not False:
+            bad.append(f"{where}: allowPrivilegeEscalation must be false")
+        caps = c.get("securityContext", {}).get("capabilities", {})
+        if "ALL" not in caps.get("drop", []) or set(caps.get("add", [])) - {"NET_BIND_SERVICE"}:
+            bad.append(f"{where}: capabilities must drop ALL and add at most NET_BIND_SERVICE")
+        if c.get("securityContext", {}).get("privileged") or any(p.get("hostPort") for p in c.get("ports", [])):
+            bad.append(f"{where}: privileged or a hostPort")
+    return bad
+
+
+def test_restricted_violations_finds_what_the_profile_refuses():
+    with open(os.path.join(ROOT, "examples", "kaito", "template", "workspace-llama-2-7b.yaml")) as f:
+        good = yaml.safe_load(f)["inference"]["template"]["spec"]
+    assert restricted_violations(good) == []
+    for field in ("runAsNonRoot", "seccompProfile"):
+        pod = {**good, "securityContext": {k: v for k, v in good["securityContext"].items() if k != field}}
+        assert restricted_violations(pod), field
+    (container,) = good["containers"]
+    for change in ({"allowPrivilegeEscalation": True}, {"capabilities": {"drop": ["ALL"], "add": ["SYS_ADMIN"]}}):
+        pod = {**good, "containers": [{**container, "securityContext": {**container["securityContext"], **change}}]}
+        assert restricted_violations(pod), change
+
+
+def test_every_example_pod_runs_restricted_as_the_images_user_with_its_writable_paths_mounted():
+    """Pod Security's restricted profile, plus what the images need to run under it: their numeric USER as
+    runAsUser/runAsGroup, a read-only root, and a volume at every path the server writes: /tmp (tempfile's
+    folder and the images' HOME), /dev/shm where torchrun starts ranks (NCCL), llm-api's models_dir."""
+    seen = 0
+    for path, pod in pod_templates():
+        seen += 1
+        assert restricted_violations(pod) == [], path
+        sc = pod["securityContext"]
+        (container,) = pod["containers"]
+        (kind,) = [k for k in IMAGES if k in container["image"]]
+        image = DockerfileParser(path=os.path.join(ROOT, IMAGES[kind]))
+        (user,) = [i["value"] for i in image.structure if i["instruction"] == "USER"]
+        assert f"{sc['runAsUser']}:{sc['runAsGroup']}" == user and sc["fsGroup"] == sc["runAsGroup"], path
+        assert container["securityContext"]["readOnlyRootFilesystem"] is True, path
+        needed = {"/tmp", image.envs["HOME"]}
+        if "torchrun" in " ".join(container.get("command", [])):
+            needed.add("/dev/shm")
+        env = {e["name"]: e["value"] for e in container.get("env", [])}
+        if kind == "llm-api":
+            needed.add(env["LLM_API_MODELS_DIR"])
+        volumes = {v["name"]: v for v in pod.get("volumes", [])}
+        mounted = {m["mountPath"]: volumes[m["name"]] for m in container.get("volumeMounts", [])}
+        assert needed <= set(mounted), f"{path}: {sorted(needed - set(mounted))} not mounted"
+        for folder in needed - {env.get("LLM_API_MODELS_DIR")}:  # scratch space: an emptyDir per pod
+            assert "emptyDir" in mounted[folder], (path, folder)
+        assert all(not m.get("readOnly") for m in container["volumeMounts"] if m["mountPath"] in needed), path
+    assert seen == 8  # 7 template Workspaces and the StatefulSet
