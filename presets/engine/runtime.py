@@ -248,6 +248,8 @@ class Runtime:
             if await flag.wait_async(0.5 if left is None else min(0.5, left)):
                 return True
             if not self.loop.alive and not item.done.is_set():
+                if self.loop.stopping and self.loop.thread.is_alive():
+                    continue  # stopped after its current step, the engine thread ends the item with the reason
                 failed = self.loop.failed
                 why = f"engine failed: {failed}" if failed else "engine stopped before the request finished"
                 raise ApiError(503, why)
