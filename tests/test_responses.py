@@ -161,6 +161,13 @@ def test_text_format_json_schema_is_followed(server, client):
         ({"tools": [WEATHER, WEATHER]}, "tools[1].name"),
         ({"tool_choice": {"type": "function", "name": "nope"}, "tools": [WEATHER]}, "tool_choice"),
         ({"reasoning": {"effort": "high"}}, "reasoning"),
+        ({"instructions": "x", "input": [{"role": "user", "content": 5}]}, "input[0].content"),
+        ({"input": [{"role": [], "content": "hi"}]}, "input[0].role"),
+        ({"input": [{"type": "function_call", "name": "f", "arguments": "{}"}]}, "input[0].call_id"),
+        ({"input": [{"type": "function_call", "call_id": "c", "name": "f", "arguments": "{no"}]}, "input[0].arguments"),
+        ({"input": [{"type": "function_call_output", "call_id": "c", "output": 5}]}, "input[0].output"),
+        ({"text": {"format": {"type": "json_schema", "name": "x", "schema": []}}}, "text.format"),
+        ({"text": {"verbosity": "high"}}, "text.verbosity"),
     ],
 )
 def test_refusals_are_400s_naming_the_field(server, body, param):
@@ -179,3 +186,25 @@ def test_responses_count_in_the_metrics_like_chat_requests(server, client):
     with client.responses.stream(model=server[1], input="Count me", max_output_tokens=4, temperature=0) as stream:
         list(stream)
     assert generated(server[0]) - before == r.usage.output_tokens + 4 == 9
+
+
+def test_model_names_the_served_model_or_is_a_404(server):
+    r = requests.post(f"{server[0]}/v1/responses", json={"model": "nope", "input": "hi"}, timeout=30)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+
+
+def test_agent_sdk_shapes_are_accepted(server, client):
+    """An empty tools list, text.verbosity medium, and a function_call_output given as input_text parts."""
+    r = client.responses.create(
+        model=server[1],
+        tools=[],
+        text={"verbosity": "medium"},
+        input=[
+            {"role": "user", "content": [{"type": "input_text", "text": "Weather?"}]},
+            {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": '{"city": "Oslo"}'},
+            {"type": "function_call_output", "call_id": "call_1", "output": [{"type": "input_text", "text": "cold"}]},
+        ],
+        max_output_tokens=4,
+        temperature=0,
+    )
+    assert r.status == "incomplete" and r.output_text

@@ -330,13 +330,13 @@ def test_history_with_calls_and_results_renders_as_transformers_does(tool_folder
 def test_a_template_without_tools_gets_them_described_and_the_history_as_text():
     p = plan_for_template(parse_tools({"tools": TOOLS}), None, "auto")
     out = for_model(openai_messages(HISTORY, tools=True), p, False)
-    assert [m["role"] for m in out] == ["system", "user", "assistant", "user", "user"]
+    assert [m["role"] for m in out] == ["system", "user", "assistant", "user"]  # user and assistant alternate
     assert out[0]["content"].startswith("Be brief.\n\n") and '"name": "get_weather"' in out[0]["content"]
     assert (
         out[2]["content"]
         == '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "C"}}\n</tool_call>'
     )
-    assert out[3]["content"] == '<tool_response>\n{"temp": 21}\n</tool_response>'
+    assert out[3]["content"] == '<tool_response>\n{"temp": 21}\n</tool_response>\n\nAnd now?'
     assert plan("hermes").split(out[2]["content"])[1]  # the model is shown calls in the format we parse
 
 
@@ -491,3 +491,101 @@ def test_a_named_choice_admits_one_call_and_required_one_or_more():
     assert '"const": "get_weather"' not in named.grammar()
     assert "call)*" in plan(tool_choice="required").grammar()
     assert "call)*" not in plan(tool_choice="required", parallel_tool_calls=False).grammar()
+
+
+def test_a_call_of_an_undeclared_function_is_content():
+    text = '<tool_call>\n{"name": "rm_rf", "arguments": {}}\n</tool_call>'
+    assert plan().split(text) == (text, [])
+    json_answer = '{"name": "Alice", "parameters": {"age": 3}}'  # a JSON answer is not a call of "Alice"
+    assert plan("llama3_json").split(json_answer) == (json_answer, [])
+
+
+def test_a_forced_answer_cut_by_max_tokens_keeps_its_complete_calls():
+    text = RECORDED["hermes"][1][0] + '\n<tool_call>\n{"name": "now", "argu'
+    forced = plan(tool_choice="required")
+    assert calls_of(forced.split(text, "length")[1]) == [("now", {}), ("now", {"tz": 2})]
+    assert plan().split(text, "length") == (text, [])  # auto: the model's text as it wrote it
+    cut = '{"name": "now", "parameters": {}}; {"name": "get_w'
+    assert calls_of(plan("llama3_json", tool_choice="required").split(cut, "length")[1]) == [("now", {})]
+
+
+DEEP = "[" * 5000 + "]" * 5000
+BAD_ON_THE_ROUTE = [
+    ({"messages": [{"role": [], "content": "s"}]}, "messages[0].role"),
+    ({"messages": [{"role": {"a": 1}, "content": "s"}]}, "messages[0].role"),
+    (
+        {
+            "messages": [
+                {
+                    "role": "assistant",
+                    "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": DEEP}}],
+                }
+            ]
+        },
+        "messages[0].tool_calls[0]",
+    ),
+    ({"tool_choice": "required", "stop": ["city"]}, "stop"),
+]
+
+
+@pytest.mark.parametrize("body,param", BAD_ON_THE_ROUTE)
+def test_malformed_messages_and_forced_stops_are_400s(chat, body, param):
+    r = chat.post("/v1/chat/completions", json={"messages": HISTORY[:2], "tools": TOOLS, **body})
+    assert r.status_code == 400 and r.get_json()["error"]["param"] == param, r.text
+
+
+def test_parameters_nested_past_the_templates_reach_are_a_400(tool_folders):
+    deep = {"type": "object"}
+    for _ in range(5000):  # deeper than the template's tojson can walk
+        deep = {"not": deep}
+    tools = [
+        {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {"x": deep}}}}
+    ]
+    with pytest.raises(ApiError) as e:
+        render(load_chat_template(tool_folders["hermes"]), [{"role": "user", "content": "hi"}], tools)
+    assert e.value.status == 400 and "RecursionError" in e.value.detail
+
+
+def test_forced_calls_of_schemas_with_defs_and_of_functions_without_parameters(chat):
+    place = {
+        "type": "object",
+        "properties": {"where": {"$ref": "#/$defs/Place"}},
+        "required": ["where"],
+        "additionalProperties": False,
+        "$defs": {
+            "Place": {
+                "type": "object",
+                "properties": {"city": {"type": "string", "maxLength": 12}},
+                "required": ["city"],
+                "additionalProperties": False,
+            }
+        },
+    }
+    tools = [
+        {"type": "function", "function": {"name": "go", "parameters": place}},
+        {"type": "function", "function": {"name": "ping"}},
+    ]
+    for name in ("go", "ping"):
+        choice = {"type": "function", "function": {"name": name}}
+        for c in ask(chat, tools=tools, tool_choice=choice, temperature=1.0, n=3):
+            ((called, args),) = calls_of(c["message"]["tool_calls"])
+            assert called == name
+            jsonschema.validate(args, place if name == "go" else {"type": "object", "maxProperties": 0})
+
+
+def test_required_parallel_calls_on_the_route_all_parse(chat):
+    for c in ask(chat, tool_choice="required", temperature=1.0, seed=7, n=3, max_tokens=300):
+        calls = calls_of(c["message"]["tool_calls"])
+        assert calls and c["finish_reason"] == "tool_calls"
+        for name, args in calls:
+            jsonschema.validate(args, SCHEMAS[name])
+
+
+def test_meta_format_serves_a_history_with_tool_calls_and_results(tiny_ckpt):
+    client, rt = real_client(tiny_ckpt, "chat", openai=True, max_seq_len=1024, max_batch_size=2)
+    try:
+        body = {"messages": HISTORY, "tools": TOOLS, "max_tokens": 4, "temperature": 0}
+        r = client.post("/v1/chat/completions", json=body)
+        assert r.status_code == 200, r.text
+    finally:
+        rt.shutdown()

@@ -34,14 +34,15 @@ def openai_messages(messages, where: str = "messages", tools: bool = False) -> l
     them). Anything else in a message (other fields, other part types, other roles) is a 400 naming it."""
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, f"{where} must be a non-empty list of {{role, content}} objects", param=where)
-    return [_openai_message(m, f"{where}[{i}]", tools) for i, m in enumerate(messages)]
+    return [openai_message(m, f"{where}[{i}]", tools) for i, m in enumerate(messages)]
 
 
-def _openai_message(m, where: str, tools: bool) -> dict:
+def openai_message(m, where: str, tools: bool) -> dict:
+    """One message, checked (errors name `where`)."""
     if not isinstance(m, dict):
         raise ApiError(400, f"{where} must be an object with role and content", param=where)
     roles = OPENAI_ROLES | ({"tool": "tool"} if tools else {})
-    if m.get("role") not in roles:
+    if not isinstance(m.get("role"), str) or m["role"] not in roles:
         raise ApiError(
             400, f"{where}.role must be one of {sorted(roles)}, got {m.get('role')!r}", param=f"{where}.role"
         )
@@ -93,7 +94,7 @@ def _tool_calls(calls, where: str) -> list[dict]:
             )
         try:
             args = json.loads(f["arguments"])
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested deeper than Python's parser goes
             args = None
         if not isinstance(args, dict):
             raise ApiError(400, f"{where}[{i}].function.arguments must be a JSON object", param=f"{where}[{i}]")

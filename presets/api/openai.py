@@ -90,6 +90,8 @@ async def _run(prompts, body, default_max, chat: bool, echoes=None, tools: ToolP
     request's tool plan."""
     m = model()
     params, opt = parse_request(body, prompts, default_max, chat, m, runtime().max_waiting)
+    if tools is not None and tools.forced and opt.stops:
+        raise ApiError(400, "stop cannot be combined with a forced tool call: it would cut the call", param="stop")
     params = await with_grammar(params, tools)
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     echoes = echoes if opt.echo else None
@@ -105,7 +107,7 @@ async def _run(prompts, body, default_max, chat: bool, echoes=None, tools: ToolP
     for i, (text, finish, _, lps) in enumerate(results):
         logprobs = logprobs_object(lps, chat, decode)
         if chat:
-            content, calls = tools.split(text) if tools else (text, [])
+            content, calls = tools.split(text, finish) if tools else (text, [])
             message = {"role": "assistant", "content": content} | ({"tool_calls": calls} if calls else {})
             finish = "tool_calls" if calls else finish
             choices.append({"index": i, "message": message, "finish_reason": finish, "logprobs": logprobs})
@@ -152,7 +154,12 @@ async def with_grammar(params: SamplingParams, tools: ToolPlan | None) -> Sampli
     try:
         await structured.check(params.grammar)
     except ApiError as e:
-        raise ApiError(400, e.detail.replace("response_format", param), param=param) from None
+        if param == "tool_choice":  # the error quotes the grammar built from the tools: say which part
+            why = e.detail.split("\n")[0].removeprefix("response_format: unsupported schema: ")[:200]
+            raise ApiError(
+                400, f"tools: a function's parameters cannot be followed by the grammar engine: {why}", param="tools"
+            ) from None
+        raise
     return params
 
 

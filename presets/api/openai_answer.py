@@ -77,7 +77,7 @@ class Events:
         out = self.chunk(i, sent) if (sent := self.calls[i].feed(text or "")) else ""
         if finish is None:
             return out
-        rest, made = self.calls[i].finish()
+        rest, made = self.calls[i].finish(finish)
         out += self.chunk(i, rest) if rest else ""
         for k, c in enumerate(made):
             head = {"index": k, "id": c["id"], "type": "function", "function": c["function"] | {"arguments": ""}}

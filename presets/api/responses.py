@@ -11,6 +11,7 @@ import uuid
 
 from quart import Blueprint, Response, jsonify, request
 
+from presets.api.chat import openai_message
 from presets.api.openai import encode_chat, model, served_name, with_grammar
 from presets.api.openai_request import parse_request
 from presets.api.responses_stream import ResponseEvents
@@ -50,11 +51,12 @@ def chat_body(body: dict) -> dict:
     if unknown:
         raise ApiError(400, f"unsupported field(s) {unknown}; this server supports {sorted(FIELDS)}", param=unknown[0])
     _stateless(body)
-    chat = {CHAT_NAMES.get(k, k): body.get(k) for k in ("max_output_tokens", "temperature", "top_p", "user", "seed")}
+    copied = ("model", "max_output_tokens", "temperature", "top_p", "user", "seed")
+    chat = {CHAT_NAMES.get(k, k): body.get(k) for k in copied}
     chat = {k: v for k, v in chat.items() if v is not None}
     chat["messages"] = _instructions(body.get("instructions")) + input_messages(body.get("input"))
     chat["stream"] = body.get("stream", False)
-    if body.get("tools") is not None:
+    if body.get("tools"):  # an empty list: no tools, as OpenAI's API takes it
         chat["tools"] = [_tool(t, i) for i, t in enumerate(_listed(body["tools"], "tools"))]
     for key in ("tool_choice", "parallel_tool_calls"):
         if body.get(key) is not None:
@@ -95,7 +97,8 @@ def _instructions(text) -> list[dict]:
 
 
 def input_messages(items) -> list[dict]:
-    """`input` (a string, or message, function_call and function_call_output items) as chat messages."""
+    """`input` (a string, or message, function_call and function_call_output items) as chat messages, each item
+    checked where it is (its errors name input[i])."""
     if isinstance(items, str):
         return [{"role": "user", "content": items}]
     messages: list[dict] = []
@@ -103,17 +106,29 @@ def input_messages(items) -> list[dict]:
         where = f"input[{i}]"
         kind = item.get("type", "message") if isinstance(item, dict) else None
         if kind == "message":
-            messages.append({"role": item.get("role"), "content": _content(item.get("content"), where)})
+            content = _content(item.get("content"), where)
+            message = {k: v for k, v in item.items() if k not in ("type", "id", "status")} | {"content": content}
+            messages.append(openai_message(message, where, tools=False))
         elif kind == "function_call":
-            call = {"id": item.get("call_id"), "type": "function"}
-            call["function"] = {"name": item.get("name"), "arguments": item.get("arguments")}
+            call = {"id": _text_field(item, "call_id", where), "type": "function"}
+            call["function"] = {
+                "name": _text_field(item, "name", where),
+                "arguments": _text_field(item, "arguments", where),
+            }
+            try:
+                openai_message({"role": "assistant", "tool_calls": [call]}, where, tools=True)
+            except ApiError:
+                raise ApiError(400, f"{where}.arguments must be a JSON object", param=f"{where}.arguments") from None
             if messages and messages[-1].get("tool_calls"):  # calls in a row are one assistant turn
                 messages[-1]["tool_calls"].append(call)
             else:
                 messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
         elif kind == "function_call_output":
-            output = item.get("output")
-            messages.append({"role": "tool", "tool_call_id": item.get("call_id"), "content": output})
+            output = _content(item.get("output"), f"{where}.output")
+            output = "".join(p["text"] for p in output) if isinstance(output, list) else output
+            if not isinstance(output, str):
+                raise ApiError(400, f"{where}.output must be a string or input_text parts", param=f"{where}.output")
+            messages.append({"role": "tool", "tool_call_id": _text_field(item, "call_id", where), "content": output})
         else:
             raise ApiError(
                 400, f"{where}.type must be message, function_call or function_call_output", param=f"{where}.type"
@@ -121,6 +136,12 @@ def input_messages(items) -> list[dict]:
     if not messages:
         raise ApiError(400, "input must be a string or a non-empty list of items", param="input")
     return messages
+
+
+def _text_field(item: dict, key: str, where: str) -> str:
+    if not isinstance(item.get(key), str):
+        raise ApiError(400, f"{where}.{key} must be a string", param=f"{where}.{key}")
+    return item[key]
 
 
 def _content(content, where: str):
@@ -133,7 +154,9 @@ def _content(content, where: str):
             raise ApiError(
                 400, f"{where}.content[{j}] must be an input_text part (this server reads text only)", param=where
             )
-        parts.append({"type": "text", "text": part.get("text")})
+        if not isinstance(part.get("text"), str):
+            raise ApiError(400, f"{where}.content[{j}].text must be a string", param=f"{where}.content[{j}].text")
+        parts.append({"type": "text", "text": part["text"]})
     return parts
 
 
@@ -155,7 +178,9 @@ def _text_format(text) -> dict | None:
     """`text.format` as response_format."""
     if text is None:
         return None
-    fmt = text.get("format") if isinstance(text, dict) and set(text) <= {"format"} else ...
+    if isinstance(text, dict) and text.get("verbosity") not in (None, "medium"):
+        raise ApiError(400, "text.verbosity: only medium (the model writes as it writes)", param="text.verbosity")
+    fmt = text.get("format") if isinstance(text, dict) and set(text) <= {"format", "verbosity"} else ...
     if fmt is None:
         return None
     if not isinstance(fmt, dict):
@@ -174,6 +199,8 @@ def _renamed(e: ApiError) -> ApiError:
             param, detail = ours + param[len(theirs) :], detail.replace(theirs, ours)
     if param and param.startswith("tools[") and ".function." in param:
         param, detail = param.replace(".function.", "."), detail.replace(".function.", ".")
+    if param and param.startswith("text.format"):
+        param, detail = param.replace("text.format.json_schema", "text.format"), detail.replace(".json_schema", "")
     return ApiError(e.status, detail, e.headers, param, e.code)
 
 

@@ -60,7 +60,7 @@ class ResponseEvents:
         return ([self.message(content)] if content else []) + [self.function_call(c) for c in calls]
 
     def whole(self, text: str, finish: str, prompt_tokens: int, completion: int) -> dict:
-        content, calls = self.plan.split(text) if self.plan else (text, [])
+        content, calls = self.plan.split(text, finish) if self.plan else (text, [])
         status = "incomplete" if finish == "length" else "completed"
         return self.response(status, self.items(content, calls), (prompt_tokens, completion), finish)
 
@@ -92,7 +92,7 @@ class ResponseEvents:
                         logprobs=[],
                     )
                 finish = end or finish
-            rest, made = calls.finish() if calls else ("", [])
+            rest, made = calls.finish(finish) if calls else ("", [])
             if rest:
                 if not started:
                     started = True

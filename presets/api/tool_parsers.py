@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from presets.engine.structured import COMPACT
 
-ARGS_DEFAULT = {"type": "object", "properties": {}}
+ARGS_DEFAULT = {"type": "object", "properties": {}, "additionalProperties": False}  # no parameters: {} (OpenAI's)
 
 
 @dataclass(frozen=True)
@@ -39,50 +39,58 @@ class Parser:
             return len(text) - len(head)
         return text.find(self.open)
 
-    def parse(self, text: str) -> tuple[str, list[Call]] | None:
+    def parse(self, text: str, cut: bool = False) -> tuple[str, list[Call]] | None:
         """(content before the calls, the calls) when `text` holds well-formed calls, else None (it is all
-        content: a model's malformed call is shown as it wrote it, never guessed at)."""
+        content: a model's malformed call is shown as it wrote it, never guessed at). `cut`: the text is a
+        forced call that max_tokens cut, so the complete calls before the cut one stand."""
         at = self.start(text)
         if at < 0:
             return None
-        calls = self._calls(text[at:])
+        calls = self._calls(text[at:], cut)
         return (text[:at].rstrip(), calls) if calls else None
 
-    def _calls(self, text: str) -> list[Call] | None:
+    def _calls(self, text: str, cut: bool) -> list[Call] | None:
         if self.name == "hermes":
-            bodies = re.findall(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", text, flags=re.S)
+            bodies = [_load(b) for b in re.findall(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", text, flags=re.S)]
             rest = re.sub(r"<tool_call>.*?(?:</tool_call>|$)", "", text, flags=re.S)
-            return _objects([_load(b) for b in bodies], self.args_key) if not rest.strip() else None
+            if cut and bodies and bodies[-1] is None and not text.rstrip().endswith("</tool_call>"):
+                bodies.pop()
+            return _objects(bodies, self.args_key) if not rest.strip() else None
         if self.name == "mistral":
             text = text.strip().removeprefix(self.open).strip()
             listed = _load(text)
             return _objects(listed, self.args_key) if isinstance(listed, list) else None
-        return _objects(_json_sequence(text.strip().removeprefix(self.open), ";"), self.args_key)
+        values = _json_sequence(text.strip().removeprefix(self.open), ";")
+        if cut and values and values[-1] is None:
+            values.pop()
+        return _objects(values, self.args_key)
 
     def grammar(self, schemas: list[dict], parallel: bool) -> str:
         """A Lark grammar (llguidance's dialect, with %json) that admits only calls of the given functions:
-        one, or one or more when `parallel`."""
-        one = {
-            "anyOf": [
-                {
-                    "type": "object",
-                    "properties": {"name": {"const": s["name"]}, self.args_key: s.get("parameters") or ARGS_DEFAULT},
-                    "required": ["name", self.args_key],
-                    "additionalProperties": False,
-                }
-                for s in schemas
-            ],
-            "x-guidance": COMPACT,  # no free whitespace, as response_format's JSON
-        }
+        one, or one or more when `parallel`. Each function is a rule of its own whose JSON schema is a whole
+        document, so the references of its parameters (`#/$defs/...`) resolve."""
+        rules = [f"f{i}: %json {json.dumps(self._call_schema(s))}" for i, s in enumerate(schemas)]
+        one = " | ".join(f"f{i}" for i in range(len(schemas)))
         if self.name == "mistral":
-            listed = {"type": "array", "items": one, "minItems": 1} | ({} if parallel else {"maxItems": 1})
-            listed["x-guidance"] = one.pop("x-guidance")
-            return f"start: {json.dumps(self.open)} %json {json.dumps(listed)}\n"
-        call = f"%json {json.dumps(one)}"
-        if self.name == "hermes":
-            call = f'"<tool_call>\\n" {call} "\\n</tool_call>"'
-        more = f" ({json.dumps(self.separator)} call)*" if parallel else ""
-        return f"start: call{more}\ncall: {call}\n"
+            more = ' ("," " "? call)*' if parallel else ""
+            start = f'start: {json.dumps(self.open)} " "? "[" call{more} "]"'
+        else:
+            start = f"start: call{f' ({json.dumps(self.separator)} call)*' if parallel else ''}"
+        call = f'"<tool_call>\\n" ({one}) "\\n</tool_call>"' if self.name == "hermes" else one
+        return "\n".join([start, f"call: {call}", *rules]) + "\n"
+
+    def _call_schema(self, function: dict) -> dict:
+        """{"name": the function, args_key: its arguments}, with the parameters' definitions at the root."""
+        params = dict(function.get("parameters") or ARGS_DEFAULT)
+        defs = {k: params.pop(k) for k in ("$defs", "definitions") if k in params}
+        return {
+            "type": "object",
+            "properties": {"name": {"const": function["name"]}, self.args_key: params},
+            "required": ["name", self.args_key],
+            "additionalProperties": False,
+            "x-guidance": COMPACT,  # no free whitespace, as response_format's JSON
+            **defs,
+        }
 
 
 PARSERS = {
@@ -95,18 +103,19 @@ PARSERS = {
 def _load(text: str):
     try:
         return json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
 
 
 def _json_sequence(text: str, separator: str) -> list:
-    """JSON values one after another, separated by `separator` (and whitespace); [None] when anything else is there."""
+    """JSON values one after another, separated by `separator` (and whitespace); a None last where something else
+    follows (or the text stops inside a value)."""
     decoder, values, at = json.JSONDecoder(), [], 0
     while at < len(text):
         try:
             value, at = decoder.raw_decode(text, at)
-        except ValueError:
-            return [None]
+        except (ValueError, RecursionError):
+            return [*values, None]
         values.append(value)
         rest = text[at:].lstrip()
         if rest.startswith(separator):

@@ -46,10 +46,13 @@ class ToolPlan:
         # a named function is called once, as OpenAI's API does; "required" calls one or more when parallel
         return self.parser.grammar(allowed, self.parallel and self.choice == "required")
 
-    def split(self, text: str) -> tuple[str | None, list[dict]]:
-        """(content, tool_calls) of a whole answer: OpenAI's message fields."""
-        parsed = self.parser.parse(text)
-        if parsed is None:
+    def split(self, text: str, finish: str | None = None) -> tuple[str | None, list[dict]]:
+        """(content, tool_calls) of a whole answer: OpenAI's message fields. Calls of functions the request did
+        not declare are content (a JSON answer that happens to have a "name" is not a call); a forced answer
+        that max_tokens cut (`finish` "length") keeps the complete calls before the cut."""
+        parsed = self.parser.parse(text, cut=self.forced and finish == "length")
+        names = {f["name"] for f in self.functions}
+        if parsed is None or any(c.name not in names for c in parsed[1]):
             return text, []
         content, calls = parsed
         if not self.parallel:
@@ -183,6 +186,8 @@ def for_model(messages: list[dict], plan: ToolPlan | None, takes_tools: bool) ->
             calls = [{"name": c["function"]["name"], "arguments": c["function"]["arguments"]} for c in m["tool_calls"]]
             blocks = [f"<tool_call>\n{json.dumps(c, ensure_ascii=False)}\n</tool_call>" for c in calls]
             out.append({"role": "assistant", "content": "\n".join(([m["content"]] if m["content"] else []) + blocks)})
+        elif m["role"] == "user" and out and out[-1].get("results"):  # one user turn: Meta's format alternates
+            out[-1] = {"role": "user", "content": out[-1]["content"] + "\n\n" + m["content"]}
         else:
             out.append(m)
     out = [{"role": m["role"], "content": m["content"]} for m in out]
@@ -212,9 +217,9 @@ class CallStream:
         piece, self.sent = self.text[self.sent : end], end
         return piece
 
-    def finish(self) -> tuple[str, list[dict]]:
+    def finish(self, reason: str | None = None) -> tuple[str, list[dict]]:
         """(content not sent yet, tool calls) once the choice has ended."""
-        content, calls = self.plan.split(self.text)
+        content, calls = self.plan.split(self.text, reason)
         if not calls:
             return self.text[self.sent :], []
         return (content or "")[self.sent :], calls

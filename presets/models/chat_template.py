@@ -69,7 +69,8 @@ class ChatTemplate:
                 documents=None,
             )
         # Sandbox refusals (SecurityError), undefined values, and the template's own bugs (e.g. 1 + 'a')
-        except (jinja2.TemplateError, TypeError, ValueError, LookupError, ArithmeticError) as e:
+        # RecursionError: a value nested deeper than the template's filters (tojson) can walk
+        except (jinja2.TemplateError, TypeError, ValueError, LookupError, ArithmeticError, RecursionError) as e:
             raise ChatTemplateError(f"chat template error: {type(e).__name__}: {e}") from e
 
 
