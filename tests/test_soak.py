@@ -66,14 +66,15 @@ def test_tally_counts_failures_not_retries():
     t = Tally()
     for category in [*RETRY, "ok"]:
         t.attempt(category)
-    t.finish("/chat", "ok")
-    t.finish("/chat", "cancelled")
+    t.finish("/chat", "ok", seconds=1.5)
+    t.finish("/chat", "cancelled", seconds=0.5)
     assert t.failed == 0
     t.finish("/v1/completions", "lost", "closed")
     t.finish("/v1/completions", "expired", "retry 503")
     assert t.failed == 2 and set(FAILURES) >= {"lost", "expired"}
     assert (t.routes["/chat", True], t.routes["/v1/completions", False]) == (2, 2)
     assert t.examples == ["lost: /v1/completions: closed", "expired: /v1/completions: retry 503"]
+    assert t.seconds == [1.5, 0.5]  # successes only
 
 
 def sse(*events) -> bytes:

@@ -203,6 +203,13 @@ async def soak(a, run: Run) -> tuple[str, str]:
     return first, await probe(run.port)
 
 
+def percentiles(seconds: list[float]) -> str:
+    if not seconds:
+        return "-"
+    s = sorted(seconds)
+    return f"{s[len(s) // 2]:.1f} / {s[min(len(s) - 1, len(s) * 99 // 100)]:.1f} / {s[-1]:.1f}"
+
+
 def report(a, run: Run, probes: tuple[str, str], machine: str) -> tuple[str, bool]:
     """The markdown table, and whether the soak passed."""
     t, r, n = run.tally, run.tally.requests, run.tally.attempts
@@ -214,6 +221,7 @@ def report(a, run: Run, probes: tuple[str, str], machine: str) -> tuple[str, boo
         ("requests sent", sum(r.values())),
         ("succeeded (of which cancelled mid-stream by the client)", f"{r['ok'] + r['cancelled']} ({r['cancelled']})"),
         ("succeeded / sent, by route", mix),
+        ("request seconds, retries included: p50 / p99 / max", percentiles(t.seconds)),
         ("attempts", sum(n.values())),
         ("retried: 503 / 429 with Retry-After", f"{n['retry 503']} / {n['retry 429']}"),
         ("retried: refused or closed unanswered while stopping or restarting", n["restart refused"]),

@@ -80,12 +80,15 @@ class Tally:
     def __init__(self):
         self.attempts, self.requests, self.routes = collections.Counter(), collections.Counter(), collections.Counter()
         self.examples: list[str] = []
+        self.seconds: list[float] = []  # each successful request's, from its first attempt to its answer
 
     def attempt(self, category: str) -> None:
         self.attempts[category] += 1
 
-    def finish(self, route: str, category: str, detail: str = "") -> None:
+    def finish(self, route: str, category: str, detail: str = "", seconds: float = 0.0) -> None:
         self.requests[category] += 1
+        if category in SUCCESS:
+            self.seconds.append(seconds)
         self.routes[route, category in SUCCESS] += 1
         if category not in SUCCESS and len(self.examples) < 20:
             self.examples.append(f"{category}: {route}: {detail[:300]}")
@@ -216,7 +219,8 @@ def pick(rng: random.Random, kind: str) -> tuple[str, dict, bool, int]:
 async def one_request(conn: Conn, rng: random.Random, run) -> None:
     """One request to its end: attempts until a success, a failure, or its deadline; retries honour Retry-After."""
     path, body, stream, cancel = pick(rng, run.kind)
-    deadline = time.monotonic() + run.deadline_s
+    start = time.monotonic()
+    deadline = start + run.deadline_s
     while True:
         t0 = time.monotonic()
         try:
@@ -233,7 +237,7 @@ async def one_request(conn: Conn, rng: random.Random, run) -> None:
             when = (
                 f"{t0 - run.t0:.1f}-{t1 - run.t0:.1f}s (faults at {[round(w.start - run.t0, 1) for w in run.windows]})"
             )
-            return run.tally.finish(path, category, f"{when}: {o.kind} {o.status} reused={o.reused} {o.detail}")
+            return run.tally.finish(path, category, f"{when}: {o.kind} {o.status} {o.detail}", t1 - start)
         wait = o.retry_after if o.retry_after is not None else (0.0 if category == "stale keep-alive" else 0.5)
         if time.monotonic() + wait + 1 >= deadline:
             return run.tally.finish(path, "expired", f"last attempt: {category} {o.kind} {o.status} {o.detail}")
