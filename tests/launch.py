@@ -12,7 +12,7 @@ import time
 
 import requests
 
-from tests.test_api import SEED_CHATS, SEED_GENERATE
+from tests.test_api import KAITO_CHATS, KAITO_GENERATE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -92,16 +92,17 @@ def post(url: str, body, netns: str | None = None, timeout: float = 60) -> tuple
     return call("POST", url, body, netns, timeout)
 
 
-def answers_the_seed_requests(url: str, chat: bool) -> None:
-    """The server at url answers the seeds' health check, then their /chat requests (chat) or /generate request."""
+def answers_kaitos_documented_requests(url: str, chat: bool) -> None:
+    """The server at url answers the health check of Kaito's docs, then their /chat requests (chat) or /generate
+    request."""
     assert get(url) == (200, "Server is running")
     if not chat:
-        status, body = post(f"{url}/generate", SEED_GENERATE)
+        status, body = post(f"{url}/generate", KAITO_GENERATE)
         assert status == 200 and len(body["results"]) == 4
     else:
-        for seed in SEED_CHATS:
-            status, body = post(f"{url}/chat", seed)
-            assert status == 200 and len(body["results"]) == len(seed["input_data"]["input_string"])
+        for documented in KAITO_CHATS:
+            status, body = post(f"{url}/chat", documented)
+            assert status == 200 and len(body["results"]) == len(documented["input_data"]["input_string"])
 
 
 _CLIENT = """

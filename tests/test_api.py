@@ -1,4 +1,4 @@
-"""The seed API of the two Llama-2 servers, on a tiny random checkpoint, through Flask's test client."""
+"""Kaito's preset API of the two Llama-2 servers, on a tiny random checkpoint, through Flask's test client."""
 
 import json
 import threading
@@ -9,7 +9,7 @@ import pytest
 from presets.api.chat import UNSAFE_ERROR
 from tests.live_client import LiveClient
 
-SEED_GENERATE = {
+KAITO_GENERATE = {
     "prompts": [
         "I believe the meaning of life is",
         "Simply put, the theory of relativity states that ",
@@ -19,7 +19,7 @@ SEED_GENERATE = {
     ],
     "parameters": {"max_gen_len": 128},
 }
-SEED_CHATS = [
+KAITO_CHATS = [
     {
         "input_data": {
             "input_string": [
@@ -78,17 +78,17 @@ def test_index_and_health(completion_client):
     assert r.status_code == 200 and r.get_json() == {"status": "Healthy"}
 
 
-def test_seed_generate_request_verbatim(completion_client):
-    r = completion_client.post("/generate", json=SEED_GENERATE)
+def test_kaitos_generate_request_verbatim(completion_client):
+    r = completion_client.post("/generate", json=KAITO_GENERATE)
     assert r.status_code == 200, r.get_json()
     results = r.get_json()["results"]
-    assert [x["prompt"] for x in results] == SEED_GENERATE["prompts"]
+    assert [x["prompt"] for x in results] == KAITO_GENERATE["prompts"]
     assert all(isinstance(x["response"], str) and x["response"] for x in results)
     assert all(set(x) == {"prompt", "response"} for x in results)
 
 
-@pytest.mark.parametrize("body", SEED_CHATS, ids=["four-dialogs", "params-inside", "system-prompt"])
-def test_seed_chat_requests_verbatim(chat_client, body):
+@pytest.mark.parametrize("body", KAITO_CHATS, ids=["four-dialogs", "params-inside", "system-prompt"])
+def test_kaitos_chat_requests_verbatim(chat_client, body):
     r = chat_client.post("/chat", json=body)
     assert r.status_code == 200, r.get_json()
     results = r.get_json()["results"]
@@ -100,7 +100,7 @@ def test_seed_chat_requests_verbatim(chat_client, body):
 
 
 def test_special_tags_answer_only_that_dialog_with_the_error(chat_client):
-    results = chat_client.post("/chat", json=SEED_CHATS[0]).get_json()["results"]
+    results = chat_client.post("/chat", json=KAITO_CHATS[0]).get_json()["results"]
     assert results[3][-1]["content"] == UNSAFE_ERROR
     assert all(r[-1]["content"] != UNSAFE_ERROR for r in results[:3])
 
@@ -277,7 +277,7 @@ def test_tiny_temperature_is_greedy_not_nan(completion_client):
     assert tiny.get_json() == completion_client.post("/generate", json=greedy(["The river flows"])).get_json()
 
 
-def test_seed_routes_answer_503_while_loading():
+def test_kaito_routes_answer_503_while_loading():
     import threading as th
 
     from presets.api.kaito_llama import completion

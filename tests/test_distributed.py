@@ -13,7 +13,7 @@ import pytest
 from presets.tools.tiny_checkpoint import write_checkpoint
 from tests.conftest import TINY
 from tests.launch import finish, free_port, get, post, running, server_cmd, start, wait_healthy
-from tests.test_api import SEED_CHATS, SEED_GENERATE
+from tests.test_api import KAITO_CHATS, KAITO_GENERATE
 
 SEQ = ["--max_seq_len", "128", "--max_batch_size", "4"]  # as the in-process reference clients
 GREEDY = {"temperature": 0, "max_gen_len": 12}
@@ -50,8 +50,8 @@ def test_two_ranks_equal_one_rank_completion_with_idle_past_timeout(two_shards, 
     proc = start(server_cmd("completion", two_shards, port, *flags, torchrun=["--nproc_per_node", "2"]), "completion")
     with running(proc):
         wait_healthy(proc, url)
-        expected = completion_client.post("/generate", json=SEED_GENERATE | {"parameters": GREEDY}).get_json()
-        assert post(f"{url}/generate", SEED_GENERATE | {"parameters": GREEDY}) == (200, expected)
+        expected = completion_client.post("/generate", json=KAITO_GENERATE | {"parameters": GREEDY}).get_json()
+        assert post(f"{url}/generate", KAITO_GENERATE | {"parameters": GREEDY}) == (200, expected)
         bodies = greedy_bodies()
         one_rank = [completion_client.post("/generate", json=b).get_json() for b in bodies]
         assert concurrently(lambda b: post(f"{url}/generate", b)[1], [(b,) for b in bodies]) == one_rank
@@ -123,7 +123,7 @@ def test_two_ranks_equal_one_rank_chat(two_shards, chat_client):
     proc = start(server_cmd("chat", two_shards, port, *SEQ, torchrun=["--nproc_per_node", "2"]), "chat")
     with running(proc):
         wait_healthy(proc, url)
-        bodies = [{"input_data": {**s["input_data"], "parameters": GREEDY}} for s in SEED_CHATS]
+        bodies = [{"input_data": {**s["input_data"], "parameters": GREEDY}} for s in KAITO_CHATS]
         expected = [chat_client.post("/chat", json=b).get_json() for b in bodies]
         assert concurrently(lambda b: post(f"{url}/chat", b), [(b,) for b in bodies]) == [(200, e) for e in expected]
         assert post(f"{url}/shutdown", None) == (200, {})

@@ -24,19 +24,22 @@ from presets.tools.tiny_hf import write_falcon
 from tests import docker_env
 from tests.conftest import TINY
 from tests.docker_env import IMAGE_UID, RESTRICTED, sh
-from tests.launch import ROOT, answers_the_seed_requests, free_port, get, post
-from tests.test_hf import SEED_ADVANCED
-from tests.test_llama_cpp import GREEDY, sse_text
-from tests.test_llama_cpp import SEED_GENERATE as SEED_LLM_API
+from tests.launch import ROOT, answers_kaitos_documented_requests, free_port, get, post
+from tests.test_hf import FALCON_ADVANCED
+from tests.test_llama_cpp import GREEDY, LLM_API_GENERATE, sse_text
 
 DOCKERFILES = {
-    "llama": os.path.join(ROOT, "docker", "presets", "inference", "llama-2", "Dockerfile"),  # seed 002's command
-    "llama seed 001": os.path.join(ROOT, "docker", "presets", "llama-2", "Dockerfile"),
-    "llama seed 000": os.path.join(ROOT, "Dockerfile"),
+    "llama": os.path.join(
+        ROOT, "docker", "presets", "inference", "llama-2", "Dockerfile"
+    ),  # Kaito's supported-models page
+    "llama presets page": os.path.join(
+        ROOT, "docker", "presets", "llama-2", "Dockerfile"
+    ),  # Kaito's preset configurations
+    "llama readme": os.path.join(ROOT, "Dockerfile"),  # the original presets README's command
     "falcon": os.path.join(ROOT, "docker", "presets", "inference", "falcon", "Dockerfile"),
 }
 LLM_API_DOCKERFILE = os.path.join(ROOT, "docker", "presets", "inference", "llama-cpp", "Dockerfile")
-# No network and no pull: the base made here, pip from the wheelhouse (added to each seed's command).
+# No network and no pull: the base made here, pip from the wheelhouse (added to each documented command).
 OFFLINE = [
     "--network",
     "none",
@@ -65,15 +68,15 @@ def weights():
     """Tiny checkpoints under weights/ (the build context admits it), removed afterwards."""
     llama = os.path.join(ROOT, "weights", ".docker-test-llama")
     falcon = os.path.join(ROOT, "weights", ".docker-test-falcon")
-    seed_000_root = os.path.join(ROOT, "llama")  # seed 000's layout: llama/<MODEL-VERSION>/
-    made_root = not os.path.isdir(seed_000_root)
-    seed_000 = os.path.join(seed_000_root, "presets-test-tiny")
+    readme_root = os.path.join(ROOT, "llama")  # the presets README's layout: llama/<MODEL-VERSION>/
+    made_root = not os.path.isdir(readme_root)
+    readme_folder = os.path.join(readme_root, "presets-test-tiny")
     write_checkpoint(llama, TINY)
     write_falcon(falcon)
     for folder in (llama, falcon):  # as safetensors saves them: only their owner reads them (the images' user must)
         for file in [os.path.join(folder, f) for f in os.listdir(folder)]:
             os.chmod(file, 0o600 if os.path.isfile(file) else 0o700)
-    shutil.copytree(llama, seed_000, dirs_exist_ok=True)
+    shutil.copytree(llama, readme_folder, dirs_exist_ok=True)
     yield {
         "llama": os.path.relpath(llama, ROOT),
         "falcon": os.path.relpath(falcon, ROOT),
@@ -81,11 +84,11 @@ def weights():
     }
     shutil.rmtree(llama)
     shutil.rmtree(falcon)
-    shutil.rmtree(seed_000_root if made_root else seed_000)
+    shutil.rmtree(readme_root if made_root else readme_folder)
 
 
 def docker_build(*argv: str, check: bool = True) -> subprocess.CompletedProcess:
-    """`docker build <argv>` run from the repository root, as the seeds say, plus OFFLINE before the context."""
+    """`docker build <argv>` run from the repository root, as Kaito's docs say, plus OFFLINE before the context."""
     *args, context = argv
     out = subprocess.run(
         ["docker", "build", "-q", *args, *OFFLINE, context],
@@ -101,17 +104,18 @@ def docker_build(*argv: str, check: bool = True) -> subprocess.CompletedProcess:
 
 
 def build(kind: str, tag: str, weights_path: str, **args) -> None:
-    """Seed 002's form (--file, WEIGHTS_PATH, MODEL_TYPE, VERSION), or the Falcon image's."""
+    """The supported-models page's form (--file, WEIGHTS_PATH, MODEL_TYPE, VERSION), or the Falcon image's."""
     flags = [f"--build-arg={k}={v}" for k, v in {"WEIGHTS_PATH": weights_path, **args}.items()]
     docker_build("-f", DOCKERFILES[kind], *flags, "-t", tag, ".")
 
 
-def seed_build(
-    seed: str, kind: str, weights: dict, tag: str, src_dir: str | None = None
+def documented_build(
+    doc: str, kind: str, weights: dict, tag: str, src_dir: str | None = None
 ) -> subprocess.CompletedProcess:
-    """Seed 000's or seed 001's command for the text (kind "") or chat (kind "-chat") server, as the seed writes
-    it; src_dir replaces SRC_DIR's value (to give a wrong one)."""
-    if seed == "000":
+    """The presets README's (doc "readme") or the preset configurations page's (doc "presets page") command
+    for the text (kind "") or chat (kind "-chat") server, as the document writes it; src_dir replaces SRC_DIR's
+    value (to give a wrong one)."""
+    if doc == "readme":
         src = src_dir or f"/home/kaito/presets/llama-2{kind}"
         return docker_build(
             "--build-arg",
@@ -210,7 +214,7 @@ def test_dockerfiles_lint_and_layer_order():
         weights = next(i for i, v in enumerate(copies) if v.endswith(" weights/"))
         assert deps < code < weights, "dependencies, then code, then weights"
         assert not any(op == "ADD" or "curl " in v or "wget " in v for op, v in steps), "nothing downloaded"
-    # The three Llama Dockerfiles (one per seed's command) are one recipe: the same steps but for arg names.
+    # The three Llama Dockerfiles (one per documented command) are one recipe: the same steps but for arg names.
     names = {"LLAMA_VERSION": "W", "LLAMA_WEIGHTS": "W", "WEIGHTS_PATH": "W", "SRC_DIR": "S", "MODEL_TYPE": "S"}
 
     def recipe(path):
@@ -239,14 +243,15 @@ def test_dockerfiles_lint_and_layer_order():
 
 @pytest.mark.parametrize("model_type", ["llama2-completion", "llama2-chat"])
 def test_llama_image_serves_with_kaitos_command(base_image, wheelhouse, weights, model_type):
-    """Seed 002's command; Kaito's explicit --max_batch_size 8 stays 8 (the pool's log line says 8 fit)."""
+    """The supported-models page's command; Kaito's explicit --max_batch_size 8 stays 8 (the pool's log line says
+    8 fit)."""
     tag = f"presets-test-llama:{model_type}"
     build("llama", tag, weights["llama"], MODEL_TYPE=model_type, VERSION="0.0.7")
     assert image_user(tag) == f"{IMAGE_UID}:{IMAGE_UID}"
     name, url = run_container(tag, "/bin/sh", "-c", KAITO_LLAMA)
     try:
         wait_healthy(name, url)
-        answers_the_seed_requests(url, chat=model_type == "llama2-chat")
+        answers_kaitos_documented_requests(url, chat=model_type == "llama2-chat")
         version = sh("docker", "exec", name, "cat", "/workspace/llama/llama-2/version.txt").stdout.strip()
         assert version == "0.0.7"
         logs = subprocess.run(["docker", "logs", name], capture_output=True, text=True)
@@ -256,27 +261,27 @@ def test_llama_image_serves_with_kaitos_command(base_image, wheelhouse, weights,
         remove(name)
 
 
-@pytest.mark.parametrize("seed", ["000", "001"])
+@pytest.mark.parametrize("doc", ["readme", "presets page"])
 @pytest.mark.parametrize("kind", ["", "-chat"], ids=["text", "chat"])
-def test_seed_000_and_001_commands_build_the_same_image(base_image, wheelhouse, weights, seed, kind):
-    """Run verbatim from the repository root, each older command builds seed 002's image for its SRC_DIR (same
-    server, Kaito folder, weights, version, command), which serves Kaito's command."""
-    tag = f"presets-test-llama-2{kind}:seed-{seed}"
-    seed_build(seed, kind, weights, tag)
+def test_older_documented_commands_build_the_same_image(base_image, wheelhouse, weights, doc, kind):
+    """Run verbatim from the repository root, each older command builds the supported-models page's image for its
+    SRC_DIR (same server, Kaito folder, weights, version, command), which serves Kaito's command."""
+    tag = f"presets-test-llama-2{kind}:{doc.replace(' ', '-')}"
+    documented_build(doc, kind, weights, tag)
     reference = f"presets-test-llama:reference{kind}"
     build("llama", reference, weights["llama"], MODEL_TYPE="llama2-chat" if kind else "llama2-completion")
     assert image_contents(tag) == image_contents(reference)
     name, url = run_container(tag, "/bin/sh", "-c", KAITO_LLAMA)
     try:
         wait_healthy(name, url)
-        answers_the_seed_requests(url, chat=kind == "-chat")
+        answers_kaitos_documented_requests(url, chat=kind == "-chat")
         shutdown_exits_0(name, url)
     finally:
         remove(name)
 
 
 def test_a_wrong_src_dir_or_missing_weights_fail_the_build_naming_the_arg(base_image, wheelhouse, weights):
-    out = seed_build("001", "", weights, "presets-test-llama:wrong", src_dir="presets/llama-3")
+    out = documented_build("presets page", "", weights, "presets-test-llama:wrong", src_dir="presets/llama-3")
     assert out.returncode != 0
     assert (
         "error: SRC_DIR='presets/llama-3': its last folder must be llama-2 (text completion" in out.stdout + out.stderr
@@ -316,7 +321,7 @@ def test_llama_image_default_command_and_falcon_image(base_image, wheelhouse, we
     name, url = run_container("presets-test-falcon:latest")
     try:
         wait_healthy(name, url)
-        status, body = post(f"{url}/chat", SEED_ADVANCED)
+        status, body = post(f"{url}/chat", FALCON_ADVANCED)
         assert status == 200 and body["Result"].startswith("YOUR_PROMPT_HERE")
         assert sh("docker", "exec", name, "cat", "/workspace/tfs/version.txt").stdout.strip() == "0.0.3"
         shutdown_exits_0(name, url)
@@ -325,7 +330,7 @@ def test_llama_image_default_command_and_falcon_image(base_image, wheelhouse, we
 
 
 def test_compose_file_runs_the_image_as_llm_api_did():
-    """docker-compose validates the file; its service mounts, port and environment are seed 004's."""
+    """docker-compose validates the file; its service mounts, port and environment are llm-api's README's."""
     out = sh("docker-compose", "-f", os.path.join(ROOT, "docker-compose.yaml"), "config").stdout
     app = yaml.safe_load(out)["services"]["app"]
     assert app["build"]["dockerfile"] == os.path.relpath(LLM_API_DOCKERFILE, ROOT)
@@ -337,7 +342,7 @@ def test_compose_file_runs_the_image_as_llm_api_did():
     assert app["security_opt"] == ["no-new-privileges:true"] and "user" not in app  # the image's UID
 
 
-def test_llm_api_image_runs_as_seed_004_says(base_image, wheelhouse, tmp_path):
+def test_llm_api_image_runs_as_llm_apis_readme_says(base_image, wheelhouse, tmp_path):
     """docker run -v models:/models:rw -v config.yaml:/llm-api/config.yaml:ro -p 8000 --ulimit memlock=..."""
     models = tmp_path / "models"
     models.mkdir()
@@ -353,7 +358,7 @@ def test_llm_api_image_runs_as_seed_004_says(base_image, wheelhouse, tmp_path):
     assert image_user(tag) == f"{IMAGE_UID}:{IMAGE_UID}"
     port = free_port()
     name = f"presets-test-{port}"
-    # The seed's memlock=16000000000 where this machine allows it; a sandbox may cap the hard limit lower.
+    # llm-api's README's memlock=16000000000 where this machine allows it; a sandbox may cap the hard limit lower.
     hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)[1]
     memlock = 16000000000 if hard == resource.RLIM_INFINITY else min(16000000000, hard)
     sh(
@@ -377,7 +382,7 @@ def test_llm_api_image_runs_as_seed_004_says(base_image, wheelhouse, tmp_path):
     try:
         wait_healthy(name, url)
         r = requests.post(
-            f"{url}/generate", data=SEED_LLM_API, headers={"Content-Type": "application/json"}, timeout=60
+            f"{url}/generate", data=LLM_API_GENERATE, headers={"Content-Type": "application/json"}, timeout=60
         )
         assert r.status_code == 200 and isinstance(r.json(), str)
         status, text = post(f"{url}/generate", {"prompt": "Hello", "params": {"n_predict": 12, **GREEDY}})

@@ -14,8 +14,8 @@ from presets.models.hf.params import DEFAULTS, EXTRAS
 from tests.conftest import hf_client
 from tests.launch import finish, free_port, post, running, start, wait_healthy
 
-SEED_BASIC = {"prompt": "YOUR_PROMPT_HERE"}
-SEED_ADVANCED = {
+FALCON_BASIC = {"prompt": "YOUR_PROMPT_HERE"}
+FALCON_ADVANCED = {
     "prompt": "YOUR_PROMPT_HERE",
     "max_length": 200,
     "min_length": 0,
@@ -42,8 +42,8 @@ SEED_ADVANCED = {
 }
 
 
-@pytest.mark.parametrize("body", [SEED_BASIC, SEED_ADVANCED], ids=["basic", "advanced"])
-def test_seed_requests_verbatim(falcon_client, body):
+@pytest.mark.parametrize("body", [FALCON_BASIC, FALCON_ADVANCED], ids=["basic", "advanced"])
+def test_kaitos_falcon_requests_verbatim(falcon_client, body):
     r = falcon_client.post("/chat", json=body, headers={"accept": "application/json"})
     assert r.status_code == 200, r.get_json()
     assert list(r.get_json()) == ["Result"] and r.get_json()["Result"].startswith("YOUR_PROMPT_HERE")
@@ -196,7 +196,7 @@ def test_falcon_server_process(falcon_dir, tmp_path):
     proc = start(cmd, "falcon")
     with running(proc):
         wait_healthy(proc, url)
-        status, body = post(f"{url}/chat", SEED_ADVANCED)
+        status, body = post(f"{url}/chat", FALCON_ADVANCED)
         assert status == 200 and body["Result"].startswith("YOUR_PROMPT_HERE")
         assert post(f"{url}/shutdown", None) == (200, {})
         code, out = finish(proc)

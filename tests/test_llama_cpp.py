@@ -36,7 +36,7 @@ from tests.live_client import LiveClient, error_message
 ENTRY = os.path.join(ROOT, "presets", "inference", "llama-cpp", "inference_api.py")
 PROMPTS = ["What is the capital of France?", "Hello world", "the quick brown fox", "Once upon a time, "]
 GREEDY = {"temp": 0, "repeat_penalty": 1.0}
-SEED_GENERATE = """{
+LLM_API_GENERATE = """{
     "prompt": "What is the capital of paris",
     "params": {
         "n_predict": 300,
@@ -307,13 +307,13 @@ def test_embeddings_between_generations_leave_them_unchanged(llm):
     assert results[0::2] == expected and results[1::2] == [200] * 4
 
 
-# -- the API: seed shapes, bad input, shared routes -------------------------------------------------
+# -- the API: documented shapes, bad input, shared routes -------------------------------------------------
 
 
-def test_seed_request_verbatim(llm):
-    r = llm.post("/generate", data=SEED_GENERATE, content_type="application/json")
+def test_llm_apis_documented_request_verbatim(llm):
+    r = llm.post("/generate", data=LLM_API_GENERATE, content_type="application/json")
     assert r.status_code == 200 and isinstance(r.get_json(), str)
-    r = llm.post("/agenerate", data=SEED_GENERATE, content_type="application/json")
+    r = llm.post("/agenerate", data=LLM_API_GENERATE, content_type="application/json")
     assert r.status_code == 200 and not sse_text(r.get_data(as_text=True))[1]
     assert llm.post("/embeddings", json={"text": "What is the capital of France?"}).status_code == 200
     assert llm.get("/check").get_json() == "Ok"

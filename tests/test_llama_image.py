@@ -1,5 +1,5 @@
 """presets/tools/llama_image.py, the build steps of the three Llama Dockerfiles, without Docker (test_docker.py
-builds the images), and the seeds' documented --max_batch_size default."""
+builds the images), and the --max_batch_size default Kaito's docs give."""
 
 import os
 
@@ -15,10 +15,10 @@ KAITO_FLAGS = ["--max_seq_len", "512", "--max_batch_size", "8"]  # Kaito's comma
 @pytest.mark.parametrize(
     "src_dir, server",
     [
-        ("/home/kaito/presets/llama-2", "llama2-completion"),  # seed 000: a path on the builder's machine
-        ("presets/llama-2-chat", "llama2-chat"),  # seed 001
+        ("/home/kaito/presets/llama-2", "llama2-completion"),  # the presets README: a path on the builder's machine
+        ("presets/llama-2-chat", "llama2-chat"),  # Kaito's preset configurations page
         ("presets/llama-2-chat/", "llama2-chat"),
-        ("llama2-completion", "llama2-completion"),  # seed 002's MODEL_TYPE
+        ("llama2-completion", "llama2-completion"),  # the supported-models page's MODEL_TYPE
         ("llama2-chat", "llama2-chat"),
     ],
 )
@@ -61,7 +61,7 @@ def test_weights_step_checks_the_folder_then_writes_the_version(tmp_path, monkey
     assert (tmp_path / "version.txt").read_text() == "0.0.9\n"
 
 
-def test_max_batch_size_is_the_seeds_32_by_default_and_kaitos_8_stays_8(monkeypatch):
+def test_max_batch_size_is_32_by_default_as_documented_and_kaitos_8_stays_8(monkeypatch):
     monkeypatch.delenv("PRESET_MAX_BATCH_SIZE", raising=False)
     assert parse_settings([]).max_batch_size == 32
     assert parse_settings(KAITO_FLAGS).max_batch_size == 8

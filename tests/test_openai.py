@@ -49,9 +49,9 @@ def test_models(client):
     assert [m.id for m in client.models.list().data] == ["llama2-completion"]
 
 
-def test_greedy_completion_equals_the_seed_route(server, client):
+def test_greedy_completion_equals_the_kaito_route(server, client):
     params = {"temperature": 0, "max_gen_len": 20, "ignore_eos": True}
-    seed = requests.post(
+    kaito = requests.post(
         f"{server}/generate", headers=AUTH, json={"prompts": ["The river flows", "Hello"], "parameters": params}
     )
     r = client.completions.create(
@@ -61,19 +61,19 @@ def test_greedy_completion_equals_the_seed_route(server, client):
         temperature=0,
         extra_body={"ignore_eos": True},
     )
-    assert [c.text for c in r.choices] == [x["response"] for x in seed.json()["results"]]
+    assert [c.text for c in r.choices] == [x["response"] for x in kaito.json()["results"]]
     assert r.usage.completion_tokens == 40 and {c.finish_reason for c in r.choices} == {"length"}
     assert r.usage.total_tokens == r.usage.prompt_tokens + 40
 
 
-def test_greedy_chat_equals_the_seed_chat_route(client, chat_client):
+def test_greedy_chat_equals_the_kaito_chat_route(client, chat_client):
     dialog = [{"role": "system", "content": "Be brief"}, {"role": "user", "content": "What is so great about art?"}]
-    seed = chat_client.post(
+    kaito = chat_client.post(
         "/chat", json={"input_data": {"input_string": [dialog]}, "parameters": {"temperature": 0, "max_gen_len": 16}}
     ).get_json()
     r = client.chat.completions.create(model="llama2-completion", messages=dialog, max_tokens=16, temperature=0)
     assert r.choices[0].message.role == "assistant"
-    assert r.choices[0].message.content == seed["results"][0][-1]["content"]
+    assert r.choices[0].message.content == kaito["results"][0][-1]["content"]
 
 
 @pytest.mark.parametrize("prompt", ["The river flows", "menthe poivrée ☃ 日本"])
@@ -243,9 +243,9 @@ def test_openai_routes_on_a_huggingface_model(request, hf_llama_dir, falcon_clie
         args = dict(model=name, prompt="The river", max_tokens=40, temperature=0)
         r = c.completions.create(**args)
         whole = r.choices[0].text
-        max_length = r.usage.prompt_tokens + 40  # the seed route counts the prompt in max_length
-        seed = requests.post(f"{url}/chat", json={"prompt": "The river", "do_sample": False, "max_length": max_length})
-        assert seed.json()["Result"] == "The river" + whole  # the seed route answers prompt + the same text
+        max_length = r.usage.prompt_tokens + 40  # the Kaito route counts the prompt in max_length
+        kaito = requests.post(f"{url}/chat", json={"prompt": "The river", "do_sample": False, "max_length": max_length})
+        assert kaito.json()["Result"] == "The river" + whole  # the Kaito route answers prompt + the same text
         assert "".join(ch.choices[0].text for ch in c.completions.create(**args, stream=True)) == whole
         chat = dict(model=name, messages=[{"role": "user", "content": "Hello"}], max_tokens=20, temperature=0)
         answer = c.chat.completions.create(**chat).choices[0].message.content

@@ -73,7 +73,11 @@ def test_neutral_values_of_fields_clients_send_by_default_are_accepted(live):
         ({"response_format": {"type": "xml"}}, "response_format.type", "type 'xml' is not supported"),
         ({"messages": [{"role": "user", "content": "hi", "name": "bob"}]}, "messages[0].name", "unknown field"),
         ({"messages": [{"role": "function", "content": "hi"}]}, "messages[0].role", "role must be one of"),
-        ({"messages": [{"role": "tool", "content": "hi"}]}, "messages[0].tool_call_id", "tool_call_id must be a string"),
+        (
+            {"messages": [{"role": "tool", "content": "hi"}]},
+            "messages[0].tool_call_id",
+            "tool_call_id must be a string",
+        ),
         (
             {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
             "messages[0].content",
@@ -107,7 +111,7 @@ def test_model_routes_and_their_errors(live):
     r = client.post("/v1/completions", json={"prompt": "x", "model": "gpt-4"})
     error = r.get_json()["error"]  # OpenAI's own answer to an unknown model
     assert r.status_code == 404 and (error["type"], error["code"]) == ("invalid_request_error", "model_not_found")
-    assert client.post("/chat", json={"input_data": {}}).get_json().keys() == {"detail"}  # seed routes keep theirs
+    assert client.post("/chat", json={"input_data": {}}).get_json().keys() == {"detail"}  # Kaito routes keep theirs
 
 
 def test_token_id_prompts_equal_their_text_and_echo_prepends_the_prompt(live):

@@ -11,7 +11,7 @@ import requests
 
 from tests.launch import (
     ROOT,
-    answers_the_seed_requests,
+    answers_kaitos_documented_requests,
     finish,
     free_port,
     post,
@@ -25,14 +25,14 @@ LAUNCHES = [("completion", None), ("chat", None), ("completion", ["--nproc_per_n
 
 
 @pytest.mark.parametrize("kind, torchrun", LAUNCHES, ids=["completion", "chat", "completion-under-torchrun"])
-def test_server_process_serves_seeds_and_shuts_down_with_0(tiny_ckpt, kind, torchrun):
+def test_server_process_serves_kaitos_requests_and_shuts_down_with_0(tiny_ckpt, kind, torchrun):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     proc = start(server_cmd(kind, tiny_ckpt, port, "--max_seq_len", "256", torchrun=torchrun), kind)
     with running(proc):
         wait_healthy(proc, url)
         assert requests.get(f"{url}/healthz").json() == {"status": "Healthy"}
-        answers_the_seed_requests(url, chat=kind == "chat")
+        answers_kaitos_documented_requests(url, chat=kind == "chat")
         bad = requests.post(
             f"{url}/{'generate' if kind == 'completion' else 'chat'}",
             data="{",
@@ -46,7 +46,7 @@ def test_server_process_serves_seeds_and_shuts_down_with_0(tiny_ckpt, kind, torc
     route = "/generate" if kind == "completion" else "/chat"
     assert f"POST {route} 200 sequences=" in out and "generated_tokens=" in out  # one log line per request
     assert "Traceback" not in out
-    # No --max_batch_size: the seeds' default of 32 (on CPU the pool holds 32 x --max_seq_len positions).
+    # No --max_batch_size: Kaito's documented default of 32 (on CPU the pool holds 32 x --max_seq_len positions).
     assert "32 sequences of max_seq_len 256 fit" in out
 
 

@@ -168,10 +168,10 @@ def test_eos_ends_the_answer_unless_ignore_eos(chat):
     full = chat.post("/v1/chat/completions", json=body | {"ignore_eos": True}).get_json()
     assert full["choices"][0]["finish_reason"] == "length" and full["usage"]["completion_tokens"] == 40
     assert full["choices"][0]["message"]["content"].startswith(stopped["choices"][0]["message"]["content"])
-    seed = {"input_data": {"input_string": [DIALOGS[0]]}, "parameters": {"temperature": 0, "max_gen_len": 40}}
-    short = chat.post("/chat", json=seed).get_json()["results"][0][-1]["content"]
-    seed["parameters"]["ignore_eos"] = True
-    long = chat.post("/chat", json=seed).get_json()["results"][0][-1]["content"]
+    kaito = {"input_data": {"input_string": [DIALOGS[0]]}, "parameters": {"temperature": 0, "max_gen_len": 40}}
+    short = chat.post("/chat", json=kaito).get_json()["results"][0][-1]["content"]
+    kaito["parameters"]["ignore_eos"] = True
+    long = chat.post("/chat", json=kaito).get_json()["results"][0][-1]["content"]
     assert short == stopped["choices"][0]["message"]["content"] and len(long) > len(short)
 
 
