@@ -72,45 +72,20 @@ class ResponseEvents:
     async def stream(self, first, pieces, usage: dict):
         """The events of a streamed response from the runner's (index, text, finish_reason, logprobs) pieces."""
         calls = CallStream(self.plan) if self.plan else None
-        text, started, finish = "", False, None
+        self.text, self.started, finish = "", False, None
         try:
             yield self.event("response.created", response=self.response("in_progress", []))
             yield self.event("response.in_progress", response=self.response("in_progress", []))
             async for _, piece, end, _ in _chain(first, pieces):
-                sent = calls.feed(piece or "") if calls else (piece or "")
-                if sent and not started:
-                    started = True
-                    yield self._open_message()
-                if sent:
-                    text += sent
-                    yield self.event(
-                        "response.output_text.delta",
-                        item_id=self.msg_id,
-                        output_index=0,
-                        content_index=0,
-                        delta=sent,
-                        logprobs=[],
-                    )
+                yield self._text(calls.feed(piece or "") if calls else (piece or ""))
                 finish = end or finish
             rest, made = calls.finish(finish) if calls else ("", [])
-            if rest:
-                if not started:
-                    started = True
-                    yield self._open_message()
-                text += rest
-                yield self.event(
-                    "response.output_text.delta",
-                    item_id=self.msg_id,
-                    output_index=0,
-                    content_index=0,
-                    delta=rest,
-                    logprobs=[],
-                )
-            if started:
-                yield self._close_message(text)
+            yield self._text(rest)
+            if self.started:
+                yield self._close_message(self.text)
             for k, call in enumerate(made):
-                yield self._call_events(call, int(started) + k)
-            output = ([self.message(text)] if started else []) + [self.function_call(c) for c in made]
+                yield self._call_events(call, int(self.started) + k)
+            output = ([self.message(self.text)] if self.started else []) + [self.function_call(c) for c in made]
             status = "incomplete" if finish == "length" else "completed"
             done = self.response(status, output, (usage["prompt_tokens"], usage["completion_tokens"]), finish)
             yield self.event(f"response.{status}", response=done)
@@ -119,6 +94,15 @@ class ResponseEvents:
             yield self.event("error", code=e.code or str(e.status), message=e.detail, param=e.param)
         finally:
             await pieces.aclose()
+
+    def _text(self, piece: str) -> str:
+        """The events of a piece of the answer's text ("" for none): the message opened first if it is not yet."""
+        if not piece:
+            return ""
+        opened = "" if self.started else self._open_message()
+        self.started, self.text = True, self.text + piece
+        where = {"item_id": self.msg_id, "output_index": 0, "content_index": 0}
+        return opened + self.event("response.output_text.delta", **where, delta=piece, logprobs=[])
 
     def _open_message(self) -> str:
         part = {"type": "output_text", "text": "", "annotations": []}
