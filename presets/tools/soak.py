@@ -11,6 +11,7 @@ The clients and what counts as what: presets/tools/soak_traffic.py (classify); d
 
 import argparse
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -42,7 +43,7 @@ class Server:
 
     def __init__(self, ckpt: str, port: int, kind: str, logdir: str, flags: list[str]):
         self.ckpt, self.port, self.kind, self.logdir, self.flags = ckpt, port, kind, logdir, flags
-        self.life, self.proc, self.log_path = 0, None, None
+        self.life, self.proc, self.log_path, self.ranks, self.orphans = 0, None, None, [], []
 
     def start(self) -> None:
         self.life += 1
@@ -77,6 +78,7 @@ class Server:
         t0 = time.monotonic()
         while time.monotonic() - t0 < timeout and self.proc.poll() is None:
             if await self.health() == 200:
+                self.ranks = children(self.proc.pid)
                 return time.monotonic() - t0
             await asyncio.sleep(0.3)
         raise RuntimeError(f"server life {self.life} not healthy (exit {self.proc.poll()}):\n{self.log()[-3000:]}")
@@ -90,9 +92,19 @@ class Server:
             if status != 200 and first is None:
                 first = (status, round(time.monotonic() - since, 2))
             await asyncio.sleep(0.25)
-        code = self.proc.poll()
+        code, seconds = self.proc.poll(), time.monotonic() - since
+        await asyncio.sleep(1)  # then none of its ranks may be left
+        self.orphans = [pid for pid in self.ranks if self.is_rank(pid)]
         self.stop()
-        return first, code, time.monotonic() - since
+        return first, code, seconds
+
+    def is_rank(self, pid: int) -> bool:
+        """Whether pid still runs a rank of this server (not a zombie, not a reused pid)."""
+        try:
+            with open(f"/proc/{pid}/stat") as stat, open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+                return stat.read().rsplit(")", 1)[1].split()[0] != "Z" and self.ckpt.encode() in cmdline.read()
+        except OSError:
+            return False
 
     def rank_pid(self, rank: int) -> int:
         for pid in children(self.proc.pid):
@@ -110,13 +122,16 @@ class Server:
         return kib / 1024
 
     def stop(self) -> None:
-        """Kill whatever of this life is left (torchrun's process group) and reap it."""
-        if self.proc is not None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self.proc.wait()
+        """Kill what is left of this life and reap torchrun. Its ranks too, by pid: torchrun starts each in a
+        session of its own, so they are not in its process group, and a rank outlives a killed torchrun."""
+        if self.proc is None:
+            return
+        for pid in filter(self.is_rank, {*self.ranks, *children(self.proc.pid)}):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.kill()
+        self.proc.wait()
 
 
 def children(pid: int) -> list[int]:
@@ -158,6 +173,8 @@ async def kill_and_restart(run) -> None:
 
 
 async def restart(run, w: Window) -> None:
+    orphans = run.server.orphans
+    run.check(f"{w.kind}: no rank left running 1 s after torchrun exited", not orphans, f"left: {orphans}")
     run.server.start()
     seconds = await run.server.wait_healthy()
     w.end = time.monotonic() + GRACE_S
