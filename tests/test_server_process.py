@@ -96,3 +96,28 @@ def test_entry_points_set_openmp_spin_before_torch_loads(entry):
             [sys.executable, "-c", PROBE, path], env=base | extra, cwd=ROOT, capture_output=True, text=True, timeout=120
         )
         assert out.stdout.strip() == want, out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("state,code", [("ready", 0), ("failed", 1)])
+def test_sigterm_exits_0_after_a_drain_and_1_when_the_model_had_failed(state, code):
+    """torchrun SIGTERMs rank 0 after another rank died: the exit code still says the job failed."""
+    import asyncio
+    import signal
+    import types
+
+    from presets.process.server import ServerProcess
+    from presets.process.settings import HttpSettings
+
+    calls = []
+    rt = types.SimpleNamespace(
+        state=state, drain=lambda: calls.append("drain"), shutdown=lambda *a: calls.append("end")
+    )
+    http = types.SimpleNamespace(active_requests=0, drain=lambda: calls.append("http drain"))
+
+    async def drain():
+        proc = ServerProcess("127.0.0.1", 0, HttpSettings())
+        proc._loop, proc._stopped = asyncio.get_running_loop(), asyncio.Event()
+        await proc._drain(http, rt, signal.SIGTERM)
+        return proc.code, proc._stopped.is_set()
+
+    assert asyncio.run(drain()) == (code, True) and calls == ["drain", "http drain", "end"]

@@ -3,7 +3,8 @@
 SIGTERM (every Kubernetes rollout, scale-down and node drain) drains: new requests and the health
 probes answer 503 at once, so readiness drops; requests and streams in flight go on for up to
 --drain_timeout seconds; what is left then ends with an error that says so; the engine stops
-(with several ranks it tells them to exit) and the process exits 0.
+(with several ranks it tells them to exit) and the process exits 0 (1 when the model had failed: torchrun
+SIGTERMs rank 0 after another rank died).
 """
 
 import asyncio
@@ -77,7 +78,7 @@ class ServerProcess:
         if self.draining:
             log.warning("%s again while draining: ending now", signal.Signals(sig).name)
             await asyncio.to_thread(rt.shutdown, "server is shutting down (a second signal)")
-            self._finish(0)
+            self._finish(1 if rt.state == "failed" else 0)
             return
         self.draining = True
         timeout = self.http.drain_timeout
@@ -95,7 +96,7 @@ class ServerProcess:
             )
         reason = f"server is shutting down: drain_timeout ({timeout:g}s) ran out before this request finished"
         await asyncio.to_thread(rt.shutdown, reason)
-        self._finish(0)
+        self._finish(1 if rt.state == "failed" else 0)  # a signal after a failure (torchrun's, on a lost rank) keeps 1
 
 
 def run(build_app, http, host: str, port: int) -> None:
