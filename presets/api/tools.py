@@ -15,7 +15,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from presets.api.tool_parsers import Call, Parser, parser_for
-from presets.engine.structured import MAX_SCHEMA_BYTES, _oversized_integer
+from presets.engine.structured import MAX_SCHEMA_BYTES, oversized_integer
 from presets.errors import ApiError
 
 MAX_TOOLS = 128  # as OpenAI's API allows
@@ -123,7 +123,7 @@ def _check_schemas(functions: list[dict]) -> None:
     if len(json.dumps(functions)) > MAX_SCHEMA_BYTES:
         raise ApiError(400, f"tools' schemas are over {MAX_SCHEMA_BYTES} bytes", param="tools")
     for i, f in enumerate(functions):
-        where = _oversized_integer(f.get("parameters"), f"tools[{i}].function.parameters")
+        where = oversized_integer(f.get("parameters"), f"tools[{i}].function.parameters")
         if where:
             raise ApiError(
                 400,

@@ -58,7 +58,7 @@ def grammar_for(response_format) -> str | None:
     schema = spec.get("schema", {"type": "object"})
     if len(json.dumps(schema)) > MAX_SCHEMA_BYTES:
         raise ApiError(400, f"response_format schema is over {MAX_SCHEMA_BYTES} bytes", param="response_format")
-    where = _oversized_integer(schema, "schema")
+    where = oversized_integer(schema, "schema")
     if where:
         raise ApiError(
             400,
@@ -74,7 +74,7 @@ def grammar_for(response_format) -> str | None:
 INT_RANGE = (-(2**63), 2**64 - 1)  # llguidance reads JSON integers as i64 or u64
 
 
-def _oversized_integer(value, path: str) -> str:
+def oversized_integer(value, path: str) -> str:
     """The path of an integer in `value` that llguidance cannot read ("" when none); a loop, not recursion:
     a schema may nest as deep as JSON lets it."""
     todo = [(value, path)]
