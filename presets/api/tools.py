@@ -12,7 +12,7 @@ checked once into a ToolPlan, which
 import json
 import re
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from presets.api.tool_parsers import Call, Parser, parser_for
 from presets.engine.structured import MAX_SCHEMA_BYTES, oversized_integer
@@ -28,9 +28,8 @@ class ToolPlan:
     functions: list[dict]  # {"name", "description"?, "parameters"?} of each tool
     choice: str  # "auto", "required" or a function's name ("none" never makes a plan)
     parallel: bool
-    parser: Parser = None
+    parser: Parser | None = None  # set for the model's template (plan_for_template)
     template_tools: list[dict] | None = None  # what the chat template's `tools` gets (None: described in a message)
-    ids: list[str] = field(default_factory=list)
 
     @property
     def forced(self) -> bool:
