@@ -38,14 +38,10 @@ def ask(client, **body):
     return r.get_json()["choices"]
 
 
-def test_a_batch_mixing_constrained_and_free_requests(chat):
-    """Constrained requests (greedy and sampled, n=2) all give schema-valid JSON; the free requests of the
-    same steps give exactly what they give alone."""
-    client, _ = chat
-    free = [
-        {"temperature": 0, "messages": [{"role": "user", "content": q}]}
-        for q in ("What is the capital of France?", "Name three colours.")
-    ]
+def mixed_batch(client, questions, ask) -> list[dict]:
+    """Constrained requests (greedy and sampled, n=2) batched with free ones (`questions`): the free ones give
+    exactly what they give alone, and the 4 constrained choices (returned) stop with schema-valid JSON."""
+    free = [{"temperature": 0, "messages": [{"role": "user", "content": q}]} for q in questions]
     alone = [ask(client, **f)[0]["message"]["content"] for f in free]
     constrained = [
         {"temperature": 0, "response_format": SCHEMA},
@@ -61,6 +57,11 @@ def test_a_batch_mixing_constrained_and_free_requests(chat):
     for choice in choices:
         assert choice["finish_reason"] == "stop", choice
         jsonschema.validate(json.loads(choice["message"]["content"]), PERSON)
+    return choices
+
+
+def test_a_batch_mixing_constrained_and_free_requests(chat):
+    choices = mixed_batch(chat[0], ("What is the capital of France?", "Name three colours."), ask)
     assert len({c["message"]["content"] for c in choices[1:]}) > 1  # sampled ones differ: the mask is per row
 
 
